@@ -1,0 +1,38 @@
+# Quickstart: `make demo` runs the pipeline on the bundled sample; `make test` runs the test suite.
+# Both create the virtualenv .venv and install the project into it first (once; again when setup.py or
+# constraints.txt change).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out/demo
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install lint bench sample clean
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/icl-pipeline run --profile demo --input sample/crawl.parquet --output $(OUT) --phases clusters
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_normalize.py --output benchmarks/results/normalize.json
+
+# Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
+sample: $(STAMP)
+	$(BIN)/python scripts/build_sample.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache build *.egg-info
