@@ -1,0 +1,231 @@
+"""Parquet layouts of the pipeline's outputs, shared by the writers, the readers and the tests.
+
+Each output has exactly one ``pa.schema``; its metadata names the output and the schema version, and
+:func:`check_schema_version` is what readers call before trusting a file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.records import (
+    Cluster,
+    ClusterProvenance,
+    ClusterStats,
+    ImageRecord,
+    Prompt,
+    Reject,
+)
+
+SCHEMA_VERSION = 1
+"""Version of every layout in this module. Bump it when a field changes meaning or type."""
+
+_VERSION_KEY = b"icl.schema_version"
+_NAME_KEY = b"icl.schema"
+
+
+def _with_metadata(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={_NAME_KEY: name.encode(), _VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+CLUSTER_IMAGE_TYPE = pa.struct([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("record_id", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("image_url", pa.string()),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("source_width", pa.int32()),
+    pa.field("source_height", pa.int32()),
+    pa.field("source_format", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("phash", pa.string()),
+    pa.field("embedding", pa.list_(pa.float16())),
+    pa.field("coherence", pa.float32()),
+])
+
+CLUSTER_STATS_TYPE = pa.struct([
+    pa.field("n_images", pa.int32(), nullable=False),
+    pa.field("n_page_images", pa.int32()),
+    pa.field("mean_sim", pa.float32()),
+    pa.field("min_sim", pa.float32()),
+])
+
+PROMPT_TYPE = pa.struct([pa.field("prompt", pa.string()), pa.field("skill", pa.string())])
+
+CLUSTER_PROVENANCE_TYPE = pa.struct([
+    pa.field("caption_backend", pa.string()),
+    pa.field("subject_backend", pa.string()),
+    pa.field("prompts_backend", pa.string()),
+    pa.field("fallbacks", pa.list_(pa.string())),
+])
+
+CLUSTERS_SCHEMA = _with_metadata("clusters", [
+    pa.field("cluster_id", pa.string(), nullable=False),
+    pa.field("page_url", pa.string(), nullable=False),
+    pa.field("domain", pa.string(), nullable=False),
+    pa.field("subject", pa.string()),
+    pa.field("class_noun", pa.string()),
+    pa.field("is_live", pa.bool_()),
+    pa.field("images", pa.list_(CLUSTER_IMAGE_TYPE), nullable=False),
+    pa.field("stats", CLUSTER_STATS_TYPE, nullable=False),
+    pa.field("prompts", pa.list_(PROMPT_TYPE)),
+    pa.field("provenance", CLUSTER_PROVENANCE_TYPE),
+])
+
+REJECTS_SCHEMA = _with_metadata("rejects", [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("reason", pa.string(), nullable=False),
+    pa.field("detail", pa.string()),
+    pa.field("page_url", pa.string()),
+    pa.field("image_url", pa.string()),
+    pa.field("n_images", pa.int32(), nullable=False),
+    pa.field("source", pa.string()),
+    pa.field("cluster_id", pa.string()),
+])
+
+
+class SchemaVersionError(ValueError):
+    """A Parquet file was written with a schema this code does not read."""
+
+
+def check_schema_version(schema: pa.Schema, expected_name: str, path: str = "") -> None:
+    """Raise :class:`SchemaVersionError` unless ``schema`` is our ``expected_name`` layout, current version."""
+    metadata = schema.metadata or {}
+    name = metadata.get(_NAME_KEY, b"").decode()
+    version = metadata.get(_VERSION_KEY, b"").decode()
+    where = f"{path}: " if path else ""
+    if name != expected_name:
+        raise SchemaVersionError(f"{where}expected an icl-cluster-pipeline '{expected_name}' file, "
+                                 f"found schema name {name or 'none'!r}")
+    if version != str(SCHEMA_VERSION):
+        raise SchemaVersionError(f"{where}'{expected_name}' schema version {version or 'none'} is not "
+                                 f"supported by this reader (it reads version {SCHEMA_VERSION})")
+
+
+def _embedding_to_list(embedding: Any) -> list[float] | None:
+    if embedding is None:
+        return None
+    return [float(x) for x in embedding]
+
+
+def image_to_row(image: ImageRecord) -> dict[str, Any]:
+    return {
+        "image_id": image.image_id,
+        "record_id": image.record_id,
+        "source": image.source,
+        "image_url": image.image_url,
+        "image": image.image,
+        "width": image.width,
+        "height": image.height,
+        "source_width": image.source_width,
+        "source_height": image.source_height,
+        "source_format": image.source_format,
+        "text": image.text,
+        "caption": image.caption,
+        "phash": image.phash,
+        "embedding": _embedding_to_list(image.embedding),
+        "coherence": image.coherence,
+    }
+
+
+def cluster_to_row(cluster: Cluster) -> dict[str, Any]:
+    """The row of ``clusters/*.parquet`` for a cluster (a dict matching :data:`CLUSTERS_SCHEMA`)."""
+    return {
+        "cluster_id": cluster.cluster_id,
+        "page_url": cluster.page_url,
+        "domain": cluster.domain,
+        "subject": cluster.subject,
+        "class_noun": cluster.class_noun,
+        "is_live": cluster.is_live,
+        "images": [image_to_row(image) for image in cluster.images],
+        "stats": {
+            "n_images": cluster.stats.n_images,
+            "n_page_images": cluster.stats.n_page_images,
+            "mean_sim": cluster.stats.mean_sim,
+            "min_sim": cluster.stats.min_sim,
+        },
+        "prompts": [{"prompt": p.prompt, "skill": p.skill} for p in cluster.prompts],
+        "provenance": {
+            "caption_backend": cluster.provenance.caption_backend,
+            "subject_backend": cluster.provenance.subject_backend,
+            "prompts_backend": cluster.provenance.prompts_backend,
+            "fallbacks": list(cluster.provenance.fallbacks),
+        },
+    }
+
+
+def cluster_from_row(row: dict[str, Any]) -> Cluster:
+    """Inverse of :func:`cluster_to_row` (embeddings come back as float32 numpy vectors)."""
+    import numpy as np
+
+    images = []
+    for im in row["images"]:
+        embedding = im.get("embedding")
+        images.append(ImageRecord(
+            image_id=im["image_id"],
+            record_id=im.get("record_id") or "",
+            source=im.get("source") or "",
+            page_url=row["page_url"],
+            domain=row["domain"],
+            image_url=im.get("image_url"),
+            text=im.get("text"),
+            image=im["image"],
+            width=im["width"],
+            height=im["height"],
+            phash=im.get("phash") or "",
+            source_width=im.get("source_width") or im["width"],
+            source_height=im.get("source_height") or im["height"],
+            source_format=im.get("source_format") or "",
+            caption=im.get("caption"),
+            embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
+            coherence=im.get("coherence"),
+        ))
+    stats = row["stats"]
+    provenance = row.get("provenance") or {}
+    return Cluster(
+        cluster_id=row["cluster_id"],
+        page_url=row["page_url"],
+        domain=row["domain"],
+        images=tuple(images),
+        stats=ClusterStats(
+            n_images=stats["n_images"],
+            n_page_images=stats.get("n_page_images") or stats["n_images"],
+            mean_sim=stats.get("mean_sim"),
+            min_sim=stats.get("min_sim"),
+        ),
+        subject=row.get("subject"),
+        class_noun=row.get("class_noun"),
+        is_live=row.get("is_live"),
+        prompts=tuple(Prompt(p["prompt"], p["skill"]) for p in (row.get("prompts") or [])),
+        provenance=ClusterProvenance(
+            caption_backend=provenance.get("caption_backend"),
+            subject_backend=provenance.get("subject_backend"),
+            prompts_backend=provenance.get("prompts_backend"),
+            fallbacks=tuple(provenance.get("fallbacks") or ()),
+        ),
+    )
+
+
+def reject_to_row(reject: Reject) -> dict[str, Any]:
+    """The row of ``rejects/*.parquet`` for a reject (a dict matching :data:`REJECTS_SCHEMA`)."""
+    return {
+        "id": reject.id,
+        "stage": reject.stage,
+        "reason": reject.reason,
+        "detail": reject.detail,
+        "page_url": reject.page_url,
+        "image_url": reject.image_url,
+        "n_images": reject.n_images,
+        "source": reject.source,
+        "cluster_id": reject.cluster_id,
+    }
+
+
+def reject_from_row(row: dict[str, Any]) -> Reject:
+    return Reject(**{name: row.get(name) for name in REJECTS_SCHEMA.names})

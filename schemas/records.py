@@ -1,0 +1,178 @@
+"""Typed records that flow between the pipeline's stages.
+
+Every stage takes and returns these frozen dataclasses; the Parquet layouts that persist them are in
+:mod:`schemas.parquet`. Nothing here imports the rest of the project, so trainers can depend on
+``schemas`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One crawled image-text pair exactly as a reader found it, before any validation."""
+
+    record_id: str
+    """Stable content hash of (page URL, image URL, image bytes) as read; identical rows share it."""
+    source: str
+    """Where the record was read: ``path:row`` (Parquet), ``path:line`` (JSONL) or ``path#key`` (tar)."""
+    page_url: str | None
+    """URL of the page the image was found on, as crawled (not yet canonical)."""
+    image_url: str | None
+    """URL of the image itself, as crawled."""
+    text: str | None
+    """Alt text or caption that came with the image."""
+    image: bytes | None = field(repr=False)
+    """The encoded image bytes as downloaded (JPEG, PNG, WebP, GIF, ...)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One validated, normalized image with the page it belongs to.
+
+    Inside a :class:`Cluster` the page fields repeat the cluster's; the Parquet struct of a cluster's
+    images leaves them out.
+    """
+
+    image_id: str
+    """Stable content hash of the normalized image bytes (32 hex digits)."""
+    record_id: str
+    """The :attr:`InputRecord.record_id` this image came from."""
+    source: str
+    """The :attr:`InputRecord.source` this image came from."""
+    page_url: str
+    """Canonical page URL (see ``transforms.normalize.canonicalize_page_url``)."""
+    domain: str
+    """Host name of the canonical page URL (lower case, IDNA-encoded)."""
+    image_url: str | None
+    text: str | None
+    """Original alt text, unchanged."""
+    image: bytes = field(repr=False)
+    """Normalized image: RGB, EXIF orientation applied, resized and re-encoded as configured."""
+    width: int
+    height: int
+    phash: str
+    """64-bit perceptual hash (``imagehash.phash``) as 16 hex digits."""
+    source_width: int
+    """Width of the image as crawled, before orientation and resizing."""
+    source_height: int
+    source_format: str
+    """Pillow's name of the crawled format (``JPEG``, ``PNG``, ``WEBP``, ``GIF``, ...)."""
+    caption: str | None = None
+    """Recaption by the captioning stage; ``None`` until that stage runs."""
+    embedding: Any = field(default=None, repr=False, compare=False)
+    """L2-normalized image embedding (a float numpy vector) from the embedding stage, or ``None``."""
+    coherence: float | None = None
+    """Mean cosine similarity of this image to the other images of its cluster, when computed."""
+
+    def replace(self, **changes: Any) -> ImageRecord:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class BoilerplateHit:
+    """A perceptual hash seen on so many distinct pages that it is boilerplate (logo, badge, banner)."""
+
+    phash: str
+    n_pages: int
+
+
+@dataclass(frozen=True)
+class PageGroup:
+    """All images found on one canonical page, after the per-page cap."""
+
+    page_url: str
+    domain: str
+    images: tuple[ImageRecord, ...]
+    """Images kept by the cap, in a deterministic order (by image id, then source)."""
+    boilerplate: tuple[BoilerplateHit, ...] = ()
+    """Hashes of this page's images that appear on too many pages; removed by the dedupe stage."""
+    n_page_images: int = 0
+    """How many images of this page reached the grouping stage (before cap and dedupe)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A scene prompt for a cluster's subject."""
+
+    prompt: str
+    """Text with a ``{subject}`` placeholder where the subject phrase goes."""
+    skill: str
+    """One of the skills in the taxonomy (stylization, recontextualization, ...)."""
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    """Numbers about a cluster, written whatever the filters decided."""
+
+    n_images: int
+    """Images in the cluster as written."""
+    n_page_images: int
+    """Images of the page that reached the grouping stage."""
+    mean_sim: float | None = None
+    """Mean pairwise cosine similarity of the cluster's image embeddings."""
+    min_sim: float | None = None
+    """Smallest pairwise cosine similarity of the cluster's image embeddings."""
+
+
+@dataclass(frozen=True)
+class ClusterProvenance:
+    """Which backends produced a cluster's model-derived fields."""
+
+    caption_backend: str | None = None
+    subject_backend: str | None = None
+    prompts_backend: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    """Stages that fell back to their offline backend for this cluster (``caption``, ``subject``, ...)."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A group of images of (ideally) one subject, from one page: the unit of ICL training data."""
+
+    cluster_id: str
+    """Stable content hash of the canonical page URL and the sorted image ids."""
+    page_url: str
+    domain: str
+    images: tuple[ImageRecord, ...]
+    stats: ClusterStats
+    subject: str | None = None
+    """Short description of the subject ("red ceramic teapot with bamboo handle")."""
+    class_noun: str | None = None
+    """Class noun of the subject ("teapot"), used as the DreamBooth class."""
+    is_live: bool | None = None
+    """Whether the subject is alive (pets, people): enables emotion/action prompts."""
+    prompts: tuple[Prompt, ...] = ()
+    provenance: ClusterProvenance = field(default_factory=ClusterProvenance)
+
+    def replace(self, **changes: Any) -> Cluster:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record, cluster or candidate that left the pipeline, and why.
+
+    Every input record ends either in a written cluster or in exactly one reject row (a whole-cluster
+    drop is one row whose ``n_images`` counts the records it takes with it), so the counts reconcile.
+    """
+
+    id: str
+    """record_id of a rejected record; cluster_id (or a page hash) of a rejected cluster."""
+    stage: str
+    """The stage that rejected it (``read``, ``normalize``, ``group``, ``dedupe``, ...)."""
+    reason: str
+    """A reason code, one per kind of failure (see docs/reasons.md)."""
+    detail: str
+    """Human-readable specifics (the exception text, the measured value and the bound, ...)."""
+    page_url: str | None = None
+    image_url: str | None = None
+    n_images: int = 1
+    """Input records this row accounts for."""
+    source: str | None = None
+    """Input location of a rejected record (``path:row``); empty for clusters."""
+    cluster_id: str | None = None
