@@ -1,0 +1,112 @@
+"""Pieces every stage shares: dead-letter output, reason counters, progress logging, config fields.
+
+Conventions (see ARCHITECTURE.md):
+
+* a stage is a composite ``PTransform`` returning a :class:`StageOutput` (its main output and its
+  dead letters);
+* a DoFn that can fail on a record yields :func:`reject` for it on the :data:`REJECTS` tag, which
+  also counts the reason with a Beam counter in the stage's namespace;
+* nothing is dropped silently: an unexpected exception on one record becomes an ``internal_error``
+  dead letter instead of a crashed job (see :func:`internal_error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from schemas.records import Cluster, ImageRecord, InputRecord, Reject
+
+LOG = logging.getLogger(__name__)
+
+REJECTS = "rejects"
+"""Tag of every stage's dead-letter output."""
+
+INTERNAL_ERROR = "internal_error"
+"""Reason code of a record whose processing raised an exception no stage anticipated (a bug)."""
+
+
+class StageOutput(NamedTuple):
+    """What a stage returns: its main output and its dead letters (``Reject`` records)."""
+
+    output: beam.PCollection
+    rejects: beam.PCollection
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config dataclass field with the help text that ``icl-pipeline config --list`` shows."""
+    metadata = {"help": help}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def count(stage: str, name: str, n: int = 1) -> None:
+    """Increment the Beam counter ``stage/name`` (what the Dataflow UI and the manifest show)."""
+    if n:
+        Metrics.counter(stage, name).inc(n)
+
+
+def reject(stage: str, reason: str, detail: str, *, record: InputRecord | ImageRecord | None = None,
+           cluster: Cluster | None = None, id: str | None = None, page_url: str | None = None,
+           image_url: str | None = None, n_images: int | None = None, source: str | None = None,
+           cluster_id: str | None = None) -> beam.pvalue.TaggedOutput:
+    """A dead letter on the :data:`REJECTS` tag, counted under ``stage/reason`` (in images).
+
+    Pass the ``record`` (one input record or image) or the ``cluster`` (a whole-cluster drop) to
+    take the ids and URLs from it; explicit keyword arguments win.
+    """
+    if record is not None:
+        id = id or record.record_id
+        page_url = page_url or record.page_url
+        image_url = image_url or record.image_url
+        source = source or record.source
+    if cluster is not None:
+        id = id or cluster.cluster_id
+        cluster_id = cluster_id or cluster.cluster_id
+        page_url = page_url or cluster.page_url
+        n_images = len(cluster.images) if n_images is None else n_images
+    if id is None:
+        raise ValueError("a reject needs an id, a record or a cluster")
+    n = 1 if n_images is None else n_images
+    count(stage, reason, n)
+    return beam.pvalue.TaggedOutput(REJECTS, Reject(
+        id=id, stage=stage, reason=reason, detail=detail[:2000], page_url=page_url, image_url=image_url,
+        n_images=n, source=source, cluster_id=cluster_id))
+
+
+def internal_error(stage: str, error: BaseException, **kwargs: Any) -> beam.pvalue.TaggedOutput:
+    """Dead-letter a record whose processing raised ``error`` unexpectedly; logs the traceback."""
+    LOG.warning("%s: unexpected %s, record sent to rejects as %s:\n%s", stage, type(error).__name__,
+                INTERNAL_ERROR, "".join(traceback.format_exception(error)[-6:]))
+    return reject(stage, INTERNAL_ERROR, f"{type(error).__name__}: {error}", **kwargs)
+
+
+class Progress:
+    """Logs on a worker how many elements a step has handled, at most once per ``interval`` seconds.
+
+    Create it in ``DoFn.setup`` (it holds a clock, so it is not built in ``__init__``). On a local run
+    these lines are how the console shows that the job is alive; on Dataflow they go to worker logs.
+    """
+
+    def __init__(self, stage: str, unit: str = "records", interval: float = 10.0) -> None:
+        self.stage = stage
+        self.unit = unit
+        self.interval = interval
+        self.n = 0
+        self._start = time.monotonic()
+        self._last = self._start
+
+    def add(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            rate = self.n / max(now - self._start, 1e-9)
+            LOG.info("%s: %s %s so far on this worker (%.1f/s)", self.stage, f"{self.n:,}", self.unit, rate)

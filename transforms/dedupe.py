@@ -1,0 +1,186 @@
+"""Stage *dedupe*: boilerplate across pages, exact and near duplicates within a page.
+
+* **Boilerplate** (:class:`FindBoilerplate`): an image whose perceptual hash appears on more than
+  ``dedupe.boilerplate_max_pages`` distinct pages is a logo, badge or banner, and is removed from every
+  page. This is a keyed join: ``(phash, page)`` pairs are made distinct and grouped by hash, and the
+  pages of each hash over the bound get a flag ``(page_url, BoilerplateHit)`` that the grouping stage
+  joins to the page in the shuffle it does anyway. No worker ever holds the set of all hashes.
+* **Exact duplicates**: the same normalized content (``image_id``) twice on a page.
+* **Near duplicates**: perceptual-hash Hamming distance at most ``dedupe.near_duplicate_max_distance``
+  to an image already kept on the page (re-encodes, resizes, small crops).
+
+Within a page the image kept among duplicates is the one with the most source pixels (the best
+original), ties broken by image id and image URL, so the choice depends neither on input order nor
+on the input format.
+A page left with fewer than ``group.min_images`` images is dropped as ``cluster_too_small``: one
+reject row for the page, counting its images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+
+from schemas.ids import stable_id
+from schemas.records import BoilerplateHit, Cluster, ClusterStats, ImageRecord, PageGroup
+from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+
+STAGE = "dedupe"
+
+BOILERPLATE = "boilerplate"
+DUPLICATE_EXACT = "duplicate_exact"
+DUPLICATE_NEAR = "duplicate_near"
+CLUSTER_TOO_SMALL = "cluster_too_small"
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    """Settings of deduplication (config section ``dedupe``); defaults justified in docs/defaults.md."""
+
+    near_duplicate_max_distance: int = option(5, "Images on one page whose 64-bit perceptual hashes differ "
+                                                 "in at most this many bits are near duplicates (MMC4: 5).")
+    boilerplate_max_pages: int = option(10, "An image (by perceptual hash) on more than this many distinct "
+                                            "pages is boilerplate and leaves every page (OBELICS: 10).")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.near_duplicate_max_distance <= 64:
+            raise ValueError(f"near_duplicate_max_distance must be within 0..64, got "
+                             f"{self.near_duplicate_max_distance}")
+        if self.boilerplate_max_pages < 1:
+            raise ValueError(f"boilerplate_max_pages must be at least 1, got {self.boilerplate_max_pages}")
+
+
+def hamming(phash_a: str, phash_b: str) -> int:
+    """Bits that differ between two hex perceptual hashes."""
+    return (int(phash_a, 16) ^ int(phash_b, 16)).bit_count()
+
+
+def cluster_id(page_url: str, image_ids: Iterable[str]) -> str:
+    """Stable id of a cluster: its canonical page URL and the (sorted) ids of its images."""
+    return stable_id("cluster", page_url, *sorted(image_ids))
+
+
+# --- boilerplate ------------------------------------------------------------------------------------
+
+
+class FlagBoilerplateFn(beam.DoFn):
+    """``(phash, distinct page URLs)`` -> ``(page_url, BoilerplateHit)`` for hashes on too many pages."""
+
+    def __init__(self, max_pages: int) -> None:
+        self._max_pages = max_pages
+
+    def process(self, element: tuple[str, Iterable[str]]) -> Iterator[tuple[str, BoilerplateHit]]:
+        phash, pages = element
+        n_pages = sum(1 for _ in pages)
+        if n_pages <= self._max_pages:
+            return
+        count(STAGE, "boilerplate_hashes")
+        hit = BoilerplateHit(phash=phash, n_pages=n_pages)
+        for page_url in pages:
+            yield page_url, hit
+
+
+class FindBoilerplate(beam.PTransform):
+    """``ImageRecord``s -> ``(page_url, BoilerplateHit)`` flags, for :class:`transforms.group.GroupByPage`."""
+
+    def __init__(self, config: DedupeConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def expand(self, images: beam.PCollection) -> beam.PCollection:
+        return (
+            images
+            | "HashAndPage" >> beam.Map(lambda image: (image.phash, image.page_url))
+            | "DistinctPages" >> beam.Distinct()
+            | "GroupPagesByHash" >> beam.GroupByKey()
+            | "FlagOverusedHashes" >> beam.ParDo(FlagBoilerplateFn(self._config.boilerplate_max_pages))
+        )
+
+
+# --- within a page ----------------------------------------------------------------------------------
+
+
+def _quality_order(image: ImageRecord) -> tuple[int, str, str, str, str]:
+    return (-(image.source_width * image.source_height), image.image_id, image.image_url or "",
+            image.record_id, image.source)
+
+
+def dedupe_page(group: PageGroup, config: DedupeConfig) -> tuple[list[ImageRecord], list[tuple[ImageRecord, str, str]]]:
+    """Split a page's images into kept ones (sorted by id) and ``(image, reason, detail)`` removals."""
+    hits = {hit.phash: hit for hit in group.boilerplate}
+    removed: list[tuple[ImageRecord, str, str]] = []
+    kept: list[ImageRecord] = []
+    kept_by_id: dict[str, ImageRecord] = {}
+    for image in sorted(group.images, key=_quality_order):
+        hit = hits.get(image.phash)
+        if hit is not None:
+            removed.append((image, BOILERPLATE, f"perceptual hash {image.phash} is on {hit.n_pages} distinct "
+                                                f"pages > boilerplate_max_pages {config.boilerplate_max_pages}"))
+            continue
+        same = kept_by_id.get(image.image_id)
+        if same is not None:
+            removed.append((image, DUPLICATE_EXACT, f"same content as image {same.image_id} ({same.source})"))
+            continue
+        near = next(((other, d) for other in kept
+                     if (d := hamming(image.phash, other.phash)) <= config.near_duplicate_max_distance), None)
+        if near is not None:
+            other, distance = near
+            removed.append((image, DUPLICATE_NEAR, f"perceptual hash distance {distance} <= "
+                                                   f"{config.near_duplicate_max_distance} to image "
+                                                   f"{other.image_id} ({other.source})"))
+            continue
+        kept.append(image)
+        kept_by_id[image.image_id] = image
+    kept.sort(key=lambda im: (im.image_id, im.image_url or "", im.record_id))
+    return kept, removed
+
+
+class DedupePageFn(beam.DoFn):
+    """``PageGroup`` -> ``Cluster`` (main) with per-image and whole-page dead letters (``rejects``)."""
+
+    def __init__(self, config: DedupeConfig, min_images: int) -> None:
+        self._config = config
+        self._min_images = min_images
+
+    def process(self, group: PageGroup) -> Iterator[Any]:
+        try:
+            kept, removed = dedupe_page(group, self._config)
+        except Exception as error:  # noqa: BLE001
+            for image in group.images:
+                yield internal_error(STAGE, error, record=image)
+            return
+        for image, reason, detail in removed:
+            yield reject(STAGE, reason, detail, record=image)
+        cid = cluster_id(group.page_url, (im.image_id for im in kept))
+        if len(kept) < self._min_images:
+            yield reject(STAGE, CLUSTER_TOO_SMALL,
+                         f"{len(kept)} images left after dedupe < min_images {self._min_images}",
+                         id=cid, cluster_id=cid, page_url=group.page_url, n_images=len(kept))
+            count(STAGE, f"{CLUSTER_TOO_SMALL}_clusters")
+            return
+        count(STAGE, "clusters")
+        count(STAGE, "images_kept", len(kept))
+        yield Cluster(
+            cluster_id=cid,
+            page_url=group.page_url,
+            domain=group.domain,
+            images=tuple(kept),
+            stats=ClusterStats(n_images=len(kept), n_page_images=group.n_page_images),
+        )
+
+
+class Dedupe(beam.PTransform):
+    """``PageGroup``s -> ``Cluster``s without boilerplate, duplicates or too-small pages."""
+
+    def __init__(self, config: DedupeConfig, min_images: int) -> None:
+        super().__init__()
+        self._config = config
+        self._min_images = min_images
+
+    def expand(self, pages: beam.PCollection) -> StageOutput:
+        result = pages | "DedupePages" >> beam.ParDo(DedupePageFn(self._config, self._min_images)).with_outputs(
+            REJECTS, main="clusters")
+        return StageOutput(result.clusters, result[REJECTS])

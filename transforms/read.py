@@ -1,0 +1,386 @@
+"""Stage *read*: crawled image-text pairs from Parquet, JSONL and WebDataset files.
+
+Every input format yields the same :class:`~schemas.records.InputRecord`. Files are streamed (Parquet
+row group by row group in batches of ``read.batch_rows`` rows, JSONL line by line, tar member by
+member), so a reader never holds a whole file in memory. All IO goes through Beam's ``FileSystems``,
+so ``gs://`` and ``s3://`` paths work wherever the matching Beam extra is installed.
+
+A record that cannot be made into an ``InputRecord`` (a JSONL line that is not JSON, an
+``image_path`` that cannot be read, ...) becomes a dead letter; a file that is not what its extension
+says, or lacks the required columns, stops the job with a message naming the file
+(:class:`InputFormatError`), checked before the job starts for the first ``read.validate_max_files``
+files and while reading for the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from schemas.ids import content_id, stable_id
+from schemas.records import InputRecord
+from transforms.common import REJECTS, Progress, StageOutput, count, option, reject
+
+LOG = logging.getLogger(__name__)
+
+STAGE = "read"
+
+PARQUET, JSONL, WEBDATASET = "parquet", "jsonl", "webdataset"
+
+# Longest suffix first: ".jsonl.gz" must win over ".gz".
+_SUFFIXES = (
+    (".jsonl.gz", JSONL),
+    (".jsonl", JSONL),
+    (".parquet", PARQUET),
+    (".tar.gz", WEBDATASET),
+    (".tar", WEBDATASET),
+)
+
+_WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+# Reasons this stage rejects records for (documented in docs/reasons.md).
+MALFORMED_RECORD = "malformed_record"
+IMAGE_UNREADABLE = "image_unreadable"
+
+
+class InputFormatError(ValueError):
+    """An input file is not in the format its extension promises, or lacks required fields."""
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """Settings of the read stage (config section ``read``)."""
+
+    batch_rows: int = option(64, "Parquet rows decoded at a time; bounds reader memory to about "
+                                 "batch_rows x image size.")
+    validate_max_files: int = option(1000, "How many input files have their layout checked before the "
+                                           "job starts (the rest are checked when read).")
+    reshuffle: bool = option(True, "Redistribute records after reading, so that normalization is not "
+                                   "fused to the one worker that read each file.")
+
+    def __post_init__(self) -> None:
+        if self.batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
+        if self.validate_max_files < 0:
+            raise ValueError(f"validate_max_files must be >= 0, got {self.validate_max_files}")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One matched input file and its format."""
+
+    path: str
+    format: str
+
+
+def input_format(path: str) -> str | None:
+    """The input format of ``path`` from its extension, or ``None`` when no reader handles it."""
+    lower = path.lower()
+    for suffix, fmt in _SUFFIXES:
+        if lower.endswith(suffix):
+            return fmt
+    return None
+
+
+def expand_inputs(patterns: list[str]) -> list[InputFile]:
+    """Match the ``--input`` globs; fail when one matches nothing or a file has an unknown extension."""
+    if not patterns:
+        raise InputFormatError("no --input given")
+    files: dict[str, InputFile] = {}
+    for pattern in patterns:
+        matched = FileSystems.match([pattern])[0].metadata_list
+        if not matched:
+            raise InputFormatError(f"--input {pattern!r} matches no file")
+        for metadata in sorted(matched, key=lambda m: m.path):
+            fmt = input_format(metadata.path)
+            if fmt is None:
+                raise InputFormatError(
+                    f"{metadata.path}: unknown input format; expected one of "
+                    f"{', '.join(s for s, _ in _SUFFIXES)}")
+            files[metadata.path] = InputFile(metadata.path, fmt)
+    return sorted(files.values(), key=lambda f: f.path)
+
+
+# --- layout checks ---------------------------------------------------------------------------------
+
+_STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+_BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())
+_PARQUET_COLUMNS = {
+    "page_url": (_STRING_TYPES, True),
+    "image_url": (_STRING_TYPES, True),
+    "image": (_BINARY_TYPES, True),
+    "text": (_STRING_TYPES, False),
+}
+
+
+def _open(path: str, compressed: bool = False) -> Any:
+    compression = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
+    return FileSystems.open(path, compression_type=compression)
+
+
+def parquet_columns(path: str, schema: pa.Schema) -> list[str]:
+    """The columns to read from a Parquet input; raises :class:`InputFormatError` on a bad layout."""
+    columns = []
+    for name, (types, required) in _PARQUET_COLUMNS.items():
+        index = schema.get_field_index(name)
+        if index < 0:
+            if required:
+                raise InputFormatError(
+                    f"{path}: Parquet input has no column {name!r} (columns: {', '.join(schema.names)}); "
+                    f"required: page_url (string), image_url (string), image (binary), optional: text")
+            continue
+        field_type = schema.field(index).type
+        if field_type not in types and not pa.types.is_null(field_type):
+            expected = "binary" if name == "image" else "string"
+            raise InputFormatError(f"{path}: column {name!r} has type {field_type}, expected {expected}")
+        columns.append(name)
+    return columns
+
+
+def validate_input_file(input_file: InputFile) -> None:
+    """Check that a file is readable in its format and has the fields we need (reads little data)."""
+    path = input_file.path
+    if input_file.format == PARQUET:
+        with _open(path) as handle:
+            try:
+                schema = pq.ParquetFile(handle).schema_arrow
+            except (pa.ArrowException, OSError) as error:
+                raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
+        parquet_columns(path, schema)
+    elif input_file.format == JSONL:
+        with _open(path, compressed=True) as handle:
+            try:
+                for line in handle:
+                    if line.strip():
+                        _check_first_jsonl_line(path, line)
+                        break
+            except (OSError, EOFError) as error:
+                raise InputFormatError(f"{path}: cannot be read as JSONL ({error})") from error
+    elif input_file.format == WEBDATASET:
+        with _open(path, compressed=True) as handle:
+            try:
+                with tarfile.open(fileobj=handle, mode="r|") as tar:
+                    next(iter(tar), None)
+            except (tarfile.TarError, OSError, EOFError) as error:
+                raise InputFormatError(f"{path}: not a readable tar (WebDataset) file ({error})") from error
+
+
+def _check_first_jsonl_line(path: str, line: bytes) -> None:
+    try:
+        obj = json.loads(line)
+    except ValueError as error:
+        raise InputFormatError(f"{path}: first line is not JSON ({error}); is this JSONL?") from error
+    if not isinstance(obj, dict):
+        raise InputFormatError(f"{path}: first line is a JSON {type(obj).__name__}, expected an object")
+    if "page_url" not in obj or not ({"image_b64", "image_path"} & obj.keys()):
+        raise InputFormatError(
+            f"{path}: first record has keys {sorted(obj)}; expected page_url, image_url, text and one of "
+            f"image_b64 / image_path")
+
+
+# --- readers ----------------------------------------------------------------------------------------
+
+
+def _record(source: str, page_url: Any, image_url: Any, text: Any, image: bytes | None) -> InputRecord:
+    return InputRecord(
+        record_id=stable_id(page_url, image_url, content_id(image) if image is not None else None),
+        source=source,
+        page_url=page_url,
+        image_url=image_url,
+        text=text,
+        image=image,
+    )
+
+
+def _read_failure(source: str, reason: str, detail: str, **kwargs: Any) -> beam.pvalue.TaggedOutput:
+    return reject(STAGE, reason, detail, id=stable_id("read", source), source=source, **kwargs)
+
+
+def read_parquet(path: str, batch_rows: int) -> Iterator[InputRecord]:
+    with _open(path) as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowException, OSError) as error:
+            raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
+        columns = parquet_columns(path, parquet.schema_arrow)
+        row = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                data = batch.to_pydict()
+                texts = data.get("text") or [None] * batch.num_rows
+                for page_url, image_url, text, image in zip(
+                        data["page_url"], data["image_url"], texts, data["image"], strict=True):
+                    yield _record(f"{path}:{row}", page_url, image_url, text, image)
+                    row += 1
+        except (pa.ArrowException, OSError) as error:
+            raise InputFormatError(f"{path}: Parquet data unreadable after row {row} ({error})") from error
+
+
+def _optional_str(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"field {key!r} is a JSON {type(value).__name__}, expected a string or null")
+
+
+def read_jsonl(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutput]:
+    directory = FileSystems.split(path)[0]
+    with _open(path, compressed=True) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            source = f"{path}:{line_number}"
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise TypeError(f"line is a JSON {type(obj).__name__}, expected an object")
+                page_url = _optional_str(obj, "page_url")
+                image_url = _optional_str(obj, "image_url")
+                text = _optional_str(obj, "text")
+                image_b64 = _optional_str(obj, "image_b64")
+                image_path = _optional_str(obj, "image_path")
+                image = base64.b64decode(image_b64, validate=True) if image_b64 is not None else None
+            except (ValueError, TypeError, binascii.Error) as error:
+                yield _read_failure(source, MALFORMED_RECORD, f"{type(error).__name__}: {error}")
+                continue
+            if image is None and image_path:
+                full = image_path if "://" in image_path or image_path.startswith("/") else \
+                    FileSystems.join(directory, image_path)
+                try:
+                    with _open(full) as image_file:
+                        image = image_file.read()
+                except OSError as error:
+                    yield _read_failure(source, IMAGE_UNREADABLE, f"image_path {image_path!r}: {error}",
+                                        page_url=page_url, image_url=image_url)
+                    continue
+            yield _record(source, page_url, image_url, text, image)
+
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+def _webdataset_sample(path: str, key: str, parts: dict[str, bytes]) -> InputRecord | beam.pvalue.TaggedOutput:
+    source = f"{path}#{key}"
+    image = next((parts[ext] for ext in _WEBDATASET_IMAGE_EXTENSIONS if ext in parts), None)
+    text = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
+    metadata: dict[str, Any] = {}
+    if "json" in parts:
+        try:
+            metadata = json.loads(parts["json"])
+            if not isinstance(metadata, dict):
+                raise TypeError(f"{key}.json is a JSON {type(metadata).__name__}, expected an object")
+            page_url = _optional_str(metadata, "page_url")
+            image_url = _optional_str(metadata, "url")
+        except (ValueError, TypeError) as error:
+            return _read_failure(source, MALFORMED_RECORD, f"{type(error).__name__}: {error}")
+    else:
+        page_url = image_url = None
+    if text is None and isinstance(metadata.get("caption"), str):
+        text = metadata["caption"]
+    return _record(source, page_url, image_url, text, image)
+
+
+def read_webdataset(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutput]:
+    """Samples of an img2dataset tar shard: ``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``."""
+    with _open(path, compressed=True) as handle:
+        try:
+            tar = tarfile.open(fileobj=handle, mode="r|")
+        except tarfile.TarError as error:
+            raise InputFormatError(f"{path}: not a readable tar (WebDataset) file ({error})") from error
+        key: str | None = None
+        parts: dict[str, bytes] = {}
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _KEY_RE.match(member.name)
+                if match is None:
+                    continue
+                member_key, extension = match.group(1), match.group(2).lower()
+                if member_key != key:
+                    if key is not None:
+                        yield _webdataset_sample(path, key, parts)
+                    key, parts = member_key, {}
+                extracted = tar.extractfile(member)
+                parts[extension] = extracted.read() if extracted is not None else b""
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise InputFormatError(f"{path}: tar data unreadable after sample {key!r} ({error})") from error
+        if key is not None:
+            yield _webdataset_sample(path, key, parts)
+
+
+class ReadFileFn(beam.DoFn):
+    """Reads one :class:`InputFile` into ``InputRecord``s (main) and dead letters (``rejects``)."""
+
+    def __init__(self, config: ReadConfig) -> None:
+        self._config = config
+
+    def setup(self) -> None:
+        self._progress = Progress(STAGE, "records")
+
+    def process(self, input_file: InputFile) -> Iterator[Any]:
+        if input_file.format == PARQUET:
+            items = read_parquet(input_file.path, self._config.batch_rows)
+        elif input_file.format == JSONL:
+            items = read_jsonl(input_file.path)
+        elif input_file.format == WEBDATASET:
+            items = read_webdataset(input_file.path)
+        else:
+            raise InputFormatError(f"{input_file.path}: unknown format {input_file.format!r}")
+        # A bad *file* (InputFormatError) fails the job on purpose; anything else unexpected is a bug
+        # that must not silently lose the rest of the file, so it fails the job too.
+        n = 0
+        for item in items:
+            n += 1
+            count(STAGE, "records")
+            self._progress.add()
+            yield item
+        count(STAGE, "files")
+        LOG.info("read: %s records from %s", f"{n:,}", input_file.path)
+
+
+class ReadPairs(beam.PTransform):
+    """``PBegin`` -> ``InputRecord``s, from already matched and checked input files."""
+
+    def __init__(self, files: list[InputFile], config: ReadConfig) -> None:
+        super().__init__()
+        self._files = files
+        self._config = config
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
+        files = (
+            pbegin
+            | "ListFiles" >> beam.Create(self._files)
+            | "SpreadFiles" >> beam.Reshuffle()
+        )
+        read = files | "ReadFiles" >> beam.ParDo(ReadFileFn(self._config)).with_outputs(REJECTS, main="records")
+        records = read.records
+        if self._config.reshuffle:
+            records = records | "BreakFusion" >> beam.Reshuffle()
+        return StageOutput(records, read[REJECTS])
+
+
+__all__ = [
+    "IMAGE_UNREADABLE",
+    "MALFORMED_RECORD",
+    "InputFile",
+    "InputFormatError",
+    "ReadConfig",
+    "ReadPairs",
+    "expand_inputs",
+    "input_format",
+    "validate_input_file",
+]
