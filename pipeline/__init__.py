@@ -1,0 +1,1 @@
+"""The command line, configuration and assembly of stages into Beam pipelines (one per phase)."""

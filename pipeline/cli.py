@@ -1,0 +1,149 @@
+"""The ``icl-pipeline`` command.
+
+::
+
+    icl-pipeline run --input GLOB [--input GLOB ...] --output DIR [--profile demo|local|dataflow]
+                     [--config FILE.yaml] [--set section.key=value ...] [--phases clusters[,...]]
+                     [any Beam pipeline option: --runner, --direct_num_workers, --project, ...]
+    icl-pipeline config [--profile P] [--config FILE.yaml] [--set ...] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+PROFILES = ("demo", "local", "dataflow")  # checked against pipeline.config.PROFILES by the tests
+
+DESCRIPTION = """\
+Build in-context-learning clusters and synthesized training examples for subject-driven
+text-to-image models from crawled image-text pairs, on Apache Beam (DirectRunner, Dataflow,
+Flink, Spark).
+
+commands:
+  run      run the pipeline phases (clusters, synthesize, assemble) on inputs
+  config   print the effective configuration, or every key with its default (--list)
+
+Run 'icl-pipeline COMMAND --help' for a command's options.
+"""
+
+RUN_EPILOG = """\
+Every option not listed above goes to Apache Beam as a pipeline option, for example
+  --runner DataflowRunner --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
+  --direct_running_mode multi_processing --direct_num_workers 4
+Configuration is built from the profile, then --config, then each --set; every key with its
+default and meaning: 'icl-pipeline config --list'.
+
+Exit status: 0 on success, 2 for invalid arguments, configuration or input files, 1 when a
+phase fails or its counts do not reconcile.
+"""
+
+
+def _config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icl-pipeline config", allow_abbrev=False,
+        description="Print the effective configuration (profile, then --config, then --set) as YAML.")
+    parser.add_argument("--profile", default="demo", choices=PROFILES)
+    parser.add_argument("--config", dest="config_file", metavar="FILE.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--list", action="store_true", help="List every key with its type, default and meaning.")
+    return parser
+
+
+def _cmd_config(argv: Sequence[str]) -> int:
+    import yaml
+
+    from pipeline.config import build_config, describe, to_dict
+
+    args = _config_parser().parse_args(argv)
+    if args.list:
+        for doc in describe():
+            print(f"{doc.key}  ({doc.type}, default {doc.default!r})\n    {doc.help}")
+        return 0
+    config = build_config(args.profile, args.config_file, args.overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_run(argv: Sequence[str]) -> int:
+    from pipeline.console import funnel_table, output_listing
+    from pipeline.run import run
+
+    manifest = run(list(argv))
+    phases = list(manifest["phases"])
+    for phase in phases:
+        print(funnel_table(manifest, phase))
+        print()
+    print(output_listing(_display_path(manifest["command"]), phases))
+    return 0
+
+
+def _display_path(command: list[str]) -> str:
+    import os
+
+    output = command[command.index("--output") + 1] if "--output" in command else "?"
+    return output if "://" in output else os.path.abspath(output)
+
+
+def _run_help() -> None:
+    from pipeline.run import add_run_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="icl-pipeline run", allow_abbrev=False, epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run pipeline phases over crawled image-text pairs and write Parquet outputs.")
+    add_run_arguments(parser)
+    parser.print_help()
+
+
+class _DropBeamImportNoise(logging.Filter):
+    """Beam logs this on import whenever its optional GCP extra is not installed; it is not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("apitools not found")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Console logging for the command; call before Apache Beam is imported."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropBeamImportNoise())
+    # Beam's own INFO lines (options, stage fusion, ...) drown the pipeline's progress.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging()
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: icl-pipeline {{run,config}} ...\n\n{DESCRIPTION}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    from pipeline.config import ConfigError
+    from pipeline.run import RunError, UsageError
+    from transforms.read import InputFormatError
+
+    try:
+        if command == "run":
+            if "-h" in rest or "--help" in rest:
+                _run_help()
+                return 0
+            return _cmd_run(rest)
+        if command == "config":
+            return _cmd_config(rest)
+    except (ConfigError, InputFormatError, UsageError) as error:
+        print(f"icl-pipeline {command}: error: {error}", file=sys.stderr)
+        return 2
+    except RunError as error:
+        print(f"icl-pipeline {command}: error: {error}", file=sys.stderr)
+        return 1
+    print(f"icl-pipeline: unknown command {command!r}\n\n{DESCRIPTION}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The one typed configuration object of a run, and how it is built.
+
+``PipelineConfig`` has one section per stage; each section is the stage's own frozen dataclass, which
+validates itself in ``__post_init__``. A run's configuration is built in three layers, later ones
+winning:
+
+1. the profile (``pipeline/profiles/<name>.yaml``: ``demo``, ``local`` or ``dataflow``),
+2. an optional YAML file (``--config FILE.yaml``, any Beam file system path),
+3. ``--set section.key=value`` overrides, each value parsed as YAML (``--set group.min_images=4``,
+   ``--set normalize.tracking_params=[utm_*,ref]``).
+
+Unknown sections and keys, values of the wrong type and values a section refuses all raise
+:class:`ConfigError` with the dotted key and what was expected, before any pipeline is built.
+``icl-pipeline config --list`` prints every key with its default and help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+
+from transforms.dedupe import DedupeConfig
+from transforms.group import GroupConfig
+from transforms.normalize import NormalizeConfig
+from transforms.read import ReadConfig
+from transforms.write import OutputConfig
+
+PROFILES = ("demo", "local", "dataflow")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting of a run, one section per stage."""
+
+    read: ReadConfig = field(default_factory=ReadConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what is wrong."""
+
+
+# --- building ---------------------------------------------------------------------------------------
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """The settings a profile changes from the defaults."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    text = resources.files("pipeline").joinpath("profiles", f"{name}.yaml").read_text(encoding="utf-8")
+    return _yaml_mapping(text, f"profile {name}")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A YAML config file, local or on any Beam file system (``gs://``, ``s3://``)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as handle:
+            text = handle.read().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error}") from error
+    return _yaml_mapping(text, path)
+
+
+def _yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: invalid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"section.key=value"`` -> (``["section", "key"]``, value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {text!r}: the key must be section.key (for example group.min_images)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(profile: str = "demo", config_file: str | None = None,
+                 overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Profile -> config file -> ``--set`` overrides -> a validated :class:`PipelineConfig`."""
+    data = load_profile(profile)
+    if config_file:
+        data = _merge(data, load_config_file(config_file))
+    for override in overrides:
+        path, value = parse_override(override)
+        update: dict[str, Any] = value
+        for part in reversed(path):
+            update = {part: update}
+        data = _merge(data, update)
+    return from_dict(PipelineConfig, data)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build the dataclass ``cls`` from nested plain data, checking keys and types."""
+    label = where or "config"
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {_join(where, close[0])!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {_join(where, str(key))!r}{hint}; "
+                          f"valid keys{' of ' + where if where else ''}: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(value, hints[name], _join(where, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{label}: {error}") from error
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        value_type = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+# --- describing ---------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested data (tuples as lists), as written to the manifest and printed by ``config``."""
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(config)
+
+
+def config_hash(config: Any) -> str:
+    """SHA-256 of the canonical JSON of a config (or config section): the provenance of a dataset."""
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str
+    type: str
+    default: Any
+    help: str
+
+
+def describe(cls: type = PipelineConfig, where: str = "") -> list[KeyDoc]:
+    """Every leaf key of a config class with its type, default and help text."""
+    docs = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = _join(where, f.name)
+        if dataclasses.is_dataclass(tp):
+            docs.extend(describe(tp, key))
+        else:
+            docs.append(KeyDoc(key, _type_name(tp), to_dict(getattr(default, f.name)), f.metadata.get("help", "")))
+    return docs

@@ -1,0 +1,156 @@
+"""``OUT/manifest.json``: what a run did, with counts that must reconcile.
+
+The record funnel is computed from what was actually written, not from what the stages believe they
+did: ``kept`` is the number of images in ``clusters/``, ``rejected`` the images accounted for by
+``rejects/`` rows, per reason. ``input`` is the ``read/records`` Beam counter. ``input == kept +
+sum(rejected)`` must hold; :func:`reconcile` says whether it does, and the command fails when it does
+not (a record was lost: a bug). Beam counters of every stage are recorded alongside, per phase.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+MANIFEST = "manifest.json"
+
+_PACKAGES = ("icl-cluster-pipeline", "apache-beam", "pyarrow", "pillow", "imagehash", "w3lib", "numpy",
+             "torch", "torchvision", "open_clip_torch", "diffusers", "transformers", "peft")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def beam_counters(result: Any) -> dict[str, dict[str, int]]:
+    """``{namespace: {name: value}}`` of a finished pipeline's counters (committed where supported)."""
+    counters: dict[str, dict[str, int]] = {}
+    for counter in result.metrics().query()["counters"]:
+        try:
+            value = counter.committed
+        except Exception:  # noqa: BLE001 -- some runners support only attempted metrics
+            value = None
+        if value is None:
+            value = counter.attempted
+        name = counter.key.metric
+        section = counters.setdefault(name.namespace, {})
+        section[name.name] = section.get(name.name, 0) + int(value or 0)
+    return {ns: dict(sorted(values.items())) for ns, values in sorted(counters.items())}
+
+
+def matching_files(pattern: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def read_columns(pattern: str, columns: list[str]) -> pa.Table | None:
+    """The named columns of every Parquet file matching ``pattern`` (``None`` when none matches)."""
+    tables = []
+    for path in matching_files(pattern):
+        with FileSystems.open(path) as handle:
+            tables.append(pq.ParquetFile(handle).read(columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
+def reject_summary(output_dir: str, phase: str) -> dict[str, Any]:
+    """Images and rows per reason (and per stage) in ``OUT/rejects/<phase>-*.parquet``."""
+    table = read_columns(FileSystems.join(output_dir, "rejects", f"{phase}-*.parquet"),
+                         ["stage", "reason", "n_images"])
+    images: Counter[str] = Counter()
+    rows: Counter[str] = Counter()
+    by_stage: dict[str, Counter[str]] = {}
+    if table is not None:
+        for stage, reason, n in zip(*(table.column(c).to_pylist() for c in ("stage", "reason", "n_images")),
+                                    strict=True):
+            images[reason] += n
+            rows[reason] += 1
+            by_stage.setdefault(stage, Counter())[reason] += n
+    return {
+        "images": dict(sorted(images.items())),
+        "rows": dict(sorted(rows.items())),
+        "by_stage": {stage: dict(sorted(c.items())) for stage, c in sorted(by_stage.items())},
+    }
+
+
+def cluster_summary(output_dir: str) -> dict[str, int]:
+    """Clusters and images in ``OUT/clusters/*.parquet``."""
+    table = read_columns(FileSystems.join(output_dir, "clusters", "*.parquet"), ["stats"])
+    if table is None:
+        return {"clusters": 0, "images": 0}
+    n_images = table.column("stats").combine_chunks().field("n_images").to_pylist()
+    return {"clusters": len(n_images), "images": int(sum(n_images))}
+
+
+def reconcile(n_input: int, kept: int, rejected: dict[str, int]) -> dict[str, Any]:
+    """The ``records`` block: ``input == kept + sum(rejected)`` or ``reconciled: false``."""
+    total = kept + sum(rejected.values())
+    return {
+        "input": n_input,
+        "kept": kept,
+        "rejected": dict(sorted(rejected.items())),
+        "reconciled": n_input == total,
+        **({} if n_input == total else {"unaccounted": n_input - total}),
+    }
+
+
+def load_manifest(output_dir: str) -> dict[str, Any]:
+    path = FileSystems.join(output_dir, MANIFEST)
+    if not FileSystems.exists(path):
+        return {}
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def write_manifest(output_dir: str, manifest: dict[str, Any]) -> str:
+    path = FileSystems.join(output_dir, MANIFEST)
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(manifest, indent=2, sort_keys=False, default=str).encode("utf-8"))
+        handle.write(b"\n")
+    return path
+
+
+def delete_matching(patterns: Iterable[str]) -> int:
+    """Delete the files matching ``patterns`` (a phase's previous output); returns how many."""
+    paths = [path for pattern in patterns for path in matching_files(pattern)]
+    if paths:
+        FileSystems.delete(paths)
+    return len(paths)
+
+
+def remove_empty_temp_dirs(output_dir: str, folders: Iterable[str]) -> None:
+    """Remove empty ``beam-temp-*`` directories that some runners leave beside finished shards."""
+    import os
+
+    if "://" in output_dir:
+        return  # object stores have no empty directories
+    for folder in folders:
+        base = os.path.join(output_dir, folder)
+        if not os.path.isdir(base):
+            continue
+        for name in os.listdir(base):
+            path = os.path.join(base, name)
+            if name.startswith("beam-temp-") and os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
+def command_line() -> list[str]:
+    return list(sys.argv)

@@ -1,0 +1,233 @@
+"""Assembly of stages into Beam pipelines, one per phase, and the ``run`` entry point.
+
+``build_*_pipeline(p, ...)`` functions only wire labelled stages onto a pipeline object, so tests can
+hand them a ``TestPipeline``. :func:`run` parses the command line, validates the whole configuration
+and every input before building anything, runs the requested phases in order (each one a Beam
+pipeline that persists its output, so a phase can also start from an earlier run's files), and writes
+``OUT/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline import manifest as mf
+from pipeline.config import PROFILES, PipelineConfig, build_config, config_hash, to_dict
+from schemas.parquet import SCHEMA_VERSION
+from transforms.dedupe import Dedupe, FindBoilerplate
+from transforms.group import GroupByPage
+from transforms.normalize import Normalize
+from transforms.read import InputFile, ReadPairs, expand_inputs, validate_input_file
+from transforms.write import write_clusters, write_rejects
+
+LOG = logging.getLogger(__name__)
+
+PHASES = ("clusters", "synthesize", "assemble")
+"""The phases in the order they run. Each persists its output and can start from the previous one's."""
+
+IMPLEMENTED_PHASES = ("clusters",)
+
+PipelineFactory = Callable[[PipelineOptions], beam.Pipeline]
+
+
+class UsageError(ValueError):
+    """The command line asks for something that cannot run (bad --phases, no --input, ...)."""
+
+
+class RunError(RuntimeError):
+    """A phase did not finish correctly (failed pipeline, counts that do not reconcile)."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """The project's own command-line arguments of ``icl-pipeline run``."""
+
+    inputs: tuple[str, ...]
+    output: str
+    profile: str
+    config_file: str | None
+    overrides: tuple[str, ...]
+    phases: tuple[str, ...]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", action="append", default=[], metavar="GLOB",
+                        help="Input files (repeatable). Phase 'clusters': crawled pairs as Parquet "
+                             "(.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar shards (.tar); "
+                             "later phases: the previous phase's Parquet output. Any Beam file system "
+                             "path (gs://, s3://) works.")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="Output directory: clusters/, rejects/, manifest.json (and, with later "
+                             "phases, candidates/, examples/, report/).")
+    parser.add_argument("--profile", default="demo", choices=PROFILES,
+                        help="Configuration profile: demo (bundled sample, CPU, tiny models, offline), "
+                             "local (real models on this machine), dataflow (real models on Dataflow). "
+                             "Default: demo.")
+    parser.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                        help="YAML file of config sections applied over the profile.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="Override one config key (repeatable), value parsed as YAML, e.g. "
+                             "--set group.min_images=4. List keys: icl-pipeline config --list.")
+    parser.add_argument("--phases", default="clusters", metavar="PHASE[,PHASE...]",
+                        help=f"Phases to run, in order: {', '.join(PHASES)}. Default: clusters.")
+
+
+def parse_run_args(argv: Sequence[str]) -> tuple[RunRequest, list[str]]:
+    """Our flags into a :class:`RunRequest`; everything else is returned untouched for Beam."""
+    parser = argparse.ArgumentParser(prog="icl-pipeline run", allow_abbrev=False)
+    add_run_arguments(parser)
+    args, beam_args = parser.parse_known_args(list(argv))
+    return request_from_args(args), beam_args
+
+
+def request_from_args(args: argparse.Namespace) -> RunRequest:
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown or not phases:
+        raise UsageError(f"--phases {args.phases!r}: choose from {', '.join(PHASES)}")
+    positions = [PHASES.index(p) for p in phases]
+    if positions != list(range(positions[0], positions[0] + len(positions))):
+        raise UsageError(f"--phases {args.phases!r}: phases run in the order {', '.join(PHASES)}, each once, "
+                       f"without gaps (each reads the previous one's output)")
+    missing = [p for p in phases if p not in IMPLEMENTED_PHASES]
+    if missing:
+        raise UsageError(f"phase(s) {', '.join(missing)} are not available in this version")
+    if phases[0] == "clusters" and not args.input:
+        raise UsageError("phase 'clusters' needs at least one --input")
+    return RunRequest(tuple(args.input), args.output, args.profile, args.config_file,
+                      tuple(args.overrides), phases)
+
+
+# --- graphs ---------------------------------------------------------------------------------------------
+
+
+def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Sequence[InputFile],
+                            output_dir: str) -> dict[str, beam.PCollection]:
+    """Phase 1 graph: read -> normalize -> group by page -> dedupe -> ``clusters/`` and ``rejects/``."""
+    records, read_rejects = p | "Read" >> ReadPairs(list(files), config.read)
+    images, normalize_rejects = records | "Normalize" >> Normalize(config.normalize)
+    boilerplate = images | "FindBoilerplate" >> FindBoilerplate(config.dedupe)
+    pages, group_rejects = (images, boilerplate) | "GroupByPage" >> GroupByPage(config.group)
+    clusters, dedupe_rejects = pages | "Dedupe" >> Dedupe(config.dedupe, config.group.min_images)
+
+    clusters | "WriteClusters" >> write_clusters(output_dir, config.output)
+    rejects = (read_rejects, normalize_rejects, group_rejects, dedupe_rejects) | "CollectRejects" >> beam.Flatten()
+    rejects | "WriteRejects" >> write_rejects(output_dir, "clusters", config.output)
+    return {"clusters": clusters, "rejects": rejects}
+
+
+# --- running ------------------------------------------------------------------------------------------
+
+
+def _run_pipeline(p: beam.Pipeline, phase: str) -> Any:
+    LOG.info("phase %s: running", phase)
+    result = p.run()
+    state = result.wait_until_finish()
+    if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
+        raise RunError(f"phase {phase}: pipeline ended in state {state}")
+    return result
+
+
+def _local_mkdirs(path: str) -> None:
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
+
+
+def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Sequence[InputFile],
+                       options: PipelineOptions, pipeline_factory: PipelineFactory) -> dict[str, Any]:
+    out = request.output
+    mf.delete_matching([FileSystems.join(out, "clusters", "*.parquet"),
+                        FileSystems.join(out, "rejects", "clusters-*.parquet")])
+    started = time.monotonic()
+    p = pipeline_factory(options)
+    build_clusters_pipeline(p, config, files, out)
+    result = _run_pipeline(p, "clusters")
+    mf.remove_empty_temp_dirs(out, ["clusters", "rejects"])
+    counters = mf.beam_counters(result)
+    written = mf.cluster_summary(out)
+    rejects = mf.reject_summary(out, "clusters")
+    n_input = counters.get("read", {}).get("records", 0)
+    cluster_rejects = {reason: rows for reason, rows in rejects["rows"].items()
+                       if reason in _CLUSTER_LEVEL_REASONS}
+    return {
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "records": mf.reconcile(n_input, written["images"], rejects["images"]),
+        "clusters": {"written": written["clusters"], "rejected": cluster_rejects},
+        "rejects_by_stage": rejects["by_stage"],
+        "counters": counters,
+    }
+
+
+# Reasons whose reject rows stand for a whole cluster (one row, n_images images).
+_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small"})
+
+
+def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory | None = None) -> dict[str, Any]:
+    """Run ``icl-pipeline run`` with ``argv`` (without the ``run`` word); returns the manifest.
+
+    ``pipeline_factory`` builds each phase's pipeline from the Beam options (tests pass one that makes a
+    ``TestPipeline``); by default it is ``beam.Pipeline(options=...)``.
+    """
+    import sys
+
+    request, beam_args = parse_run_args(sys.argv[2:] if argv is None else argv)
+    config = build_config(request.profile, request.config_file, request.overrides)
+    options = PipelineOptions(beam_args)
+    factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))
+
+    files: list[InputFile] = []
+    if request.phases[0] == "clusters":
+        files = expand_inputs(list(request.inputs))
+        for input_file in files[:config.read.validate_max_files]:
+            validate_input_file(input_file)
+        LOG.info("%d input file(s): %s", len(files),
+                 ", ".join(f"{n} {fmt}" for fmt, n in _format_counts(files).items()))
+
+    _local_mkdirs(request.output)
+    manifest: dict[str, Any] = {} if request.phases[0] == "clusters" else mf.load_manifest(request.output)
+    manifest.update({
+        "pipeline": "icl-cluster-pipeline",
+        "version": mf.package_versions().get("icl-cluster-pipeline"),
+        "schema_version": SCHEMA_VERSION,
+        "created": mf.now(),
+        "command": ["icl-pipeline", "run", *(sys.argv[2:] if argv is None else argv)],
+        "profile": request.profile,
+        "runner": options.view_as(StandardOptions).runner or "DirectRunner",
+        "config": to_dict(config),
+        "config_hash": config_hash(config),
+        "versions": mf.package_versions(),
+    })
+    if files:
+        manifest["inputs"] = {"patterns": list(request.inputs), "files": len(files),
+                              "formats": _format_counts(files)}
+    manifest.setdefault("phases", {})
+    for phase in request.phases:
+        if phase == "clusters":
+            summary = run_clusters_phase(request, config, files, options, factory)
+            manifest["records"] = summary["records"]
+            manifest["clusters"] = summary["clusters"]
+        else:  # pragma: no cover -- guarded by request_from_args
+            raise RunError(f"phase {phase} is not available")
+        manifest["phases"][phase] = {"finished": mf.now(), **summary}
+        mf.write_manifest(request.output, manifest)
+        if phase == "clusters" and not summary["records"]["reconciled"]:
+            raise RunError(f"counts do not reconcile: {summary['records']} -- some records were lost; "
+                           f"this is a bug, please report it with {mf.MANIFEST}")
+    return manifest
+
+
+def _format_counts(files: Sequence[InputFile]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in files:
+        counts[f.format] = counts.get(f.format, 0) + 1
+    return counts
