@@ -28,6 +28,7 @@ from transforms.dedupe import Dedupe, FindBoilerplate
 from transforms.group import GroupByPage
 from transforms.normalize import Normalize
 from transforms.read import InputFile, ReadPairs, expand_inputs, validate_input_file
+from transforms.stats import STATS_FOLDER, read_stats
 from transforms.write import write_clusters, write_rejects
 
 LOG = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
                        options: PipelineOptions, pipeline_factory: PipelineFactory) -> dict[str, Any]:
     out = request.output
     mf.delete_matching([FileSystems.join(out, "clusters", "*.parquet"),
-                        FileSystems.join(out, "rejects", "clusters-*.parquet")])
+                        FileSystems.join(out, "rejects", "clusters-*.parquet"),
+                        FileSystems.join(out, STATS_FOLDER, "clusters.*.json")])
     started = time.monotonic()
     p = pipeline_factory(options)
     build_clusters_pipeline(p, config, files, out)
@@ -165,6 +167,7 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
         "clusters": {"written": written["clusters"], "rejected": cluster_rejects},
         "rejects_by_stage": rejects["by_stage"],
         "counters": counters,
+        "stats": read_stats(out, "clusters"),
     }
 
 
