@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,11 @@ _PARQUET_COLUMNS = {
 }
 
 
+def _lines(handle: Any) -> Iterator[bytes]:
+    """Lines of a Beam file handle (``CompressedFile`` has ``readline`` but is not iterable)."""
+    return iter(handle.readline, b"")
+
+
 def _open(path: str, compressed: bool = False) -> Any:
     compression = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
     return FileSystems.open(path, compression_type=compression)
@@ -163,11 +169,11 @@ def validate_input_file(input_file: InputFile) -> None:
     elif input_file.format == JSONL:
         with _open(path, compressed=True) as handle:
             try:
-                for line in handle:
+                for line in _lines(handle):
                     if line.strip():
                         _check_first_jsonl_line(path, line)
                         break
-            except (OSError, EOFError) as error:
+            except (OSError, EOFError, zlib.error) as error:
                 raise InputFormatError(f"{path}: cannot be read as JSONL ({error})") from error
     elif input_file.format == WEBDATASET:
         with _open(path, compressed=True) as handle:
@@ -237,36 +243,40 @@ def _optional_str(obj: dict[str, Any], key: str) -> str | None:
 
 
 def read_jsonl(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutput]:
-    directory = FileSystems.split(path)[0]
     with _open(path, compressed=True) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{line_number}"
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise TypeError(f"line is a JSON {type(obj).__name__}, expected an object")
-                page_url = _optional_str(obj, "page_url")
-                image_url = _optional_str(obj, "image_url")
-                text = _optional_str(obj, "text")
-                image_b64 = _optional_str(obj, "image_b64")
-                image_path = _optional_str(obj, "image_path")
-                image = base64.b64decode(image_b64, validate=True) if image_b64 is not None else None
-            except (ValueError, TypeError, binascii.Error) as error:
-                yield _read_failure(source, MALFORMED_RECORD, f"{type(error).__name__}: {error}")
-                continue
-            if image is None and image_path:
-                full = image_path if "://" in image_path or image_path.startswith("/") else \
-                    FileSystems.join(directory, image_path)
-                try:
-                    with _open(full) as image_file:
-                        image = image_file.read()
-                except OSError as error:
-                    yield _read_failure(source, IMAGE_UNREADABLE, f"image_path {image_path!r}: {error}",
-                                        page_url=page_url, image_url=image_url)
-                    continue
-            yield _record(source, page_url, image_url, text, image)
+        line_number = 0
+        try:
+            for line_number, line in enumerate(_lines(handle), start=1):
+                if line.strip():
+                    yield _jsonl_record(path, line_number, line)
+        except (OSError, EOFError, zlib.error) as error:
+            raise InputFormatError(f"{path}: unreadable after line {line_number} ({error})") from error
+
+
+def _jsonl_record(path: str, line_number: int, line: bytes) -> InputRecord | beam.pvalue.TaggedOutput:
+    source = f"{path}:{line_number}"
+    try:
+        obj = json.loads(line)
+        if not isinstance(obj, dict):
+            raise TypeError(f"line is a JSON {type(obj).__name__}, expected an object")
+        page_url = _optional_str(obj, "page_url")
+        image_url = _optional_str(obj, "image_url")
+        text = _optional_str(obj, "text")
+        image_b64 = _optional_str(obj, "image_b64")
+        image_path = _optional_str(obj, "image_path")
+        image = base64.b64decode(image_b64, validate=True) if image_b64 is not None else None
+    except (ValueError, TypeError, binascii.Error) as error:
+        return _read_failure(source, MALFORMED_RECORD, f"{type(error).__name__}: {error}")
+    if image is None and image_path:
+        full = image_path if "://" in image_path or image_path.startswith("/") else \
+            FileSystems.join(FileSystems.split(path)[0], image_path)
+        try:
+            with _open(full) as image_file:
+                image = image_file.read()
+        except OSError as error:
+            return _read_failure(source, IMAGE_UNREADABLE, f"image_path {image_path!r}: {error}",
+                                 page_url=page_url, image_url=image_url)
+    return _record(source, page_url, image_url, text, image)
 
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
