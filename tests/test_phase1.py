@@ -1,0 +1,241 @@
+"""Phase 1 end to end on the bundled sample: exact clusters, every reject reason, reconciling counts.
+
+The sample's ``expected`` column says what each record was planted as (``scripts/build_sample.py``);
+these tests hold the pipeline to it, then check that the multi-process runner and the other input
+formats give the same output.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import build_config, to_dict
+from schemas.parquet import CLUSTERS_SCHEMA, REJECTS_SCHEMA, check_schema_version
+from tests.conftest import REPO, SAMPLE, PhaseOutput, read_rows, run_pipeline
+from tests.formats import write_jsonl, write_webdataset
+from transforms.dedupe import cluster_id
+from transforms.normalize import NormalizeConfig, normalize_image
+
+# Phase 1 without model stages: what the `expected` column describes.
+NO_MODELS: tuple[str, ...] = ()
+GALLERY_CAP = 32
+
+
+def _sources_by_page(clusters: list[dict]) -> dict[str, list[str]]:
+    return {c["page_url"]: sorted(im["source"] for im in c["images"]) for c in clusters}
+
+
+def _row_source(i: int) -> str:
+    return f"{SAMPLE}:{i}"
+
+
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
+    return run_pipeline([SAMPLE], tmp_path_factory.mktemp("phase1"), "--profile", "demo", *NO_MODELS)
+
+
+def test_every_record_meets_its_planted_fate(phase1: PhaseOutput, sample_rows: list[dict]) -> None:
+    clusters, rejects = phase1.clusters(), phase1.rejects()
+    page_of_source = {im["source"]: c["page_url"] for c in clusters for im in c["images"]}
+    reason_of_source = {r["source"]: r["reason"] for r in rejects if r["source"]}
+    assert len(reason_of_source) == sum(1 for r in rejects if r["source"]), "one reject row per record"
+    too_small_pages = {r["page_url"]: r["n_images"] for r in rejects if r["reason"] == "cluster_too_small"}
+
+    gallery_kept, gallery_capped = [], []
+    for i, row in enumerate(sample_rows):
+        source, expected = _row_source(i), row["expected"]
+        if expected == "kept":
+            assert page_of_source.get(source) == row["expected_page"], row["note"]
+        elif expected == "gallery":
+            assert (source in page_of_source) != (source in reason_of_source), row["note"]
+            (gallery_kept if source in page_of_source else gallery_capped).append(row)
+            if source in reason_of_source:
+                assert reason_of_source[source] == "page_cap"
+        elif expected == "cluster_too_small":
+            assert source not in page_of_source and source not in reason_of_source, row["note"]
+            assert row["expected_page"] in too_small_pages, row["note"]
+        else:
+            assert reason_of_source.get(source) == expected, row["note"]
+
+    # The cap keeps the images with the smallest ids, whatever their order in the input.
+    assert len(gallery_kept) == GALLERY_CAP and len(gallery_capped) == 2
+    config = NormalizeConfig()
+    kept_ids = {normalize_image(r["image"], config).image_id for r in gallery_kept}
+    capped_ids = {normalize_image(r["image"], config).image_id for r in gallery_capped}
+    assert max(kept_ids) < min(capped_ids)
+
+
+def test_exact_expected_clusters(phase1: PhaseOutput, sample_rows: list[dict]) -> None:
+    clusters = phase1.clusters()
+    expected: dict[str, list[str]] = collections.defaultdict(list)
+    for i, row in enumerate(sample_rows):
+        if row["expected"] == "kept":
+            expected[row["expected_page"]].append(_row_source(i))
+    actual = _sources_by_page(clusters)
+    gallery = "https://blog.example.org/gallery/all-products"
+    assert len(actual.pop(gallery)) == GALLERY_CAP
+    assert actual == {page: sorted(sources) for page, sources in expected.items()}
+    assert len(clusters) == 33
+
+    for cluster in clusters:
+        ids = [im["image_id"] for im in cluster["images"]]
+        assert cluster["cluster_id"] == cluster_id(cluster["page_url"], ids)
+        assert ids == sorted(ids)
+        assert cluster["stats"]["n_images"] == len(ids) >= 3
+        assert cluster["domain"] == cluster["page_url"].split("/")[2]
+        for im in cluster["images"]:
+            assert max(im["width"], im["height"]) <= 768 and min(im["width"], im["height"]) >= 256
+            assert len(im["phash"]) == 16 and im["image"][:2] == b"\xff\xd8"  # JPEG
+        assert cluster["subject"] is None and cluster["prompts"] == []
+
+
+def test_manifest_counts_reconcile(phase1: PhaseOutput, sample_rows: list[dict]) -> None:
+    manifest = json.loads((phase1.output / "manifest.json").read_text())
+    records = manifest["records"]
+    expected_reasons = collections.Counter(r["expected"] for r in sample_rows)
+    kept = expected_reasons.pop("kept") + GALLERY_CAP
+    expected_reasons.pop("gallery")
+    expected_reasons["page_cap"] = 2
+    assert records == {"input": len(sample_rows), "kept": kept, "rejected": dict(sorted(expected_reasons.items())),
+                       "reconciled": True}
+    assert records["input"] == records["kept"] + sum(records["rejected"].values())
+    assert manifest["clusters"] == {"written": 33, "rejected": {"cluster_too_small": 2}}
+
+    phase = manifest["phases"]["clusters"]
+    counters = phase["counters"]
+    assert counters["read"] == {"files": 1, "records": len(sample_rows)}
+    # Every reject reason is also a Beam counter with the same count.
+    for reason, n in records["rejected"].items():
+        stage = next(s for s, reasons in phase["rejects_by_stage"].items() if reason in reasons)
+        assert counters[stage][reason] == n, reason
+    assert counters["dedupe"]["images_kept"] == kept
+    assert manifest["config"] == to_dict(build_config("demo", None, NO_MODELS[1::2] if NO_MODELS else ()))
+    assert manifest["profile"] == "demo" and manifest["schema_version"] == 1
+    assert manifest["versions"]["apache-beam"] and manifest["inputs"]["formats"] == {"parquet": 1}
+    assert phase["wall_seconds"] > 0
+
+
+def test_outputs_carry_their_schema(phase1: PhaseOutput) -> None:
+    for folder, name, schema in (("clusters", "clusters", CLUSTERS_SCHEMA), ("rejects", "rejects", REJECTS_SCHEMA)):
+        paths = sorted((phase1.output / folder).glob("*.parquet"))
+        assert paths
+        for path in paths:
+            written = pq.read_schema(path)
+            check_schema_version(written, name, str(path))
+            assert written.names == schema.names
+    assert not list(phase1.output.glob("*/beam-temp-*"))
+
+
+def _comparable(output: PhaseOutput, *, keep_source: bool = True) -> tuple[list[Any], list[Any]]:
+    clusters = sorted(output.clusters(), key=lambda c: c["cluster_id"])
+    rejects = output.rejects()
+    if not keep_source:
+        for cluster in clusters:
+            for im in cluster["images"]:
+                im.pop("source")
+        rejects = [{k: v for k, v in r.items() if k not in ("source", "id")} for r in rejects]
+    rejects.sort(key=lambda r: json.dumps(r, sort_keys=True, default=str))
+    return clusters, rejects
+
+
+@pytest.mark.slow
+def test_multi_process_runner_gives_the_same_output(phase1: PhaseOutput, tmp_path) -> None:
+    multi = run_pipeline([SAMPLE], tmp_path / "multi", "--profile", "demo", *NO_MODELS,
+                         "--direct_running_mode", "multi_processing", "--direct_num_workers", "2")
+    assert _comparable(multi) == _comparable(phase1)
+    assert multi.manifest["records"] == phase1.manifest["records"]
+
+
+@pytest.mark.slow
+def test_three_input_formats_give_identical_clusters(phase1: PhaseOutput, sample_rows: list[dict], tmp_path) -> None:
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "paths").mkdir()
+    jsonl = write_jsonl(sample_rows, str(tmp_path / "jsonl" / "crawl.jsonl"))
+    jsonl_gz = write_jsonl(sample_rows, str(tmp_path / "paths" / "crawl.jsonl.gz"), image_mode="path", gz=True)
+    tar = write_webdataset(sample_rows, str(tmp_path / "crawl-00000.tar"))
+    reference = _comparable(phase1, keep_source=False)
+    for name, path in (("jsonl", jsonl), ("jsonl_gz", jsonl_gz), ("webdataset", tar)):
+        out = run_pipeline([path], tmp_path / f"out-{name}", "--profile", "demo", *NO_MODELS)
+        clusters, rejects = _comparable(out, keep_source=False)
+        assert clusters == reference[0], name
+        assert [(r["reason"], r["page_url"]) for r in rejects] == [(r["reason"], r["page_url"]) for r in reference[1]]
+        assert out.manifest["records"] == phase1.manifest["records"], name
+
+
+def test_mixed_inputs_and_rerun_replaces_old_output(sample_rows: list[dict], tmp_path) -> None:
+    half = len(sample_rows) // 2
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(sample_rows[:half]), tmp_path / "in" / "a.parquet")
+    write_jsonl(sample_rows[half:], str(tmp_path / "in" / "b.jsonl"))
+    out = tmp_path / "out"
+    first = run_pipeline([tmp_path / "in" / "a.parquet", tmp_path / "in" / "b.jsonl"], out,
+                         "--set", "output.num_shards=3", *NO_MODELS)
+    assert len(list((out / "clusters").glob("*.parquet"))) == 3
+    second = run_pipeline([tmp_path / "in" / "*"], out, "--set", "output.num_shards=1", *NO_MODELS)
+    assert len(list((out / "clusters").glob("*.parquet"))) == 1
+    assert second.manifest["records"] == first.manifest["records"]
+    assert second.manifest["records"]["input"] == len(sample_rows) and second.manifest["records"]["reconciled"]
+    assert second.manifest["inputs"]["formats"] == {"jsonl": 1, "parquet": 1}
+
+
+def test_config_overrides_change_the_outcome(tmp_path) -> None:
+    out = run_pipeline([SAMPLE], tmp_path, "--set", "group.min_images=6", "--set", "dedupe.boilerplate_max_pages=40",
+                       *NO_MODELS)
+    records = out.manifest["records"]
+    assert "boilerplate" not in records["rejected"]  # the badge is on 31 pages, the logo on 25
+    assert records["reconciled"] and records["rejected"]["cluster_too_small"] > 3
+    assert all(c["stats"]["n_images"] >= 6 for c in read_rows(tmp_path, "clusters"))
+
+
+def _cli(*args: str, cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_command_line_run_prints_the_funnel(tmp_path) -> None:
+    result = _cli("run", "--input", str(SAMPLE), "--output", str(tmp_path / "out"), *NO_MODELS)
+    assert result.returncode == 0, result.stderr
+    assert "input records" in result.stdout and "counts reconcile: yes" in result.stdout
+    assert "boilerplate" in result.stdout and str(tmp_path / "out") in result.stdout
+    assert "read: 282 records from" in result.stderr  # progress from the workers
+    assert (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_command_line_errors_are_clear(tmp_path) -> None:
+    bad = tmp_path / "crawl.parquet"
+    bad.write_text("not parquet")
+    result = _cli("run", "--input", str(bad), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and f"{bad}: not a readable Parquet file" in result.stderr
+    result = _cli("run", "--input", str(SAMPLE), "--output", str(tmp_path / "out"), "--set", "group.min_image=2")
+    assert result.returncode == 2 and "did you mean 'group.min_images'" in result.stderr
+    result = _cli("run", "--input", str(SAMPLE), "--output", str(tmp_path / "out"), "--phases", "assemble,clusters")
+    assert result.returncode == 2 and "--phases" in result.stderr
+    result = _cli("run", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "needs at least one --input" in result.stderr
+
+
+def test_help_documents_the_command() -> None:
+    top = _cli("--help")
+    assert top.returncode == 0 and "run" in top.stdout and "config" in top.stdout
+    run_help = _cli("run", "--help")
+    assert run_help.returncode == 0
+    for flag in ("--input", "--output", "--profile", "--config", "--set", "--phases", "--runner",
+                 "--direct_num_workers"):
+        assert flag in run_help.stdout, flag
+    keys = _cli("config", "--list")
+    assert keys.returncode == 0
+    from pipeline.config import describe
+
+    for doc in describe():
+        assert doc.key in keys.stdout
+        assert doc.help, f"{doc.key} has no help text"
