@@ -183,7 +183,8 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     """
     import sys
 
-    request, beam_args = parse_run_args(sys.argv[2:] if argv is None else argv)
+    argv = list(sys.argv[2:] if argv is None else argv)  # sys.argv: icl-pipeline run ...
+    request, beam_args = parse_run_args(argv)
     config = build_config(request.profile, request.config_file, request.overrides)
     options = PipelineOptions(beam_args)
     factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))
@@ -203,7 +204,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
         "version": mf.package_versions().get("icl-cluster-pipeline"),
         "schema_version": SCHEMA_VERSION,
         "created": mf.now(),
-        "command": ["icl-pipeline", "run", *(sys.argv[2:] if argv is None else argv)],
+        "command": ["icl-pipeline", "run", *argv],
         "profile": request.profile,
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "config": to_dict(config),
