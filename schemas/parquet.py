@@ -90,6 +90,62 @@ REJECTS_SCHEMA = _with_metadata("rejects", [
 ])
 
 
+# --- examples/*.parquet: one row per training example (3 real demos + 1 synthetic target) -----------
+
+DEMO_TYPE = pa.struct([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("caption", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+])
+
+TARGET_TYPE = pa.struct([
+    pa.field("candidate_id", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_template", pa.string()),
+    pa.field("skill", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+])
+
+SCORES_TYPE = pa.struct([
+    pa.field("subject_sim_mean", pa.float32()),
+    pa.field("subject_sim_max", pa.float32()),
+    pa.field("text_sim", pa.float32()),
+    pa.field("copy_phash_distance", pa.int32()),
+    pa.field("copy_max_sim", pa.float32()),
+    pa.field("brightness", pa.float32()),
+    pa.field("contrast", pa.float32()),
+    pa.field("sharpness", pa.float32()),
+])
+
+EXAMPLE_PROVENANCE_TYPE = pa.struct([
+    pa.field("pipeline_version", pa.string()),
+    pa.field("config_hash", pa.string()),
+    pa.field("clip_model", pa.string()),
+    pa.field("synth_model", pa.string()),
+    pa.field("caption_backend", pa.string()),
+    pa.field("subject_backend", pa.string()),
+    pa.field("prompts_backend", pa.string()),
+    pa.field("prompt_hashes", pa.string()),
+])
+
+EXAMPLES_SCHEMA = _with_metadata("examples", [
+    pa.field("example_id", pa.string(), nullable=False),
+    pa.field("cluster_id", pa.string(), nullable=False),
+    pa.field("page_url", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("class_noun", pa.string()),
+    pa.field("demos", pa.list_(DEMO_TYPE), nullable=False),
+    pa.field("target", TARGET_TYPE, nullable=False),
+    pa.field("scores", SCORES_TYPE),
+    pa.field("provenance", EXAMPLE_PROVENANCE_TYPE),
+])
+
+
 class SchemaVersionError(ValueError):
     """A Parquet file was written with a schema this code does not read."""
 
