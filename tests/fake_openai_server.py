@@ -65,6 +65,11 @@ def caption_for(data: bytes) -> str:
     return f"A {tone} photo with a {cast} cast showing object {image_content_id(data)[:8]} on a plain background."
 
 
+def subject_for(captions: list[str | None]) -> str:
+    """The deterministic subject this server names for a cluster with these captions (in image order)."""
+    return f"sample object {hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:6]}"
+
+
 class Shape(Exception):
     """The request is malformed (answered 400, or 404 for an unknown model)."""
 
@@ -189,9 +194,7 @@ def answer_content(request: dict[str, Any]) -> str:
     if task == "subject":
         data = _input_json(request["texts"], "captions") or {"captions": []}
         captions = data["captions"]
-        digest = hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:6]
-        subject = f"sample object {digest}"
-        return json.dumps({"subject": subject, "class_noun": "object", "is_live": False,
+        return json.dumps({"subject": subject_for(captions), "class_noun": "object", "is_live": False,
                            "captions": [f"A photo of the sample object: {c or 'no caption'}" for c in captions]})
     if task == "prompts":
         data = _input_json(request["texts"], "counts") or {"counts": {}}
