@@ -30,6 +30,8 @@ def sample_clusters(sample_rows: list[dict[str, Any]], pages: list[str] | None =
             phash=n.phash, source_width=n.source_width, source_height=n.source_height,
             source_format=n.source_format))
     order = list(by_page) if pages is None else [p for s in pages for p in by_page if p.endswith(s)]
+    missing = [s for s in pages or () if not any(p.endswith(s) for p in by_page)]
+    assert not missing, f"no product page of the sample ends with {missing}"
     clusters = []
     for page in order:
         images = tuple(sorted(by_page[page], key=lambda im: im.image_id))

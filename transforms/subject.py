@@ -112,7 +112,14 @@ being below between both but by could did do does doing down during each few for
 he her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
 now of off on once only or other our ours ourselves out over own same she should so some such than that the their
 theirs them themselves then there these they this those through to too under until up very was we were what when
-where which while who whom why will with would you your yours yourself yourselves via per plus x""".split())
+where which while who whom why will with would you your yours yourself yourselves via per plus x including featuring
+using""".split())
+# Verbs that end many web sentences ("... it comes", "... to get"): never a subject's head noun.
+_VERBS = frozenset("""get gets got make makes made use uses used come comes came see sees saw find finds found buy
+buys bought add adds added take takes took give gives gave go goes went know knows need needs want wants like likes
+love loves help helps keep keeps let lets put puts say says show shows try tries call calls click read learn check
+start starts started starting design designed include includes feature features featured provide provides
+provided available enjoy enjoys""".split())
 # Nouns that are never the subject of a product or blog photo: how it is shown, sold or laid out.
 _GENERIC = frozenset("""photo photograph image picture pic img view shot closeup close-up detail details product
 products item items shop store logo brand sale deal deals offer price set pack piece pieces pcs style styles design
@@ -135,6 +142,9 @@ terrier bulldog corgi husky beagle pug chihuahua spaniel shepherd collie""".spli
 _OBJECT_MODIFIERS = frozenset("""toy toys plush plushie stuffed figurine figure statue sculpture ceramic porcelain
 wooden plastic metal glass print printed poster painting drawing cartoon sticker pillow cushion costume mask
 ornament model robot lego rubber inflatable balloon cookie cake candle lamp mug shirt""".split())
+
+_PLURALIA = frozenset("""glasses sunglasses eyeglasses goggles scissors jeans pants trousers shorts leggings tights
+pajamas pyjamas headphones earphones earbuds binoculars tongs pliers tweezers clothes""".split())
 
 _WORD = re.compile(r"[^\W\d_][\w'\u2019-]*|\d+|[^\w\s]")
 
@@ -194,7 +204,7 @@ def offline_subject(texts_per_image: Sequence[Iterable[str | None]], min_support
                 continue
             for phrase in candidate_phrases(text):
                 key = _key(phrase)
-                if key[-1] in _GENERIC or singular(key[-1]) in _GENERIC:
+                if key[-1] in _GENERIC or phrase[-1] in _GENERIC or phrase[-1] in _VERBS:
                     continue
                 occurrences[key] += 1
                 surface[key][" ".join(phrase)] += 1
@@ -208,7 +218,9 @@ def offline_subject(texts_per_image: Sequence[Iterable[str | None]], min_support
     longer = [key for key, n in image_support.items() if key[-1] == head[0] and len(key) > 1 and n >= needed]
     best = min([head, *longer], key=lambda key: (-len(key), -image_support[key], key))
     subject = surface[best].most_common(1)[0][0]
-    class_noun = surface[head].most_common(1)[0][0]
+    # The class is named in the singular ("a photo of a cover"), except for nouns that have none ("glasses").
+    plural = surface[head].most_common(1)[0][0]
+    class_noun = plural if plural in _PLURALIA else head[0]
     pair = " ".join(best[-2:]) if len(best) >= 2 else ""
     if pair in _COMPOUNDS or pair.replace(" ", "-") in _COMPOUNDS:
         class_noun = " ".join(subject.split()[-2:])
@@ -260,7 +272,7 @@ _ARTICLE = re.compile(r"(?i)^(?:a|an|the)\s+")
 def names_class(caption: str, class_noun: str) -> bool:
     """Whether a caption names the class noun (its head word, singular or plural)."""
     head = singular(class_noun.lower().split()[-1])
-    return any(singular(word) == head for word in re.findall(r"[\w'-]+", caption.lower()))
+    return any(singular(word) == head for word in re.findall(r"[^\W_]+", caption.lower()))  # "teapot's" too
 
 
 def validate_subject(response: ChatResponse, n_captions: int, config: SubjectConfig) -> SubjectResult:
