@@ -180,7 +180,8 @@ def _answer(prompts: list[tuple[str, str]]) -> ChatResponse:
     return ChatResponse(json.dumps({"prompts": [{"prompt": p, "skill": s} for p, s in prompts]}), "stop", None, {})
 
 
-GOOD = [("a watercolor painting of a {subject}", "stylization"), ("a {subject} on a frozen lake", "recontextualization"),
+GOOD = [("a watercolor painting of a {subject}", "stylization"),
+        ("a {subject} on a frozen lake", "recontextualization"),
         ("a sleepy {subject} curled up in a blanket", "emotion_action")]
 
 

@@ -192,7 +192,8 @@ def test_offline_backend_in_a_pipeline(sample_rows) -> None:
         out, rejects = p | beam.Create(clusters) | Subject(SubjectConfig(backend="offline"), LLMConfig())
         assert_that(out | beam.Map(lambda c: (c.page_url.rsplit("/", 1)[1], c.subject, c.class_noun, c.is_live,
                                               c.provenance.subject_backend)),
-                    equal_to([("dog", "dog", "dog", True, "offline"), ("candle", "candle", "candle", False, "offline")]))
+                    equal_to([("dog", "dog", "dog", True, "offline"),
+                              ("candle", "candle", "candle", False, "offline")]))
         assert_that(rejects, equal_to([]), label="NoRejects")
 
 
