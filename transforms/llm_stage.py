@@ -72,7 +72,9 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
     stage = "model"
 
     def __init__(self, *, backend: str, model: str, endpoint: str, llm: LLMConfig, batch_size: int) -> None:
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        # A fixed batch size: BatchElements would otherwise start at one cluster and grow slowly, and a
+        # batch of one cluster leaves most of the client's concurrency idle while a server answers.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._backend = backend
         self._model = model
         self._endpoint = endpoint
