@@ -158,11 +158,12 @@ def test_retry_after_is_capped_by_backoff_max(server) -> None:
 
 def test_slow_answer_past_the_deadline_is_abandoned_and_retried(server) -> None:
     server.faults({"match": "hello", "fault": "slow:30", "times": 1})
-    client = _client(server, timeout_s=1.0)
+    client = _client(server, timeout_s=2.0)
     started = time.monotonic()
     assert client.chat(TEXT_MODEL, _text_messages("hello")).content == "ok"
-    assert time.monotonic() - started < 10  # not the 30 s the server wanted
-    assert client.pop_events()["timeouts"] == 1
+    assert time.monotonic() - started < 15  # not the 30 s the server wanted
+    assert client.pop_events()["timeouts"] >= 1
+    assert [e["fault"] for e in server.log()][:2] == ["slow:30", None]
 
 
 @pytest.mark.parametrize("fault", ["slow:30", "trickle:30"])

@@ -99,9 +99,9 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict]) 
     )
     settings = {"caption.backend": "vllm", "subject.backend": "vllm", "prompts.backend": "vllm",
                 "llm.endpoint": server.url, "caption.model": VL_MODEL, "subject.model": TEXT_MODEL,
-                "prompts.model": TEXT_MODEL, "subject.on_failure": "reject", "llm.max_retries": 1,
+                "prompts.model": TEXT_MODEL, "subject.on_failure": "reject", "llm.max_retries": 3,
                 "llm.backoff_s": 0.01, "llm.backoff_max_s": 0.1, "llm.validation_retries": 1,
-                "llm.request_timeout_s": 3}
+                "llm.request_timeout_s": 5}
     args = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
     try:
         out = run_pipeline([SAMPLE], tmp_path_factory.mktemp("vllm_run"), "--profile", "demo", *args,
@@ -168,7 +168,8 @@ def test_subject_failure_rejects_the_cluster_and_counts_reconcile(vllm_run) -> N
     counters = manifest["phases"]["clusters"]["counters"]
     assert counters["subject"]["subject_failed"] == 5 and counters["caption"]["fallback_clusters"] == 1
     assert counters["prompts"]["fallback_clusters"] == 1
-    assert counters["caption"]["llm_http_429"] == 1 and counters["caption"]["llm_timeouts"] == 1
+    # The injected 429 and slow answer were retried (a loaded machine may add timeouts of its own).
+    assert counters["caption"]["llm_http_429"] == 1 and counters["caption"]["llm_timeouts"] >= 1
     teapot = [e for e in server.log() if e["task"] == "subject" and e["fault"] == "content_invalid_json"]
     assert [e["n_messages"] for e in teapot] == [2, 4]  # asked again once, with the error fed back
 
