@@ -60,9 +60,6 @@ T = TypeVar("T")
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
-BACKENDS_FAILURE_POLICIES = ("reject", "fallback")
-"""``on_failure`` of the model stages: drop the cluster with the stage's reason, or use the offline backend."""
-
 
 @dataclass(frozen=True)
 class LLMConfig:

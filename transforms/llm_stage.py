@@ -18,7 +18,6 @@ requests in flight per process.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from schemas.records import Cluster, ClusterProvenance
+from schemas.records import Cluster
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
 from transforms.llm_client import ChatClient, LLMConfig, connect, report_events
 
@@ -119,10 +118,6 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
 
 def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-def with_fallback(provenance: ClusterProvenance, stage: str) -> ClusterProvenance:
-    return dataclasses.replace(provenance, fallbacks=(*provenance.fallbacks, stage))
 
 
 class ResolveFn(beam.DoFn):
