@@ -71,7 +71,7 @@ setup(
                                     "schemas.*", "dreambooth_synth", "dreambooth_synth.*"]),
     package_data={
         "pipeline": ["profiles/*.yaml"],
-        "transforms": ["prompts/*.txt", "prompts/*.json"],
+        "transforms": ["llm_prompts/*.txt", "llm_prompts/*.json"],
     },
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

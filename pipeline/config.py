@@ -28,10 +28,14 @@ from typing import Any, Literal
 
 import yaml
 
+from transforms.caption import CaptionConfig
 from transforms.dedupe import DedupeConfig
 from transforms.group import GroupConfig
+from transforms.llm_client import LLMConfig
 from transforms.normalize import NormalizeConfig
+from transforms.prompts import PromptsConfig
 from transforms.read import ReadConfig
+from transforms.subject import SubjectConfig
 from transforms.write import OutputConfig
 
 PROFILES = ("demo", "local", "dataflow")
@@ -45,6 +49,10 @@ class PipelineConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 

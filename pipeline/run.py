@@ -24,11 +24,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, PipelineConfig, build_config, config_hash, to_dict
 from schemas.parquet import SCHEMA_VERSION
+from transforms.caption import Caption
 from transforms.dedupe import Dedupe, FindBoilerplate
 from transforms.group import GroupByPage
 from transforms.normalize import Normalize
+from transforms.prompts import ScenePrompts
 from transforms.read import InputFile, ReadPairs, expand_inputs, validate_input_file
 from transforms.stats import STATS_FOLDER, read_stats
+from transforms.subject import Subject
 from transforms.write import write_clusters, write_rejects
 
 LOG = logging.getLogger(__name__)
@@ -114,15 +117,24 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
 
 def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Sequence[InputFile],
                             output_dir: str) -> dict[str, beam.PCollection]:
-    """Phase 1 graph: read -> normalize -> group by page -> dedupe -> ``clusters/`` and ``rejects/``."""
+    """Phase 1 graph: read -> normalize -> group by page -> dedupe -> caption -> subject -> scene prompts ->
+    ``clusters/`` and ``rejects/``."""
     records, read_rejects = p | "Read" >> ReadPairs(list(files), config.read)
     images, normalize_rejects = records | "Normalize" >> Normalize(config.normalize)
     boilerplate = images | "FindBoilerplate" >> FindBoilerplate(config.dedupe)
     pages, group_rejects = (images, boilerplate) | "GroupByPage" >> GroupByPage(config.group)
     clusters, dedupe_rejects = pages | "Dedupe" >> Dedupe(config.dedupe, config.group.min_images)
+    stage_rejects = [read_rejects, normalize_rejects, group_rejects, dedupe_rejects]
+
+    # Captions, then the subject (read from the captions), then scene prompts (for the subject).
+    for label, section, stage in (("Caption", config.caption, Caption), ("Subject", config.subject, Subject),
+                                  ("ScenePrompts", config.prompts, ScenePrompts)):
+        if section.enabled:
+            clusters, model_rejects = clusters | label >> stage(section, config.llm)
+            stage_rejects.append(model_rejects)
 
     clusters | "WriteClusters" >> write_clusters(output_dir, config.output)
-    rejects = (read_rejects, normalize_rejects, group_rejects, dedupe_rejects) | "CollectRejects" >> beam.Flatten()
+    rejects = tuple(stage_rejects) | "CollectRejects" >> beam.Flatten()
     rejects | "WriteRejects" >> write_rejects(output_dir, "clusters", config.output)
     return {"clusters": clusters, "rejects": rejects}
 
@@ -172,7 +184,7 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
 
 
 # Reasons whose reject rows stand for a whole cluster (one row, n_images images).
-_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small"})
+_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small", "caption_failed", "subject_failed", "prompts_failed"})
 
 
 def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory | None = None) -> dict[str, Any]:

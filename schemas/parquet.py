@@ -62,7 +62,17 @@ CLUSTER_PROVENANCE_TYPE = pa.struct([
     pa.field("subject_backend", pa.string()),
     pa.field("prompts_backend", pa.string()),
     pa.field("fallbacks", pa.list_(pa.string())),
+    pa.field("caption_model", pa.string()),
+    pa.field("caption_prompt", pa.string()),
+    pa.field("subject_model", pa.string()),
+    pa.field("subject_prompt", pa.string()),
+    pa.field("prompts_model", pa.string()),
+    pa.field("prompts_prompt", pa.string()),
 ])
+
+# Model ids and prompt hashes of the model stages (plain strings, written and read by name).
+_PROVENANCE_NAMES = ("caption_model", "caption_prompt", "subject_model", "subject_prompt", "prompts_model",
+                     "prompts_prompt")
 
 CLUSTERS_SCHEMA = _with_metadata("clusters", [
     pa.field("cluster_id", pa.string(), nullable=False),
@@ -212,6 +222,7 @@ def cluster_to_row(cluster: Cluster) -> dict[str, Any]:
             "subject_backend": cluster.provenance.subject_backend,
             "prompts_backend": cluster.provenance.prompts_backend,
             "fallbacks": list(cluster.provenance.fallbacks),
+            **{name: getattr(cluster.provenance, name) for name in _PROVENANCE_NAMES},
         },
     }
 
@@ -264,6 +275,7 @@ def cluster_from_row(row: dict[str, Any]) -> Cluster:
             subject_backend=provenance.get("subject_backend"),
             prompts_backend=provenance.get("prompts_backend"),
             fallbacks=tuple(provenance.get("fallbacks") or ()),
+            **{name: provenance.get(name) for name in _PROVENANCE_NAMES},
         ),
     )
 

@@ -100,7 +100,8 @@ class Prompt:
     """A scene prompt for a cluster's subject."""
 
     prompt: str
-    """Text with a ``{subject}`` placeholder where the subject phrase goes."""
+    """Text with a ``{subject}`` placeholder where the subject phrase goes, without its article
+    ("a {subject} on a beach": the placeholder takes "sks teapot" or "red ceramic teapot")."""
     skill: str
     """One of the skills in the taxonomy (stylization, recontextualization, ...)."""
 
@@ -128,6 +129,15 @@ class ClusterProvenance:
     prompts_backend: str | None = None
     fallbacks: tuple[str, ...] = ()
     """Stages that fell back to their offline backend for this cluster (``caption``, ``subject``, ...)."""
+    caption_model: str | None = None
+    """Model id of the captions (``None`` for an offline backend)."""
+    caption_prompt: str | None = None
+    """Prompt file of the captions as ``name@sha256[:12]`` (``None`` for an offline backend)."""
+    subject_model: str | None = None
+    subject_prompt: str | None = None
+    prompts_model: str | None = None
+    prompts_prompt: str | None = None
+    """Prompt file of the scene prompts, or the template grammar file of the ``templates`` backend."""
 
 
 @dataclass(frozen=True)

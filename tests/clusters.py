@@ -1,0 +1,46 @@
+"""Real clusters for stage tests: the bundled sample's product pages, normalized as the pipeline does."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from schemas.records import Cluster, ClusterStats, ImageRecord
+from transforms.dedupe import cluster_id
+from transforms.normalize import NormalizeConfig, normalize_image, url_host
+
+
+def sample_clusters(sample_rows: list[dict[str, Any]], pages: list[str] | None = None) -> list[Cluster]:
+    """One cluster per product page of the sample (rows planted as ``kept``), images sorted by id.
+
+    ``pages``: page-URL suffixes to keep (``["/products/teapot", ...]``), in that order; all when ``None``.
+    """
+    config = NormalizeConfig()
+    by_page: dict[str, list[ImageRecord]] = collections.defaultdict(list)
+    for i, row in enumerate(sample_rows):
+        if row["expected"] != "kept":
+            continue
+        page = row["expected_page"]
+        if pages is not None and not any(page.endswith(p) for p in pages):
+            continue
+        n = normalize_image(row["image"], config)
+        by_page[page].append(ImageRecord(
+            image_id=n.image_id, record_id=f"r{i}", source=f"sample:{i}", page_url=page, domain=url_host(page),
+            image_url=row["image_url"], text=row["text"], image=n.image, width=n.width, height=n.height,
+            phash=n.phash, source_width=n.source_width, source_height=n.source_height,
+            source_format=n.source_format))
+    order = list(by_page) if pages is None else [p for s in pages for p in by_page if p.endswith(s)]
+    missing = [s for s in pages or () if not any(p.endswith(s) for p in by_page)]
+    assert not missing, f"no product page of the sample ends with {missing}"
+    clusters = []
+    for page in order:
+        images = tuple(sorted(by_page[page], key=lambda im: im.image_id))
+        clusters.append(Cluster(cluster_id=cluster_id(page, [im.image_id for im in images]), page_url=page,
+                                domain=url_host(page), images=images,
+                                stats=ClusterStats(n_images=len(images), n_page_images=len(images))))
+    return clusters
+
+
+def beam_counters(result: Any, namespace: str) -> dict[str, int]:
+    return {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
+            if c.key.metric.namespace == namespace}

@@ -1,0 +1,185 @@
+"""What the three model stages (caption, subject, prompts) share.
+
+Each of them is ``RunInference`` over whole clusters with a stage-specific :class:`ClusterModelHandler`,
+followed by a cheap step that applies the stage's failure policy (score first, decide second):
+
+* the handler's ``run_inference`` never raises for a cluster the model failed on: it returns a
+  :class:`Outcome` with the ``error`` (after the client's retries and validation retries), so the
+  decision is a plain, tested DoFn (:class:`ResolveFn`);
+* the policy (``on_failure``): ``reject`` drops the whole cluster with the stage's reason code, ``fallback``
+  uses the stage's offline backend and records the stage in ``provenance.fallbacks``;
+* a batch whose processing raised anyway (a bug) leaves ``RunInference.with_exception_handling()`` as
+  failed inferences; :class:`FailedBatchFn` turns each of its clusters into an ``internal_error``.
+
+A handler with the ``vllm`` backend loads a :class:`~transforms.llm_client.ChatClient` (``load_model``);
+RunInference shares it between the threads of a worker process, so ``llm.max_concurrency`` bounds the
+requests in flight per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+
+from schemas.records import Cluster
+from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
+from transforms.llm_client import ChatClient, LLMConfig, connect, report_events
+
+LOG = logging.getLogger(__name__)
+
+ON_FAILURE = ("fallback", "reject")
+"""``on_failure`` of a model stage: use the offline backend (recorded per cluster), or drop the cluster."""
+
+
+def check_stage_config(section: str, backend: str, backends: Sequence[str], on_failure: str, model: str,
+                       endpoint: str, batch_size: int) -> None:
+    """The checks every model stage's config shares (raises ``ValueError`` naming the key)."""
+    from transforms.llm_client import check_base_url
+
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {', '.join(backends)}, got {backend!r}")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
+    if backend == "vllm" and not model:
+        raise ValueError(f"{section}.model is required with backend vllm")
+    if endpoint:
+        check_base_url(endpoint)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a model stage produced for one cluster: its ``value``, or why it failed (``error``)."""
+
+    value: Any = None
+    error: str | None = None
+
+
+class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | None]):
+    """RunInference over clusters; subclasses implement :meth:`infer` (one outcome per cluster).
+
+    ``load_model`` connects to the model (:func:`transforms.llm_client.connect`) for the ``vllm``
+    backend and loads nothing for the offline ones.
+    """
+
+    stage = "model"
+
+    def __init__(self, *, backend: str, model: str, endpoint: str, llm: LLMConfig, batch_size: int) -> None:
+        # A fixed batch size: BatchElements would otherwise start at one cluster and grow slowly, and a
+        # batch of one cluster leaves most of the client's concurrency idle while a server answers.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self._backend = backend
+        self._model = model
+        self._endpoint = endpoint
+        self._llm = llm
+
+    @property
+    def uses_model(self) -> bool:
+        return self._backend == "vllm"
+
+    @property
+    def starts_server(self) -> bool:
+        return self.uses_model and not self._llm.base_url_for(self._endpoint)
+
+    def load_model(self) -> ChatClient | None:
+        if not self.uses_model:
+            return None
+        return connect(self._model, self._endpoint, self._llm)
+
+    def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
+        raise NotImplementedError
+
+    def run_inference(self, batch: Sequence[Cluster], model: ChatClient | None,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        outcomes = self.infer(list(batch), model)
+        if model is not None:
+            report_events(model, self.stage)
+        for outcome in outcomes:
+            count(self.stage, "failed_clusters" if outcome.error else "clusters")
+        model_id = self._model if self.uses_model else self._backend
+        return [PredictionResult(cluster, outcome, model_id) for cluster, outcome in zip(batch, outcomes, strict=True)]
+
+    def get_metrics_namespace(self) -> str:
+        return self.stage
+
+    def get_resource_hints(self) -> dict[str, Any]:
+        # A GPU only where this stage runs its own vLLM server; an endpoint elsewhere needs none.
+        return {"accelerator": self._llm.accelerator} if self.starts_server and self._llm.accelerator else {}
+
+    def get_num_bytes(self, batch: Sequence[Cluster]) -> int:
+        return sum(len(im.image) for cluster in batch for im in cluster.images)
+
+
+def error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class ResolveFn(beam.DoFn):
+    """``PredictionResult(cluster, Outcome)`` -> the updated cluster, a fallback, or a whole-cluster reject.
+
+    Subclasses implement :meth:`apply` (the model's value into the cluster) and :meth:`fallback` (the
+    offline backend's); this class applies ``on_failure``.
+    """
+
+    def __init__(self, stage: str, reason: str, on_failure: str) -> None:
+        self._stage = stage
+        self._reason = reason
+        self._on_failure = on_failure
+
+    def apply(self, cluster: Cluster, value: Any) -> Cluster:
+        raise NotImplementedError
+
+    def fallback(self, cluster: Cluster) -> Cluster:
+        raise NotImplementedError
+
+    def process(self, result: PredictionResult) -> Iterator[Any]:
+        cluster, outcome = result.example, result.inference
+        try:
+            if outcome.error is None:
+                yield self.apply(cluster, outcome.value)
+            elif self._on_failure == "reject":
+                count(self._stage, f"{self._reason}_clusters")
+                yield reject(self._stage, self._reason, outcome.error, cluster=cluster)
+            else:
+                count(self._stage, "fallback_clusters")
+                yield self.fallback(cluster)
+        except Exception as error:  # noqa: BLE001 -- a bug must not lose the cluster's records
+            yield internal_error(self._stage, error, cluster=cluster)
+
+
+class FailedBatchFn(beam.DoFn):
+    """A batch RunInference gave up on (``(clusters, (type, repr, traceback))``) -> ``internal_error`` per cluster."""
+
+    def __init__(self, stage: str) -> None:
+        self._stage = stage
+
+    def process(self, element: tuple[Sequence[Cluster], tuple[type, str, list[str]]]) -> Iterator[Any]:
+        batch, (_kind, text, trace) = element
+        LOG.warning("%s: a batch of %d clusters raised; sent to rejects as %s:\n%s", self._stage, len(batch),
+                    INTERNAL_ERROR, "".join(trace[-6:]))
+        for cluster in batch:
+            yield reject(self._stage, INTERNAL_ERROR, text, cluster=cluster).value
+
+
+class ModelStage(beam.PTransform):
+    """``Cluster``s -> ``RunInference(handler)`` -> ``resolve`` -> ``StageOutput(clusters, rejects)``."""
+
+    def __init__(self, stage: str, handler: ClusterModelHandler, resolve: ResolveFn) -> None:
+        super().__init__()
+        self._stage = stage
+        self._handler = handler
+        self._resolve = resolve
+
+    def expand(self, clusters: beam.PCollection) -> StageOutput:
+        inference = RunInference(self._handler, metrics_namespace=self._stage).with_exception_handling()
+        results, failed = clusters | "Infer" >> inference
+        resolved = results | "ApplyPolicy" >> beam.ParDo(self._resolve).with_outputs(REJECTS, main="clusters")
+        crashed = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchFn(self._stage))
+        rejects = (resolved[REJECTS], crashed) | "StageRejects" >> beam.Flatten()
+        return StageOutput(resolved.clusters, rejects)
