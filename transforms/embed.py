@@ -179,8 +179,9 @@ def preprocess_config(config: EmbedConfig) -> dict[str, Any]:
     """
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
+    size = model_architecture(config)["vision_cfg"]["image_size"]
     merged = merge_preprocess_dict(PreprocessCfg(), pretrained_config(config))
-    merged["size"] = model_architecture(config)["vision_cfg"]["image_size"]
+    merged["size"] = size
     return merged
 
 
@@ -353,11 +354,45 @@ def _plain(key: str, value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def image_transform(config: EmbedConfig) -> Callable[[Image.Image], Any]:
-    """The model's eval transform: PIL RGB image -> float tensor ``[3, H, W]``."""
+class PixelTransform:
+    """open_clip's eval transform with its last two steps (``ToTensor``, ``Normalize``) done in numpy.
+
+    The geometric steps (resize, centre crop, RGB) are open_clip's own, on the PIL image. The two tensor
+    steps are the same float32 arithmetic (``x / 255``, then ``(x - mean) / std``) in numpy: torch runs them
+    with its intra-op thread pool, whose start-up costs more than the work on one 224 px image (4x slower on
+    a 2-core worker that also runs the model). ``tests/test_embed.py`` checks that both agree.
+    """
+
+    def __init__(self, geometric: Callable[[Image.Image], Image.Image], mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        self.geometric = geometric
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    def __call__(self, image: Image.Image) -> Any:
+        import torch
+
+        pixels = np.asarray(self.geometric(image), dtype=np.float32) / np.float32(255)
+        pixels = (pixels - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def open_clip_transform(config: EmbedConfig) -> Callable[[Image.Image], Any]:
+    """open_clip's own eval transform of the configured model (PIL RGB image -> float tensor ``[3, H, W]``)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     return image_transform_v2(PreprocessCfg(**preprocess_config(config)), is_train=False)
+
+
+def image_transform(config: EmbedConfig) -> Callable[[Image.Image], Any]:
+    """The model's eval transform: PIL RGB image -> float tensor ``[3, H, W]`` (see :class:`PixelTransform`)."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    full = open_clip_transform(config)
+    steps = list(getattr(full, "transforms", []))
+    if len(steps) >= 2 and isinstance(steps[-2], ToTensor) and isinstance(steps[-1], Normalize):
+        return PixelTransform(Compose(steps[:-2]), steps[-1].mean, steps[-1].std)
+    return full  # a layout we do not know: open_clip's transform as it is
 
 
 # --- the model handler ------------------------------------------------------------------------------------
@@ -396,6 +431,10 @@ class OpenClipImageHandler(ModelHandler[ImagePixels, PredictionResult, ClipImage
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         import torch
 
+        if not batch:
+            # BatchElements emits an empty batch when one element outweighs the whole target (a cluster with
+            # more images than batch_size arriving first): nothing to do.
+            return []
         pixels = batch[0].pixels if len(batch) == 1 else torch.cat([example.pixels for example in batch])
         embeddings = model.embed(pixels)
         results, start = [], 0
