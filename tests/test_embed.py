@@ -199,8 +199,8 @@ def test_failed_inference_batches_reach_the_dead_letter_output() -> None:
     # A tensor of the wrong shape makes the model raise: RunInference's dead-letter output holds the batch,
     # and the stage turns it into one embedding_failed reject per image. (Each element here outweighs
     # batch_size, so BatchElements also emits empty batches, which the handler must take without failing.)
-    good = ImagePixels("good", torch.rand(2, 3, 224, 224))
-    bad = ImagePixels("bad", torch.rand(1, 1, 224, 224))
+    good = ImagePixels("good", tuple(torch.rand(2, 3, 224, 224)))
+    bad = ImagePixels("bad", (torch.rand(1, 224, 224),))
     config = dataclasses.replace(TINY, batch_size=1)  # one element per batch: the good one survives
     with TestPipeline() as p:
         results, failed = p | beam.Create([good, bad]) | embed_inference(config).with_exception_handling()
@@ -212,7 +212,8 @@ def test_failed_inference_batches_reach_the_dead_letter_output() -> None:
 
 def test_inference_failures_become_one_reject_per_image(product_photos: list[bytes]) -> None:
     cluster = photo_cluster("https://shop.example.com/p/x", product_photos[:3])
-    failure = ([ImagePixels(cluster, torch.zeros(3, 3, 224, 224))], (RuntimeError, "RuntimeError('CUDA OOM')", []))
+    example = ImagePixels(cluster, tuple(torch.zeros(3, 3, 224, 224)))
+    failure = ([example], (RuntimeError, "RuntimeError('CUDA OOM')", []))
     rejects = [tagged.value for tagged in inference_failure_rejects(failure)]
     assert [(r.reason, r.id, r.cluster_id) for r in rejects] == [
         ("embedding_failed", im.record_id, cluster.cluster_id) for im in cluster.images]

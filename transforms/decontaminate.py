@@ -172,7 +172,7 @@ class ReadReferenceFn(beam.DoFn):
         try:
             normalized = normalize_image(readable.read(), self._normalize)
             reference = ReferenceImage(path, int(normalized.phash, 16))
-            pixels = self._transform(decode_image(normalized.image))[None] if self._transform else None
+            pixels = (self._transform(decode_image(normalized.image)),) if self._transform else None
         except (Rejected, OSError, ValueError) as error:
             LOG.warning("decontaminate: reference %s is not a readable image (%s); it is not checked", path, error)
             count(STAGE, "references_unreadable")

@@ -3,8 +3,8 @@
 Pieces, each usable alone:
 
 * :class:`OpenClipImageHandler` -- a ``ModelHandler`` for ``RunInference``. Its examples are
-  :class:`ImagePixels`: an opaque key and a float tensor ``[n, 3, H, W]`` of ``n`` images already run
-  through the model's eval transform; its predictions are ``PredictionResult(example, float32 [n, D])``
+  :class:`ImagePixels`: an opaque key and ``n`` float tensors ``[3, H, W]`` of images already run through
+  the model's eval transform; its predictions are ``PredictionResult(example, float32 [n, D])``
   with unit-length rows. ``load_model`` builds the model with ``open_clip`` from the config (a real
   architecture with a pretrained tag, a local or ``gs://`` checkpoint, or the ``tiny-random`` preset),
   on CUDA with autocast (bf16/fp16) when available and on CPU otherwise; ``embed.share_model_across_processes``
@@ -23,10 +23,12 @@ image keyed by cluster and joined back with ``CoGroupByKey``, needs a shuffle th
 (image bytes included) across the network a second time, only to regroup what is already grouped. Here
 the clusters stay where ``Dedupe`` left them: preparation, batching and inference fuse into the same
 step and nothing is shuffled. ``BatchElements`` gets ``element_size_fn`` = images per element, so a batch
-holds about ``embed.batch_size`` *images* (clusters are never split; a page holds at most
-``group.max_images_per_page`` images, which bounds the overshoot). The model sees one concatenated
-tensor per batch, exactly as a plain loop would. ``min_batch_size`` defaults to ``batch_size``: fixed-size
-batches are what a GPU wants, and Beam's adaptive estimator would otherwise start from batches of one.
+holds at most ``embed.batch_size`` *images* -- clusters are never split, so a batch closes early when the
+next cluster does not fit, and a cluster larger than the batch (up to ``group.max_images_per_page``) is a
+batch of its own. The model sees one tensor per batch, stacked from the images' tensors with one copy,
+exactly as a plain loop would. ``min_batch_size`` defaults to ``batch_size``: fixed-size batches are what a
+GPU wants, and Beam's adaptive estimator would otherwise start from batches of one. The cost of batching
+whole clusters: batches are a little smaller than ``batch_size`` on average (by half a cluster).
 
 ``tiny-random`` is an open_clip ``CLIP`` of the same classes as ViT-B-32 (vision transformer, patch 32,
 224 px, text transformer with the real BPE vocabulary) with 2 layers of width 64, initialized from a
@@ -403,13 +405,14 @@ class ImagePixels(NamedTuple):
 
     key: Any
     """Returned untouched with the embeddings (the stage passes the cluster)."""
-    pixels: Any
-    """``torch.float32 [n, 3, H, W]``: ``n`` >= 1 images after the model's eval transform."""
+    pixels: tuple[Any, ...]
+    """``n`` >= 1 tensors ``float32 [3, H, W]``: the images after the model's eval transform. Kept apart
+    (not stacked per cluster) so that a batch is assembled with one copy, as a plain loop would."""
 
 
 def image_count(example: ImagePixels) -> int:
     """Batch weight of an example: its number of images."""
-    return int(example.pixels.shape[0])
+    return len(example.pixels)
 
 
 class OpenClipImageHandler(ModelHandler[ImagePixels, PredictionResult, ClipImageEncoder]):
@@ -435,8 +438,7 @@ class OpenClipImageHandler(ModelHandler[ImagePixels, PredictionResult, ClipImage
             # BatchElements emits an empty batch when one element outweighs the whole target (a cluster with
             # more images than batch_size arriving first): nothing to do.
             return []
-        pixels = batch[0].pixels if len(batch) == 1 else torch.cat([example.pixels for example in batch])
-        embeddings = model.embed(pixels)
+        embeddings = model.embed(torch.stack([image for example in batch for image in example.pixels]))
         results, start = [], 0
         for example in batch:
             n = image_count(example)
@@ -446,7 +448,7 @@ class OpenClipImageHandler(ModelHandler[ImagePixels, PredictionResult, ClipImage
 
     def get_num_bytes(self, batch: Sequence[ImagePixels]) -> int:
         # Beam's default pickles the whole batch to measure it: megabytes of pixels per batch, for a metric.
-        return sum(int(example.pixels.nbytes) for example in batch)
+        return sum(int(image.nbytes) for example in batch for image in example.pixels)
 
     def get_metrics_namespace(self) -> str:
         return STAGE
@@ -485,8 +487,6 @@ class PrepareImagesFn(beam.DoFn):
         self._progress = Progress(STAGE, "images prepared")
 
     def process(self, cluster: Cluster) -> Iterator[Any]:
-        import torch
-
         try:
             pixels, kept = [], []
             failed: list[tuple[ImageRecord, str]] = []
@@ -512,7 +512,7 @@ class PrepareImagesFn(beam.DoFn):
             yield reject(STAGE, CLUSTER_TOO_SMALL, f"{len(kept)} images left after {len(failed)} failed to decode "
                          f"< min_images {self._min_images}", cluster=cluster)
             return
-        yield ImagePixels(cluster, torch.stack(pixels))
+        yield ImagePixels(cluster, tuple(pixels))
 
 
 def attach_embeddings(result: PredictionResult) -> Cluster:
