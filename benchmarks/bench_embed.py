@@ -115,7 +115,7 @@ def beam_run(config: EmbedConfig, pool_path: str, n_images: int, k: int) -> tupl
     _ = (
         p
         | "Elements" >> beam.Create(range(n_images // k))
-        | "Pixels" >> beam.ParDo(PoolPixelsFn(pool_path, k))
+        | "Pixels" >> beam.ParDo(PoolPixelsFn(pool_path, k)).with_output_types(ImagePixels)
         | "Embed" >> embed_inference(config)
         | "Stamp" >> beam.Map(stamp)
         | "Total" >> beam.CombineGlobally(sum)

@@ -269,8 +269,9 @@ class Decontaminate(beam.PTransform):
             clusters.pipeline
             | "MatchReferences" >> fileio.MatchFiles(pattern)
             | "OpenReferences" >> fileio.ReadMatches()
-            | "ReadReferences" >> beam.ParDo(ReadReferenceFn(self._normalize, self._embed, images_only)).with_outputs(
-                ReadReferenceFn.UNREADABLE, main="references")
+            | "ReadReferences" >> beam.ParDo(ReadReferenceFn(self._normalize, self._embed, images_only))
+            .with_output_types(ImagePixels if self._embed is not None else ReferenceImage)
+            .with_outputs(ReadReferenceFn.UNREADABLE, main="references")
         )
         references = read.references
         if self._embed is not None:
