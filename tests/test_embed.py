@@ -227,3 +227,17 @@ def test_one_model_copy_shared_across_processes(clusters) -> None:
     with TestPipeline() as p:
         embedded, _ = p | beam.Create(clusters[:2]) | Embed(config, min_images=3)
         assert_that(embedded | beam.Map(_matches, expected), equal_to([True, True]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_matches_cpu(clusters) -> None:
+    cluster = clusters[0]
+    on_cpu = _direct_embeddings(cluster)
+    gpu = load_image_encoder(dataclasses.replace(TINY, device="cuda", precision="auto"))
+    assert gpu.device == "cuda" and gpu.autocast_dtype in (torch.bfloat16, torch.float16)
+    transform = image_transform(TINY)
+    on_gpu = gpu.embed(torch.stack([transform(decode_image(image.image)) for image in cluster.images]))
+    assert on_gpu.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(on_gpu, axis=1), 1.0, atol=1e-5)
+    assert (np.sum(on_cpu * on_gpu, axis=1) > 0.99).all()  # bf16 moves cosines by about 1e-3

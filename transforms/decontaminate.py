@@ -12,12 +12,13 @@ subject-driven benchmark (DreamBench) evaluates. An image is a near duplicate of
 
 The reference images are read once, in the pipeline: matched, normalized exactly like crawled images
 (same ``normalize`` settings, minus the size bounds, so hashes compare like with like), embedded with
-the same ``RunInference`` model handler (sharing the loaded model with the embed stage where the model
-is shared), and collected into one :class:`ReferenceSet` that reaches every worker once as a singleton
-side input. Each cluster is then checked in place with two small matrix operations; nothing is
-shuffled. Files that are not readable images are logged, counted and listed in the manifest
-(``stats.clusters.decontaminate.unreadable``); a failure to embed a reference fails the run, because a
-silently smaller reference set would let contamination through.
+the same ``RunInference`` model handler (with ``embed.share_model_across_processes`` the two steps use the
+one loaded copy of each machine; otherwise each loads its own), and collected into one
+:class:`ReferenceSet` that reaches every worker once as a singleton side input. Each cluster is then
+checked in place with two small matrix operations; nothing is shuffled. Files that are not readable
+images are logged, counted and listed in the manifest (``stats.clusters.decontaminate.unreadable``); a
+failure to embed a reference fails the run, because a silently smaller reference set would let
+contamination through.
 """
 
 from __future__ import annotations

@@ -49,7 +49,6 @@ import logging
 import os
 import pickle
 import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -302,31 +301,21 @@ def _create_model(config: EmbedConfig, folder: str) -> Any:
     else:
         weights = None
     if config.model == TINY_RANDOM:
-        # Registered through a local-dir config rather than open_clip.add_model_config, which would
-        # change a registry global to the worker process.
-        with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as handle:
+        # Registered through a local-dir config rather than open_clip.add_model_config, which would change
+        # a registry global of the worker process. (open_clip logs that it found no weights there: true.)
+        model_dir = os.path.join(folder, "tiny-random")
+        os.makedirs(model_dir)
+        with open(os.path.join(model_dir, "open_clip_config.json"), "w", encoding="utf-8") as handle:
             json.dump({"model_cfg": TINY_RANDOM_CONFIG, "preprocess_cfg": {}}, handle)
-        with warnings.catch_warnings(), _quiet("root"):
-            model = open_clip.create_model(f"local-dir:{folder}")
+        model = open_clip.create_model(f"local-dir:{model_dir}")
         if weights:
             open_clip.load_checkpoint(model, weights, strict=True)
         return model
+    # Weights go in as a file, so open_clip does not see the tag: its preprocessing and activation come
+    # from the tag's record here (QuickGELU for OpenAI's weights, which open_clip itself only warns about).
     force_preprocess = {key: record[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in record}
-    with _quiet("root") if weights is None else contextlib.nullcontext():
-        return open_clip.create_model(config.model, pretrained=weights, force_quick_gelu=bool(record.get("quick_gelu")),
-                                      force_preprocess_cfg=force_preprocess or None)
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Silence open_clip's "initialized randomly" warning: random weights are what was asked for."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return open_clip.create_model(config.model, pretrained=weights, force_quick_gelu=bool(record.get("quick_gelu")),
+                                  force_preprocess_cfg=force_preprocess or None)
 
 
 def load_image_encoder(config: EmbedConfig) -> ClipImageEncoder:
