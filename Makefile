@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_normalize.py --output benchmarks/results/normalize.json
 	$(BIN)/python benchmarks/bench_llm_stages.py --output benchmarks/results/llm_stages.json
+	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)

@@ -105,12 +105,20 @@ class _DropBeamImportNoise(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
+class _DropOpenClipInfo(logging.Filter):
+    """open_clip logs every step of building a model at INFO on the root logger; its warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Console logging for the command; call before Apache Beam is imported."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropBeamImportNoise())
+        handler.addFilter(_DropOpenClipInfo())
     # Beam's own INFO lines (options, stage fusion, ...) drown the pipeline's progress.
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
 

@@ -29,7 +29,11 @@ from typing import Any, Literal
 import yaml
 
 from transforms.caption import CaptionConfig
+from transforms.cluster_filter import ClusterFilterConfig
+from transforms.cross_page import CrossPageConfig
+from transforms.decontaminate import DecontaminateConfig
 from transforms.dedupe import DedupeConfig
+from transforms.embed import EmbedConfig
 from transforms.group import GroupConfig
 from transforms.llm_client import LLMConfig
 from transforms.normalize import NormalizeConfig
@@ -49,11 +53,20 @@ class PipelineConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster_filter: ClusterFilterConfig = field(default_factory=ClusterFilterConfig)
+    cross_page: CrossPageConfig = field(default_factory=CrossPageConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     subject: SubjectConfig = field(default_factory=SubjectConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.cluster_filter.enabled and not self.embed.enabled:
+            raise ConfigError("cluster_filter.enabled needs embeddings, but embed.enabled is false; also set "
+                              "cluster_filter.enabled=false (--set cluster_filter.enabled=false) or enable embed")
 
 
 class ConfigError(ValueError):

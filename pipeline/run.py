@@ -22,10 +22,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import manifest as mf
-from pipeline.config import PROFILES, PipelineConfig, build_config, config_hash, to_dict
+from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config, config_hash, to_dict
 from schemas.parquet import SCHEMA_VERSION
 from transforms.caption import Caption
+from transforms.cluster_filter import ClusterFilter
+from transforms.cross_page import CrossPageDedupe
+from transforms.decontaminate import Decontaminate, check_references
 from transforms.dedupe import Dedupe, FindBoilerplate
+from transforms.embed import Embed, check_model_config, drop_embeddings
 from transforms.group import GroupByPage
 from transforms.normalize import Normalize
 from transforms.prompts import ScenePrompts
@@ -117,8 +121,17 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
 
 def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Sequence[InputFile],
                             output_dir: str) -> dict[str, beam.PCollection]:
-    """Phase 1 graph: read -> normalize -> group by page -> dedupe -> caption -> subject -> scene prompts ->
-    ``clusters/`` and ``rejects/``."""
+    """Phase 1 graph: read -> normalize -> group by page -> dedupe -> embed -> cluster filter -> cross-page
+    duplicates -> decontaminate -> caption -> subject -> scene prompts -> ``clusters/`` and ``rejects/``
+    (the model stages as configured).
+
+    The CLIP stages come after dedupe (no GPU time on duplicates); cross-page duplicates are decided after the
+    coherence filter, on the cleaned clusters, so that the copy kept is one that is written (and the most
+    coherent of equal size), and only the ~10% of clusters the filter keeps are held for that global decision;
+    decontamination comes last among them, where its CLIP check can use the embeddings and its count is the
+    number of clusters it took out of the output. Captioning and prompt writing, the costliest model calls
+    per cluster, run only on the clusters that survive all of that.
+    """
     records, read_rejects = p | "Read" >> ReadPairs(list(files), config.read)
     images, normalize_rejects = records | "Normalize" >> Normalize(config.normalize)
     boilerplate = images | "FindBoilerplate" >> FindBoilerplate(config.dedupe)
@@ -126,12 +139,29 @@ def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Seq
     clusters, dedupe_rejects = pages | "Dedupe" >> Dedupe(config.dedupe, config.group.min_images)
     stage_rejects = [read_rejects, normalize_rejects, group_rejects, dedupe_rejects]
 
+    if config.embed.enabled:
+        clusters, embed_rejects = clusters | "Embed" >> Embed(config.embed, config.group.min_images)
+        stage_rejects.append(embed_rejects)
+    if config.cluster_filter.enabled:
+        clusters, filter_rejects = clusters | "ClusterFilter" >> ClusterFilter(
+            config.cluster_filter, config.group.min_images, output_dir)
+        stage_rejects.append(filter_rejects)
+    if config.cross_page.enabled:
+        clusters, cross_page_rejects = clusters | "CrossPageDedupe" >> CrossPageDedupe(config.cross_page)
+        stage_rejects.append(cross_page_rejects)
+    if config.decontaminate.against:
+        clusters, contaminated = clusters | "Decontaminate" >> Decontaminate(
+            config.decontaminate, config.normalize, config.embed if config.embed.enabled else None, output_dir)
+        stage_rejects.append(contaminated)
+
     # Captions, then the subject (read from the captions), then scene prompts (for the subject).
     for label, section, stage in (("Caption", config.caption, Caption), ("Subject", config.subject, Subject),
                                   ("ScenePrompts", config.prompts, ScenePrompts)):
         if section.enabled:
             clusters, model_rejects = clusters | label >> stage(section, config.llm)
             stage_rejects.append(model_rejects)
+    if config.embed.enabled and not config.embed.store_embeddings:
+        clusters = clusters | "DropEmbeddings" >> beam.Map(drop_embeddings)
 
     clusters | "WriteClusters" >> write_clusters(output_dir, config.output)
     rejects = tuple(stage_rejects) | "CollectRejects" >> beam.Flatten()
@@ -184,7 +214,8 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
 
 
 # Reasons whose reject rows stand for a whole cluster (one row, n_images images).
-_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small", "caption_failed", "subject_failed", "prompts_failed"})
+_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small", "incoherent_cluster", "duplicate_cluster", "contaminated",
+                                    "caption_failed", "subject_failed", "prompts_failed"})
 
 
 def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory | None = None) -> dict[str, Any]:
@@ -198,6 +229,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     argv = list(sys.argv[2:] if argv is None else argv)  # sys.argv: icl-pipeline run ...
     request, beam_args = parse_run_args(argv)
     config = build_config(request.profile, request.config_file, request.overrides)
+    _check_stage_resources(config)
     options = PipelineOptions(beam_args)
     factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))
 
@@ -240,6 +272,17 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
             raise RunError(f"counts do not reconcile: {summary['records']} -- some records were lost; "
                            f"this is a bug, please report it with {mf.MANIFEST}")
     return manifest
+
+
+def _check_stage_resources(config: PipelineConfig) -> None:
+    """Refuse, before anything runs, a model name or tag open_clip does not know and reference images that
+    do not exist (cheap checks: no weights are read)."""
+    try:
+        if config.embed.enabled:
+            check_model_config(config.embed)
+        check_references(config.decontaminate)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
 
 
 def _format_counts(files: Sequence[InputFile]) -> dict[str, int]:

@@ -27,8 +27,9 @@ from transforms.normalize import NormalizeConfig, normalize_image
 
 # Phase 1 without model stages: what the `expected` column describes. (tests/test_phase1_models.py
 # runs the sample with them.)
-NO_MODELS: tuple[str, ...] = ("--set", "caption.enabled=false", "--set", "subject.enabled=false",
-                              "--set", "prompts.enabled=false")
+NO_MODELS: tuple[str, ...] = ("--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
+                              "--set", "cross_page.enabled=false", "--set", "caption.enabled=false",
+                              "--set", "subject.enabled=false", "--set", "prompts.enabled=false")
 GALLERY_CAP = 32
 
 

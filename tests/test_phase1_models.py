@@ -19,6 +19,17 @@ from transforms.prompts import LIVE_ONLY, PLACEHOLDER, load_grammar, template_pr
 N_CLUSTERS = 33
 KEPT = 199
 
+# These tests are about the caption, subject and prompt stages: the CLIP stages (which drop clusters at
+# random with the demo's tiny model) are off, so every cluster of the sample reaches them.
+CLIP_OFF = ("--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
+            "--set", "cross_page.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def sample_phase1(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
+    """The demo profile on the bundled sample, CLIP stages off."""
+    return run_pipeline([SAMPLE], tmp_path_factory.mktemp("offline_models"), "--profile", "demo", *CLIP_OFF)
+
 
 def _by_page(output: PhaseOutput) -> dict[str, dict[str, Any]]:
     return {c["page_url"]: c for c in output.clusters()}
@@ -68,7 +79,7 @@ def test_demo_manifest_still_reconciles(sample_phase1: PhaseOutput) -> None:
 
 def test_model_stages_can_be_switched_off(tmp_path) -> None:
     out = run_pipeline([SAMPLE], tmp_path, "--set", "caption.enabled=false", "--set", "subject.enabled=false",
-                       "--set", "prompts.enabled=false")
+                       "--set", "prompts.enabled=false", *CLIP_OFF)
     clusters = out.clusters()
     assert len(clusters) == N_CLUSTERS and out.manifest["records"]["reconciled"]
     assert all(c["subject"] is None and c["prompts"] == [] and c["provenance"]["caption_backend"] is None
@@ -104,7 +115,7 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict]) 
                 "llm.request_timeout_s": 5}
     args = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
     try:
-        out = run_pipeline([SAMPLE], tmp_path_factory.mktemp("vllm_run"), "--profile", "demo", *args,
+        out = run_pipeline([SAMPLE], tmp_path_factory.mktemp("vllm_run"), "--profile", "demo", *args, *CLIP_OFF,
                            "--direct_running_mode", "multi_processing", "--direct_num_workers", "2")
         yield out, server
     finally:

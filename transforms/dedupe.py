@@ -18,6 +18,7 @@ reject row for the page, counting its images.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,13 @@ def hamming(phash_a: str, phash_b: str) -> int:
 def cluster_id(page_url: str, image_ids: Iterable[str]) -> str:
     """Stable id of a cluster: its canonical page URL and the (sorted) ids of its images."""
     return stable_id("cluster", page_url, *sorted(image_ids))
+
+
+def with_images(cluster: Cluster, images: Iterable[ImageRecord]) -> Cluster:
+    """``cluster`` holding only ``images``: its id and ``stats.n_images`` follow the new image set."""
+    images = tuple(images)
+    return cluster.replace(cluster_id=cluster_id(cluster.page_url, (im.image_id for im in images)), images=images,
+                           stats=dataclasses.replace(cluster.stats, n_images=len(images)))
 
 
 # --- boilerplate ------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""Phase 1 end to end on the bundled sample with the CLIP stages on (demo profile: tiny-random model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
+
+CLIP_STAGES = {"embed", "cluster_filter", "cross_page", "decontaminate"}
+
+
+def test_demo_run_embeds_scores_and_calibrates(sample_phase1: PhaseOutput) -> None:
+    manifest = sample_phase1.manifest
+    assert manifest["records"]["reconciled"]
+    clusters = sample_phase1.clusters()
+    assert clusters
+    for cluster in clusters:
+        stats = cluster["stats"]
+        assert stats["n_images"] == len(cluster["images"]) >= 3
+        assert stats["mean_sim"] is not None and stats["min_sim"] <= stats["mean_sim"] <= 1.0 + 1e-6
+        vectors = np.array([image["embedding"] for image in cluster["images"]], dtype=np.float32)
+        assert vectors.shape == (len(cluster["images"]), 64)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)  # stored as float16
+        coherence = [image["coherence"] for image in cluster["images"]]
+        assert np.mean(coherence) == pytest.approx(stats["mean_sim"], abs=1e-4)
+
+    calibration = manifest["phases"]["clusters"]["stats"]["cluster_filter"]
+    assert calibration["mode"] == "target_keep_rate" and calibration["target_keep_rate"] == 0.75
+    threshold = calibration["coherence_threshold"]
+    assert all(c["stats"]["mean_sim"] >= threshold - 1e-6 for c in clusters)
+    incoherent = [r for r in sample_phase1.rejects() if r["reason"] == "incoherent_cluster"]
+    assert incoherent and all(f"< coherence threshold {threshold:.4f}" in r["detail"] for r in incoherent)
+    scored = calibration["clusters_scored"]
+    kept_by_filter = scored - len(incoherent)
+    assert kept_by_filter == round(0.75 * scored)
+    counters = manifest["phases"]["clusters"]["counters"]
+    assert counters["embed"]["images"] == sum(c["stats"]["n_images"] for c in clusters) + sum(
+        r["n_images"] for r in sample_phase1.rejects() if r["stage"] in CLIP_STAGES - {"embed"})
+    # Whole-cluster drops are counted as clusters too.
+    assert manifest["clusters"]["rejected"]["incoherent_cluster"] == len(incoherent)
+
+
+def _fingerprint(out: PhaseOutput) -> tuple:
+    clusters = {}
+    for c in out.clusters():
+        clusters[c["cluster_id"]] = (c["page_url"], round(c["stats"]["mean_sim"], 4),
+                                     tuple((im["image_id"], tuple(np.round(np.array(im["embedding"], dtype=float), 2)))
+                                           for im in c["images"]))
+    rejects = sorted((r["id"], r["stage"], r["reason"], r["n_images"]) for r in out.rejects())
+    return clusters, rejects
+
+
+@pytest.mark.slow
+def test_multi_process_run_matches_in_memory(tmp_path, sample_phase1: PhaseOutput) -> None:
+    out = run_pipeline([SAMPLE], tmp_path, "--profile", "demo",
+                       "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+    assert out.manifest["records"] == sample_phase1.manifest["records"]
+    assert out.manifest["records"]["reconciled"]
+    assert (out.manifest["phases"]["clusters"]["stats"]["cluster_filter"]
+            == sample_phase1.manifest["phases"]["clusters"]["stats"]["cluster_filter"])
+    assert _fingerprint(out) == _fingerprint(sample_phase1)
+
+
+def test_clip_stages_switch_off(tmp_path) -> None:
+    out = run_pipeline([SAMPLE], tmp_path, "--profile", "demo", "--set", "embed.enabled=false",
+                       "--set", "cluster_filter.enabled=false", "--set", "cross_page.enabled=false")
+    assert out.manifest["records"]["reconciled"]
+    assert not [r for r in out.rejects() if r["stage"] in CLIP_STAGES]
+    assert all(im["embedding"] is None and im["coherence"] is None for c in out.clusters() for im in c["images"])
+    assert "cluster_filter" not in out.manifest["phases"]["clusters"]["stats"]
+    assert "embed" not in out.manifest["phases"]["clusters"]["counters"]
+
+
+def test_embeddings_need_not_be_stored(tmp_path) -> None:
+    out = run_pipeline([SAMPLE], tmp_path, "--profile", "demo", "--set", "embed.store_embeddings=false",
+                       "--set", "cluster_filter.target_keep_rate=1.0")
+    clusters = out.clusters()
+    assert clusters and all(im["embedding"] is None for c in clusters for im in c["images"])
+    assert all(im["coherence"] is not None for c in clusters for im in c["images"])  # the scores stay
+    # Every scored cluster is kept at a keep rate of 1; the teapot's second shop is still a duplicate.
+    assert not [r for r in out.rejects() if r["reason"] == "incoherent_cluster"]
+    assert len([r for r in out.rejects() if r["reason"] == "duplicate_cluster"]) == 1
+    assert out.manifest["records"]["reconciled"]

@@ -1,0 +1,259 @@
+"""Stage *cluster filter*: keep clusters whose images are visually coherent (CLIP image similarity).
+
+Score first, threshold second:
+
+1. **Score** (:func:`coherence`, :class:`ScoreClustersFn`): the pairwise cosine-similarity matrix of a
+   cluster's (unit-length) embeddings; per image, its mean similarity to the others. Images under
+   ``cluster_filter.outlier_threshold`` leave the cluster as ``outlier_image`` -- but an image is an
+   outlier only *against a majority*: when more than half of the images fall under the threshold there
+   is no common subject to stray from, nothing is removed and the cluster's own mean similarity decides
+   (a blog post mixing four products is an incoherent cluster, not four outliers). A cluster left with
+   fewer than ``group.min_images`` images is dropped as ``cluster_too_small``. Every cluster that goes on
+   carries its scores: ``ClusterStats.mean_sim`` / ``min_sim`` (mean and smallest pairwise similarity)
+   and each ``ImageRecord.coherence``, all computed on the images it keeps.
+2. **Threshold** (:class:`ApplyThresholdFn`): a cluster whose ``mean_sim`` is under the coherence
+   threshold is dropped as ``incoherent_cluster`` (one reject row counting its images). The threshold is
+   ``cluster_filter.coherence_threshold``, or -- with ``cluster_filter.target_keep_rate`` -- calibrated
+   on the run's own clusters: the ``1 - target_keep_rate`` quantile of their ``mean_sim``, from Beam's
+   ``ApproximateQuantiles`` (exact while the clusters fit its buffers, within a ``1/QUANTILES`` rank
+   error beyond), passed to the threshold step as a side input.
+
+The threshold used, the mode, and the quantiles of ``mean_sim`` are written with
+:class:`transforms.stats.WriteStats` and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
+so a run records the numbers it filtered with and thresholds can be retuned from them.
+
+A calibrated threshold is a global decision: the runner holds the scored clusters until every cluster's
+score is known (the side input). With a fixed threshold, scoring and thresholding fuse with embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+
+from schemas.records import Cluster, ImageRecord
+from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.dedupe import with_images
+from transforms.stats import WriteStats
+
+STAGE = "cluster_filter"
+
+OUTLIER_IMAGE = "outlier_image"
+INCOHERENT_CLUSTER = "incoherent_cluster"
+CLUSTER_TOO_SMALL = "cluster_too_small"
+
+QUANTILES = 1001
+"""Quantiles computed of the cluster scores: a rank resolution of 0.1% for calibration."""
+
+RECORDED_QUANTILES = tuple(range(0, 101, 5))
+"""Percentiles of ``mean_sim`` written to the manifest."""
+
+
+@dataclass(frozen=True)
+class ClusterFilterConfig:
+    """Settings of the coherence filter (config section ``cluster_filter``); see docs/defaults.md."""
+
+    enabled: bool = option(True, "Drop incoherent clusters and outlier images (needs embed.enabled).")
+    outlier_threshold: float | None = option(0.6, "An image whose mean cosine similarity to the other images of "
+                                                  "its cluster is under this leaves it (outlier_image), unless "
+                                                  "most images are under it; null: no outlier removal.")
+    coherence_threshold: float = option(0.75, "Smallest mean pairwise cosine similarity of a kept cluster "
+                                              "(incoherent_cluster). Ignored with target_keep_rate.")
+    target_keep_rate: float | None = option(None, "Calibrate the coherence threshold on this run so that this "
+                                                  "share of the scored clusters is kept (0 < rate <= 1); the "
+                                                  "threshold used goes to manifest.json.")
+
+    def __post_init__(self) -> None:
+        for name in ("outlier_threshold", "coherence_threshold"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
+        if self.target_keep_rate is not None and not 0.0 < self.target_keep_rate <= 1.0:
+            raise ValueError(f"target_keep_rate must be within (0, 1], got {self.target_keep_rate}")
+
+
+# --- the math -------------------------------------------------------------------------------------------
+
+
+class Coherence(NamedTuple):
+    """Similarity scores of one set of unit vectors."""
+
+    per_image: np.ndarray
+    """Mean cosine similarity of each vector to the others."""
+    mean_sim: float
+    """Mean pairwise cosine similarity (equal to the mean of ``per_image``)."""
+    min_sim: float
+    """Smallest pairwise cosine similarity."""
+
+
+def coherence(embeddings: np.ndarray) -> Coherence:
+    """Scores of ``[n, D]`` unit-length embeddings. One vector is trivially coherent (all scores 1)."""
+    vectors = np.asarray(embeddings, dtype=np.float64)
+    n = len(vectors)
+    if n < 2:
+        return Coherence(np.ones(n), 1.0, 1.0)
+    sims = vectors @ vectors.T
+    off_diagonal = ~np.eye(n, dtype=bool)
+    per_image = (sims.sum(axis=1) - np.diag(sims)) / (n - 1)
+    pairs = sims[off_diagonal]
+    return Coherence(per_image, float(pairs.mean()), float(pairs.min()))
+
+
+class Scored(NamedTuple):
+    """What :func:`score_cluster` decides about one cluster."""
+
+    cluster: Cluster
+    """The cluster without its outliers, with scores in ``stats`` and each image's ``coherence``."""
+    outliers: tuple[tuple[ImageRecord, float], ...]
+    """Images removed, with their mean similarity to the others."""
+
+
+def score_cluster(cluster: Cluster, outlier_threshold: float | None) -> Scored:
+    """Score a cluster and remove its outliers (see the module docstring)."""
+    missing = [image.image_id for image in cluster.images if image.embedding is None]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) without an embedding ({missing[0]}, ...): the cluster "
+                         f"filter needs the embed stage")
+    first = coherence(np.stack([image.embedding for image in cluster.images]))
+    outliers: list[tuple[ImageRecord, float]] = []
+    if outlier_threshold is not None:
+        low = [i for i, score in enumerate(first.per_image) if score < outlier_threshold]
+        if 2 * len(low) <= len(cluster.images):  # outliers only against a majority
+            outliers = [(cluster.images[i], float(first.per_image[i])) for i in low]
+    removed = {image.image_id for image, _ in outliers}
+    images = [image for image in cluster.images if image.image_id not in removed]
+    scores = coherence(np.stack([image.embedding for image in images])) if outliers else first
+    if outliers:
+        cluster = with_images(cluster, images)
+    images = [image.replace(coherence=float(score)) for image, score in zip(images, scores.per_image, strict=True)]
+    stats = dataclasses.replace(cluster.stats, n_images=len(images), mean_sim=scores.mean_sim, min_sim=scores.min_sim)
+    return Scored(cluster.replace(images=tuple(images), stats=stats), tuple(outliers))
+
+
+def threshold_for_keep_rate(quantiles: Sequence[float], keep_rate: float, n_scores: int) -> float | None:
+    """The smallest score among the ``round(keep_rate * n_scores)`` highest: clusters scoring at least this stay.
+
+    ``quantiles`` are evenly spaced quantiles of the ``n_scores`` scores from the minimum to the maximum
+    (as ``ApproximateQuantiles`` returns them: quantile ``i`` of ``m`` sits at rank ``i (n - 1) / (m - 1)``).
+    ``None`` when there were no scores. At least one cluster is kept.
+    """
+    if not quantiles or n_scores < 1:
+        return None
+    keep = min(n_scores, max(1, round(keep_rate * n_scores)))
+    rank = n_scores - keep  # 0-based rank, in ascending order, of the lowest score kept
+    index = 0 if n_scores == 1 else round(rank * (len(quantiles) - 1) / (n_scores - 1))
+    return float(quantiles[index])
+
+
+def calibration_stats(quantiles: Sequence[float], n_scored: int, threshold: float | None,
+                      config: ClusterFilterConfig) -> dict[str, Any]:
+    """The ``stats.clusters.cluster_filter`` block of the manifest."""
+    recorded = {}
+    if quantiles:
+        for percent in RECORDED_QUANTILES:
+            index = round(percent / 100 * (len(quantiles) - 1))
+            recorded[f"p{percent:02d}"] = round(float(quantiles[index]), 6)
+    return {
+        "mode": "target_keep_rate" if config.target_keep_rate is not None else "fixed",
+        "target_keep_rate": config.target_keep_rate,
+        "coherence_threshold": None if threshold is None else round(float(threshold), 6),
+        "outlier_threshold": config.outlier_threshold,
+        "clusters_scored": n_scored,
+        "mean_sim_quantiles": recorded,
+    }
+
+
+# --- the DoFns ------------------------------------------------------------------------------------------
+
+
+class ScoreClustersFn(beam.DoFn):
+    """``Cluster`` -> scored ``Cluster``; outliers and clusters left too small to ``rejects``."""
+
+    def __init__(self, config: ClusterFilterConfig, min_images: int) -> None:
+        self._config = config
+        self._min_images = min_images
+
+    def process(self, cluster: Cluster) -> Iterator[Any]:
+        try:
+            scored = score_cluster(cluster, self._config.outlier_threshold)
+        except Exception as error:  # noqa: BLE001
+            for image in cluster.images:
+                yield internal_error(STAGE, error, record=image, cluster_id=cluster.cluster_id)
+            return
+        for image, score in scored.outliers:
+            yield reject(STAGE, OUTLIER_IMAGE, f"mean cosine similarity {score:.4f} to the other images of its "
+                         f"cluster < outlier_threshold {self._config.outlier_threshold}", record=image,
+                         cluster_id=cluster.cluster_id)
+        kept = scored.cluster
+        if len(kept.images) < self._min_images:
+            yield reject(STAGE, CLUSTER_TOO_SMALL, f"{len(kept.images)} images left after {len(scored.outliers)} "
+                         f"outlier(s) < min_images {self._min_images}", cluster=kept)
+            count(STAGE, f"{CLUSTER_TOO_SMALL}_clusters")
+            return
+        count(STAGE, "clusters_scored")
+        yield kept
+
+
+class ApplyThresholdFn(beam.DoFn):
+    """Scored ``Cluster`` -> kept, or an ``incoherent_cluster`` reject; the threshold may be a side input."""
+
+    def process(self, cluster: Cluster, threshold: float | None) -> Iterator[Any]:
+        mean_sim = cluster.stats.mean_sim
+        if threshold is not None and mean_sim is not None and mean_sim < threshold:
+            count(STAGE, f"{INCOHERENT_CLUSTER}_clusters")
+            yield reject(STAGE, INCOHERENT_CLUSTER, f"mean pairwise cosine similarity {mean_sim:.4f} < coherence "
+                         f"threshold {threshold:.4f} (min {cluster.stats.min_sim:.4f})", cluster=cluster)
+            return
+        count(STAGE, "clusters")
+        count(STAGE, "images_kept", len(cluster.images))
+        yield cluster
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+
+class ClusterFilter(beam.PTransform):
+    """Scored ``Cluster``s that pass the coherence filter; stats to ``OUT/stats`` when ``output_dir`` is set."""
+
+    def __init__(self, config: ClusterFilterConfig, min_images: int, output_dir: str | None = None,
+                 phase: str = "clusters") -> None:
+        super().__init__()
+        self._config = config
+        self._min_images = min_images
+        self._output_dir = output_dir
+        self._phase = phase
+
+    def expand(self, clusters: beam.PCollection) -> StageOutput:
+        config = self._config
+        scored = clusters | "ScoreCoherence" >> beam.ParDo(ScoreClustersFn(config, self._min_images)).with_outputs(
+            REJECTS, main="scored")
+        if config.target_keep_rate is None and self._output_dir is None:
+            kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
+                ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
+        else:
+            scores = scored.scored | "MeanSimilarities" >> beam.Map(lambda cluster: cluster.stats.mean_sim)
+            quantiles = scores | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
+            n_scored = scores | "CountScored" >> beam.combiners.Count.Globally()
+            if config.target_keep_rate is not None:
+                threshold = quantiles | "CalibrateThreshold" >> beam.Map(
+                    threshold_for_keep_rate, config.target_keep_rate, beam.pvalue.AsSingleton(n_scored))
+                kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
+                    ApplyThresholdFn(), beam.pvalue.AsSingleton(threshold)).with_outputs(REJECTS, main="kept")
+            else:
+                threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
+                kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
+                    ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
+            if self._output_dir is not None:
+                _ = (
+                    quantiles
+                    | "DescribeCalibration" >> beam.Map(calibration_stats, beam.pvalue.AsSingleton(n_scored),
+                                                        beam.pvalue.AsSingleton(threshold), config)
+                    | "WriteCalibration" >> WriteStats(self._output_dir, self._phase, STAGE)
+                )
+        rejects = (scored[REJECTS], kept[REJECTS]) | "FilterRejects" >> beam.Flatten()
+        return StageOutput(kept.kept, rejects)
