@@ -32,6 +32,7 @@ from transforms.dedupe import DedupeConfig
 from transforms.group import GroupConfig
 from transforms.normalize import NormalizeConfig
 from transforms.read import ReadConfig
+from transforms.synthesize import SynthConfig
 from transforms.write import OutputConfig
 
 PROFILES = ("demo", "local", "dataflow")
@@ -46,6 +47,7 @@ class PipelineConfig:
     group: GroupConfig = field(default_factory=GroupConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
 
 class ConfigError(ValueError):
@@ -209,6 +211,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; learning rates look like that
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
