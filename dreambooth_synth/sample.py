@@ -49,7 +49,8 @@ def render(model: Any, prompts: Sequence[str], seeds: Sequence[int], config: Sam
     """One image per (prompt, seed), in order, ``config.batch_size`` per pipeline call.
 
     Each image has its own CPU ``torch.Generator`` (diffusers' advice for reproducibility across devices),
-    so an image depends on its seed, not on which other images share its batch.
+    so its starting noise depends on its seed, not on which other images share its batch (batched
+    kernels may still round differently: pixels can differ in the last bit across batch layouts).
     """
     import torch
 

@@ -104,11 +104,14 @@ def _lora_config(config: TrainConfig, targets: Sequence[str]) -> Any:
 def _attach_lora(model: Any, config: TrainConfig) -> list[Any]:
     import torch
 
+    from peft import inject_adapter_in_model
+
     model.unet.add_adapter(_lora_config(config, UNET_LORA_TARGETS), adapter_name=ADAPTER)
     modules = [model.unet]
     if config.train_text_encoder:
         for encoder in model.text_encoders:
-            encoder.add_adapter(_lora_config(config, TEXT_ENCODER_LORA_TARGETS), adapter_name=ADAPTER)
+            # peft directly rather than transformers' add_adapter, whose peft version floor moves faster.
+            inject_adapter_in_model(_lora_config(config, TEXT_ENCODER_LORA_TARGETS), encoder, adapter_name=ADAPTER)
             modules.append(encoder)
     params = []
     for module in modules:
@@ -124,12 +127,14 @@ def _attach_lora(model: Any, config: TrainConfig) -> list[Any]:
 def _remove_lora(model: Any) -> None:
     from diffusers.utils import recurse_remove_peft_layers
 
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     model.unet.unload_lora()  # puts the original Linear modules back (their weights were never touched)
     for encoder in model.text_encoders:
-        if hasattr(encoder, "peft_config"):
+        if any(isinstance(m, BaseTunerLayer) for m in encoder.modules()):
             recurse_remove_peft_layers(encoder)
+        if hasattr(encoder, "peft_config"):
             del encoder.peft_config
-            encoder._hf_peft_config_loaded = False
 
 
 def _set_checkpointing(model: Any, config: TrainConfig, enabled: bool) -> None:
