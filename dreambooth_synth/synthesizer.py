@@ -226,10 +226,11 @@ class Synthesizer:
         if config.prior_preservation:
             with timer.part("prior"):
                 prior, prior_rendered = self._class_latents(noun)
-        with fine_tuning(model, config, self._snapshot) as params:
+        seed = training_seed(config.seed, subject.key)
+        with fine_tuning(model, config, self._snapshot, seed=seed) as params:
             with timer.part("train"):
                 trained = train(model, config, params, instance, instance_prompt(config, noun),
-                                seed=training_seed(config.seed, subject.key), resolution=self.resolution,
+                                seed=seed, resolution=self.resolution,
                                 prior=prior, class_prompt=class_prompt(config, noun), label=label)
             with timer.part("sample"):
                 renders = self._render_prompts(subject, phrase)

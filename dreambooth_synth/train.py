@@ -101,18 +101,23 @@ def _lora_config(config: TrainConfig, targets: Sequence[str]) -> Any:
                       target_modules=list(targets))
 
 
-def _attach_lora(model: Any, config: TrainConfig) -> list[Any]:
+def _attach_lora(model: Any, config: TrainConfig, seed: int) -> list[Any]:
     import torch
-
     from peft import inject_adapter_in_model
 
-    model.unet.add_adapter(_lora_config(config, UNET_LORA_TARGETS), adapter_name=ADAPTER)
     modules = [model.unet]
-    if config.train_text_encoder:
-        for encoder in model.text_encoders:
-            # peft directly rather than transformers' add_adapter, whose peft version floor moves faster.
-            inject_adapter_in_model(_lora_config(config, TEXT_ENCODER_LORA_TARGETS), encoder, adapter_name=ADAPTER)
-            modules.append(encoder)
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    # peft draws the initial lora_A weights from torch's global generator: seed it (in a fork, so the
+    # caller's random state is left alone) to make a subject's fine-tune reproducible.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.unet.add_adapter(_lora_config(config, UNET_LORA_TARGETS), adapter_name=ADAPTER)
+        if config.train_text_encoder:
+            for encoder in model.text_encoders:
+                # peft directly rather than transformers' add_adapter, whose peft version floor moves faster.
+                inject_adapter_in_model(_lora_config(config, TEXT_ENCODER_LORA_TARGETS), encoder,
+                                        adapter_name=ADAPTER)
+                modules.append(encoder)
     params = []
     for module in modules:
         for name, param in module.named_parameters():
@@ -126,7 +131,6 @@ def _attach_lora(model: Any, config: TrainConfig) -> list[Any]:
 
 def _remove_lora(model: Any) -> None:
     from diffusers.utils import recurse_remove_peft_layers
-
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model.unet.unload_lora()  # puts the original Linear modules back (their weights were never touched)
@@ -150,8 +154,11 @@ def _set_checkpointing(model: Any, config: TrainConfig, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def fine_tuning(model: Any, config: TrainConfig, snapshot: WeightSnapshot | None = None) -> Iterator[list[Any]]:
+def fine_tuning(model: Any, config: TrainConfig, snapshot: WeightSnapshot | None = None,
+                seed: int = 0) -> Iterator[list[Any]]:
     """Make the model trainable for one subject; yields the parameters to optimize.
+
+    ``seed`` seeds the initial LoRA weights.
 
     On exit (normal or not) the model is the base model again: LoRA adapters are unloaded, or, in full
     mode, ``snapshot`` (taken once, before the first subject) is copied back. Gradients are dropped and
@@ -162,7 +169,7 @@ def fine_tuning(model: Any, config: TrainConfig, snapshot: WeightSnapshot | None
     modules = trained_modules(model, config)
     try:
         if config.mode == "lora":
-            params = _attach_lora(model, config)
+            params = _attach_lora(model, config, seed)
         else:
             params = [p for module in modules for p in module.parameters()]
             for param in params:

@@ -10,6 +10,7 @@ import gc
 import io
 import os
 import zipfile
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,9 +34,14 @@ from dreambooth_synth.sample import render
 from dreambooth_synth.synthesizer import base_weights
 from dreambooth_synth.tiny import write_clip_tokenizer
 from dreambooth_synth.train import WeightSnapshot, evaluate_loss, fine_tuning, train
-from tests.tiny_models import NOT_AN_IMAGE, one_torch_thread, read_clusters, save_tiny_model, subject_of  # noqa: F401
+from tests.tiny_models import NOT_AN_IMAGE, one_torch_thread, read_clusters, save_tiny_model, subject_of
 
 FAST_SAMPLE = SampleConfig(steps=3, images_per_prompt=1, batch_size=8, negative_prompt="")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from schemas.parquet import CLUSTERS_SCHEMA, cluster_from_row, cluster_to_row
 from schemas.records import Cluster, ImageRecord, Prompt
@@ -59,13 +58,11 @@ def subject_of(cluster: Cluster, prompts: Sequence[tuple[str, str]] = (("a photo
                    images=tuple(im.image for im in cluster.images), prompts=tuple(prompts))
 
 
-@pytest.fixture(autouse=True, scope="module")
 def one_torch_thread() -> Iterator[None]:
-    """Run the tiny models on one intra-op thread while a module's tests run.
+    """Run the tiny models on one intra-op thread (a generator for a module-scoped fixture).
 
     They gain nothing from more, and on a shared 2-core machine two OpenMP threads that lose their cores
     to another process stall each other (the same training steps took 10x longer under load).
-    Import this fixture into a test module to use it.
     """
     import torch
 

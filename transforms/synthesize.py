@@ -382,6 +382,9 @@ class SynthesizeFn(beam.DoFn):
         gc.freeze()
         return _Worker(synthesizer, self._total, self._workers)
 
+    def teardown(self) -> None:
+        gc.unfreeze()  # what setup froze can be collected again once this process lets the model go
+
     def process(self, cluster: Cluster) -> Iterator[Any]:
         try:
             yield from self._process(cluster)
