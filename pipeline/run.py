@@ -200,7 +200,8 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
 
 
 # Reasons whose reject rows stand for a whole cluster (one row, n_images images).
-_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small"})
+_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small", "synthesis_failed", "no_usable_images", "non_finite_loss",
+                                    "out_of_memory"})
 
 
 def expand_cluster_inputs(patterns: Sequence[str]) -> list[str]:
