@@ -229,7 +229,7 @@ def test_a_gpu_worker_without_a_gpu_fails_at_start_up(tiny_sd_dir, tmp_path) -> 
 
 def test_the_accelerator_hint_is_on_the_synthesis_step_only(tiny_sd_dir, clusters, tmp_path) -> None:
     files = [write_clusters_file(clusters[:1], tmp_path / "clusters.parquet")]
-    hint = "type:nvidia-l4;count:1;install-nvidia-driver"
+    hint = "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver"
     config = build_config("dataflow", overrides=[f"synth.model.name={tiny_sd_dir}"])
     assert config.synth.accelerator == hint and config.synth.needs_gpu
     p = beam.Pipeline()

@@ -113,7 +113,8 @@ class SynthConfig:
                                 "images); any Beam file system path. Empty: OUT/cache/synthesize.")
     overwrite: bool = option(False, "Redo clusters already in the cache (default: a rerun reuses them).")
     accelerator: str = option("", "Beam accelerator resource hint of the synthesis step, for example "
-                                  "type:nvidia-l4;count:1;install-nvidia-driver (Dataflow). Empty: none.")
+                                  "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver "
+                                  "(Dataflow). Empty: none.")
     require_gpu: bool = option(False, "Fail at worker start-up when no CUDA device is visible (always on when "
                                       "accelerator is set): a GPU job must not crawl along on CPUs.")
 
