@@ -108,6 +108,13 @@ class SynthesisResult:
     """Memory after the model was restored and memory released: what must not grow across subjects."""
 
 
+def _detached(error: BaseException) -> Any:
+    """``error`` without its traceback and chained exceptions, whose frames hold the failed subject's
+    tensors: dropped before memory is released, or an out-of-memory error would keep that memory."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
 class _Timer:
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(PARTS, 0.0)
@@ -185,19 +192,18 @@ class Synthesizer:
         try:
             result = self._synthesize(subject, timer)
         except SynthesisError as error:
-            failure = error
+            failure = _detached(error)
         except Exception as error:  # noqa: BLE001 -- one subject's failure must not end the worker
             if is_out_of_memory(error):
                 failure = OutOfMemoryError(f"{type(error).__name__}: {error}")
             else:
                 LOG.warning("subject %s failed", subject.key, exc_info=True)
                 failure = SynthesisError(f"{type(error).__name__}: {error}")
+            _detached(error)
         finally:
             with timer.part("cleanup"):
                 memory.release(self.model.device)
         if failure is not None:
-            # Drop the traceback: its frames hold this subject's tensors (and an OOM's would keep them).
-            failure.__traceback__ = failure.__context__ = failure.__cause__ = None
             failure.seconds = timer.result()
             raise failure
         seconds = timer.result()
