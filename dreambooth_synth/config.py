@@ -52,10 +52,14 @@ class ModelConfig:
                 "weights (LoRA adapters, the UNet in full mode) always stay float32.")
     safety_checker: bool = field(True, "Keep the model's safety checker where it has one (SD 1.x): flagged "
                                        "renders come back black and are marked nsfw in candidates/.")
+    cpu_threads: int = field(0, "On CPU: torch intra-op threads of the worker process (0: torch's default). "
+                                "Small models run best on 1: more threads only wait on each other.")
 
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("name must name a model (a Hub id, a directory or a preset)")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
 
 
 @dataclass(frozen=True)

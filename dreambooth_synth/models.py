@@ -124,6 +124,10 @@ def load_model(config: ModelConfig, preset_root: str | None = None) -> LoadedMod
 
     started = time.monotonic()
     device = resolve_device(config)
+    if device.type == "cpu" and config.cpu_threads:
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)  # a process-wide setting: this process is the worker
     weight_dtype, autocast_dtype = resolve_dtypes(config, device)
     path = materialize_preset(config.name, preset_root) if is_preset(config.name) else config.name
     index = _read_model_index(path, config)

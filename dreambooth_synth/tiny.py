@@ -99,7 +99,8 @@ def _vae(seed: int) -> Any:
 
 
 def build_tiny_sd(seed: int = 0) -> Any:
-    """A tiny ``StableDiffusionPipeline`` (SD 1.5 layout and scheduler, ~2.5 M parameters, 64 px)."""
+    """A tiny ``StableDiffusionPipeline`` (SD 1.5 layout and scheduler, 64 px): a 0.27 M-parameter UNet, a
+    0.24 M VAE and a 1.6 M text encoder (most of it the real 49,408-token vocabulary)."""
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

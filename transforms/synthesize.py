@@ -138,7 +138,7 @@ def _plain(value: Any) -> Any:
 
 
 # Settings that change how a cluster's candidates are made run, not what they are.
-_OPERATIONAL = {"model": ("device",), "train": ("log_every_steps",), "sample": ("batch_size",)}
+_OPERATIONAL = {"model": ("device", "cpu_threads"), "train": ("log_every_steps",), "sample": ("batch_size",)}
 
 
 def synthesis_hash(config: SynthConfig) -> str:
