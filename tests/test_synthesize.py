@@ -157,6 +157,13 @@ def test_phase_resumes_from_the_cache_without_training_and_overwrite_redoes(tiny
     assert {r["candidate_id"]: r for r in read_rows(out, "candidates")} == rows
     assert [f.stat().st_mtime_ns for f in cache_files] == stamps
 
+    # An unreadable cache entry (a file of an older schema, say) is only a miss: that cluster is redone.
+    cache_files[0].write_bytes(b"not parquet")
+    again = _run_synthesize(clusters_file, out, tiny_sd_dir)["phases"]["synthesize"]
+    assert (again["clusters"]["synthesized"], again["clusters"]["cached"]) == (1, 1)
+    assert again["counters"]["synthesize"]["cache_unreadable"] == 1
+    assert pq.read_table(cache_files[0]).num_rows == 4  # and written again
+
     # Other settings are another cache key: the clusters are trained again.
     third = _run_synthesize(clusters_file, out, tiny_sd_dir, **{"synth.train.steps": 2})["phases"]["synthesize"]
     assert third["clusters"]["synthesized"] == 2

@@ -347,6 +347,19 @@ def _quiet_library_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _read_cache(storage: BeamStorage, path: str) -> list[Candidate] | None:
+    """A finished cluster's candidates from the resume cache, or ``None`` to synthesize it (again)."""
+    if not storage.exists(path):
+        return None
+    try:
+        return candidates_from_parquet(storage.read(path), path)
+    except Exception as error:  # noqa: BLE001 -- an unreadable entry (older schema, ...) is only a cache miss
+        count(STAGE, "cache_unreadable")
+        LOG.warning("synthesize: resume cache %s is unreadable (%s: %s); synthesizing the cluster again",
+                    path, type(error).__name__, error)
+        return None
+
+
 class SynthesizeFn(beam.DoFn):
     """``Cluster`` -> its ``Candidate``s (main) or one whole-cluster reject (``rejects``).
 
@@ -401,8 +414,9 @@ class SynthesizeFn(beam.DoFn):
             count(STAGE, "clusters_fallback_prompts")
         path = cache_path(self._cache_dir, self._synth_hash, cluster, prompts)
         storage = BeamStorage()
-        if not self._config.overwrite and storage.exists(path):
-            candidates = candidates_from_parquet(storage.read(path), path)
+        cached = None if self._config.overwrite else _read_cache(storage, path)
+        if cached is not None:
+            candidates = cached
             count(STAGE, "clusters_cached")
             count(STAGE, "candidates", len(candidates))
             with worker.lock:
