@@ -150,7 +150,9 @@ def _set_checkpointing(model: Any, config: TrainConfig, enabled: bool) -> None:
         model.unet.disable_gradient_checkpointing()
     if config.train_text_encoder:
         for encoder in model.text_encoders:
-            (encoder.gradient_checkpointing_enable if enabled else encoder.gradient_checkpointing_disable)()
+            # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+            prefix = "activation" if hasattr(encoder, "activation_checkpointing_enable") else "gradient"
+            getattr(encoder, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}")()
 
 
 @contextlib.contextmanager

@@ -72,8 +72,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="GLOB",
                         help="Input files (repeatable). Phase 'clusters': crawled pairs as Parquet "
                              "(.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar shards (.tar); "
-                             "later phases: the previous phase's Parquet output. Any Beam file system "
-                             "path (gs://, s3://) works.")
+                             "later phases: the previous phase's Parquet output (phase synthesize: "
+                             "OUT/clusters/*.parquet when omitted). Any Beam file system path (gs://, s3://) "
+                             "works.")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="Output directory: clusters/, rejects/, manifest.json (and, with later "
                              "phases, candidates/, examples/, report/).")

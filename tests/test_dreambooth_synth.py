@@ -288,10 +288,12 @@ def test_sdxl_pipeline_trains_and_samples(tmp_path_factory, clusters) -> None:
     model = load_model(ModelConfig(name=save_tiny_model(tmp_path_factory.mktemp("xl"), "tiny-random-xl")))
     assert model.family == "sdxl" and len(model.text_encoders) == 2
     before = base_weights(_unet_and_text(model))
-    synthesizer = Synthesizer(model, TrainConfig(steps=3, learning_rate=1e-3, train_text_encoder=True),
+    synthesizer = Synthesizer(model, TrainConfig(steps=3, learning_rate=1e-3, train_text_encoder=True,
+                                                 gradient_checkpointing=True),
                               SampleConfig(steps=2, images_per_prompt=1, scheduler="euler"))
     result = synthesizer.synthesize(subject_of(clusters[0].replace(class_noun="backpack")))
     assert result.train.steps == 3 and len(result.renders) == 1
+    assert not model.unet.is_gradient_checkpointing  # switched off again with the adapters
     assert Image.open(io.BytesIO(result.renders[0].image)).size == (64, 64)
     _assert_bit_identical(before, model)
 
