@@ -170,13 +170,14 @@ def tiny_cpu(args: argparse.Namespace) -> dict[str, Any]:
             "model": "tiny-random (SD 1.5 layout, 64 px)", "device": str(model.device),
             "model_load_seconds": round(load_seconds, 3),
             "settings": {"clusters": len(clusters), "train_steps": args.steps, "prompts": args.prompts,
-                         "images_per_prompt": args.k, "sample_steps": args.sample_steps, "warmup_clusters": 2,
+                         "images_per_prompt": args.k, "sample_steps": args.sample_steps,
+                         "warmup_clusters": args.warmup,
                          "torch_threads": __import__("torch").get_num_threads()},
         }
         out["lora"] = run_clusters(model, TrainConfig(steps=args.steps, learning_rate=1e-2), sample, clusters,
-                                   args.prompts, warmup=2)
+                                   args.prompts, warmup=args.warmup)
         out["full"] = run_clusters(model, TrainConfig(mode="full", steps=args.steps, learning_rate=1e-3), sample,
-                                   clusters, args.prompts, warmup=2)
+                                   clusters, args.prompts, warmup=args.warmup)
         out["latents_baseline"] = latent_baseline(model, TrainConfig(steps=args.steps, learning_rate=1e-2),
                                                   clusters[0], model.native_resolution)
         gc.unfreeze()
@@ -229,7 +230,8 @@ def sd15_sized(args: argparse.Namespace) -> dict[str, Any]:
             gc.freeze()  # as the Beam worker does after loading
             train_config = TrainConfig(mode=mode, steps=args.steps, learning_rate=lr, resolution=resolution,
                                        gradient_checkpointing=args.gradient_checkpointing)
-            result = run_clusters(model, train_config, sample, clusters, args.prompts, warmup=1)
+            result = run_clusters(model, train_config, sample, clusters, args.prompts,
+                                  warmup=min(args.warmup, len(clusters) - 1))
             results[mode] = {"model_load_seconds": load_seconds, "device": str(model.device),
                              "precision": str(model.weight_dtype), **result}
             if mode == "lora":
@@ -250,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results", "synth.json"))
-    parser.add_argument("--clusters", type=int, default=8)
+    parser.add_argument("--clusters", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="clusters before memory must stay flat (allocator pools grow with new shapes)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--k", type=int, default=2, help="images per prompt")
