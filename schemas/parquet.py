@@ -270,7 +270,7 @@ CANDIDATES_SCHEMA = _with_metadata("candidates", [
     pa.field("cluster_id", pa.string(), nullable=False),
     pa.field("page_url", pa.string()),
     pa.field("prompt", pa.string(), nullable=False),
-    pa.field("rendered_prompt", pa.string(), nullable=False),
+    pa.field("prompt_template", pa.string(), nullable=False),
     pa.field("skill", pa.string()),
     pa.field("subject", pa.string()),
     pa.field("class_noun", pa.string()),

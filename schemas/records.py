@@ -238,25 +238,26 @@ class Candidate:
     a DreamBooth fine-tuned on the cluster's real images. Phase 3 scores and filters candidates."""
 
     candidate_id: str
-    """Stable content hash of (cluster id, prompt, skill, k, seed, synthesis config hash): reruns of the
-    same configuration give the same ids."""
+    """Stable content hash of (cluster id, prompt template, skill, k, seed, synthesis config hash): reruns
+    of the same configuration give the same ids."""
     cluster_id: str
     page_url: str
     prompt: str
+    """The prompt the model rendered: ``{subject}`` replaced by the identifier and the class noun
+    ("a photo of sks teapot on a beach")."""
+    prompt_template: str
     """The scene prompt with its ``{subject}`` placeholder, as the cluster (or the fallback) gave it."""
-    rendered_prompt: str
-    """The prompt the model saw: ``{subject}`` replaced by the identifier and class noun ("sks teapot")."""
     skill: str
     subject: str | None
     """The cluster's subject description, when it has one."""
     class_noun: str
     """The DreamBooth class used ("object" when the cluster had none)."""
     identifier: str
-    """The rare token that names the subject in ``rendered_prompt`` ("sks")."""
+    """The rare token that names the subject in ``prompt`` ("sks")."""
     k: int
     """Which of the prompt's images this is (0-based)."""
     seed: int
-    """Seed of the render, derived from (cluster id, prompt, k)."""
+    """Seed of the render, derived from (cluster id, prompt template, k)."""
     image: bytes = field(repr=False)
     """The rendered image, encoded (PNG by default)."""
     width: int

@@ -1,32 +1,31 @@
-"""The worker image and the package agree: one Beam version, one Python, the Beam boot as entry point.
+"""Packaging: the GPU worker image and setup.py agree (one Beam version, the SDK image's Python, the Beam boot).
 
-No Docker engine runs where the tests run, so the Dockerfile is checked as text.
+main's tests/test_packaging.py (setup.py and the sdist Beam stages) and this file are two halves of one
+module: at merge, keep both sets of tests under main's header and helper.
 """
 
 from __future__ import annotations
 
-import ast
 import re
 
 from tests.conftest import REPO
 
+
+def _setup_constant(name: str) -> str:
+    match = re.search(rf'^{name} = "([^"]+)"', (REPO / "setup.py").read_text(), re.M)
+    assert match, name
+    return match.group(1)
+
+
+# --- the GPU worker image (Dockerfile) --------------------------------------------------------------------
+# No Docker engine runs where the tests run, so the Dockerfile is checked as text.
+
 DOCKERFILE = (REPO / "Dockerfile").read_text(encoding="utf-8")
 
 
-def _setup_constant(name: str) -> str:
-    tree = ast.parse((REPO / "setup.py").read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"setup.py has no {name}")
-
-
-def _args() -> dict[str, str]:
-    return dict(re.findall(r"^ARG (\w+)=(\S*)", DOCKERFILE, flags=re.MULTILINE))
-
-
 def test_dockerfile_beam_version_is_setup_py_beam_version() -> None:
-    assert _args()["BEAM_VERSION"].strip('"') == _setup_constant("BEAM_VERSION")
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)", DOCKERFILE, flags=re.MULTILINE))
+    assert args["BEAM_VERSION"].strip('"') == _setup_constant("BEAM_VERSION")
     assert len(re.findall(r"^ARG BEAM_VERSION=", DOCKERFILE, flags=re.MULTILINE)) == 1  # one place to change it
     constraint = re.search(r"^apache-beam==(\S+)$", (REPO / "constraints.txt").read_text(), flags=re.MULTILINE)
     assert constraint and constraint.group(1) == _setup_constant("BEAM_VERSION")
@@ -56,4 +55,4 @@ def test_project_and_gpu_extras_install_in_one_layer_ending_in_pip_check() -> No
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".git", ".venv", "out"} <= ignored
-    assert "README.md" not in ignored and "setup.py" not in ignored and "constraints.txt" not in ignored
+    assert not {"README.md", "setup.py", "constraints.txt"} & ignored  # pip install . needs them

@@ -88,7 +88,7 @@ def test_stage_renders_candidates_and_rejects_the_broken_cluster(tiny_sd_dir, cl
     caplog.set_level(logging.INFO, logger="transforms.synthesize")
     p = TestPipeline()
     out = build_synthesize_pipeline(p, config, files, str(tmp_path / "out"))
-    keys = out["candidates"] | "Keys" >> beam.Map(lambda c: (c.cluster_id, c.rendered_prompt, c.skill, c.k))
+    keys = out["candidates"] | "Keys" >> beam.Map(lambda c: (c.cluster_id, c.prompt, c.skill, c.k))
     assert_that(keys, equal_to([
         (teapot.cluster_id, "a photo of sks teapot on a beach", "recontextualization", 0),
         (teapot.cluster_id, "a photo of sks teapot on a beach", "recontextualization", 1),
@@ -116,10 +116,10 @@ def test_stage_renders_candidates_and_rejects_the_broken_cluster(tiny_sd_dir, cl
     assert len(rows) == 8
     table = pq.read_table(next((tmp_path / "out" / "candidates").glob("*.parquet")))
     assert table.schema.metadata[b"icl.schema"] == b"candidates"
-    by_prompt = {r["rendered_prompt"]: r for r in rows if r["k"] == 0}
+    by_prompt = {r["prompt"]: r for r in rows if r["k"] == 0}
     row = by_prompt["a photo of sks teapot on a beach"]
     assert row["subject"] == "red ceramic teapot" and row["class_noun"] == "teapot" and row["identifier"] == "sks"
-    assert row["prompt"] == "a photo of {subject} on a beach"
+    assert row["prompt_template"] == "a photo of {subject} on a beach"
     assert row["train"]["model"] == tiny_sd_dir and row["train"]["steps"] == 3 and row["train"]["mode"] == "lora"
     assert row["train"]["instance_prompt"] == "a photo of sks teapot" and row["train"]["resolution"] == 64
     assert row["sample"]["steps"] == 2 and row["sample"]["images_per_prompt"] == 2
@@ -292,5 +292,5 @@ def test_beam_storage_writes_atomically(tmp_path) -> None:
 def test_candidates_schema_has_its_name_and_version() -> None:
     assert CANDIDATES_SCHEMA.metadata[b"icl.schema"] == b"candidates"
     assert CANDIDATES_SCHEMA.metadata[b"icl.schema_version"] == b"1"
-    assert {"candidate_id", "cluster_id", "prompt", "skill", "seed", "image", "train", "sample", "final_loss",
-            "seconds"} <= set(CANDIDATES_SCHEMA.names)
+    assert {"candidate_id", "cluster_id", "prompt", "prompt_template", "skill", "seed", "image", "train", "sample",
+            "final_loss", "seconds"} <= set(CANDIDATES_SCHEMA.names)

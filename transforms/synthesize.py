@@ -491,8 +491,8 @@ def make_candidates(cluster: Cluster, result: Any, synthesizer: Any, config: Syn
         Candidate(
             candidate_id=stable_id("candidate", cluster.cluster_id, render.template, render.skill, render.k,
                                    render.seed, synth_hash),
-            cluster_id=cluster.cluster_id, page_url=cluster.page_url, prompt=render.template,
-            rendered_prompt=render.prompt, skill=render.skill, subject=cluster.subject,
+            cluster_id=cluster.cluster_id, page_url=cluster.page_url, prompt=render.prompt,
+            prompt_template=render.template, skill=render.skill, subject=cluster.subject,
             class_noun=result.class_noun, identifier=train_config.identifier.strip(), k=render.k,
             seed=render.seed, image=render.image, width=render.width, height=render.height, nsfw=render.nsfw,
             train=train, sample=sample, final_loss=final_loss, n_train_images=result.n_images, seconds=seconds,
