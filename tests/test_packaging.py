@@ -1,8 +1,4 @@
-"""Packaging: the GPU worker image and setup.py agree (one Beam version, the SDK image's Python, the Beam boot).
-
-main's tests/test_packaging.py (setup.py and the sdist Beam stages) and this file are two halves of one
-module: at merge, keep both sets of tests under main's header and helper.
-"""
+"""Packaging: the GPU worker image and setup.py agree (one Beam version, the SDK image's Python, the Beam boot)."""
 
 from __future__ import annotations
 
