@@ -19,7 +19,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/icl-pipeline run --profile demo --input sample/crawl.parquet --output $(OUT) --phases clusters
+	$(BIN)/icl-pipeline run --profile demo --input sample/crawl.parquet --output $(OUT) --phases clusters,synthesize
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_normalize.py --output benchmarks/results/normalize.json
 	$(BIN)/python benchmarks/bench_llm_stages.py --output benchmarks/results/llm_stages.json
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
+	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)

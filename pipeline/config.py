@@ -40,6 +40,7 @@ from transforms.normalize import NormalizeConfig
 from transforms.prompts import PromptsConfig
 from transforms.read import ReadConfig
 from transforms.subject import SubjectConfig
+from transforms.synthesize import SynthConfig
 from transforms.write import OutputConfig
 
 PROFILES = ("demo", "local", "dataflow")
@@ -62,6 +63,7 @@ class PipelineConfig:
     subject: SubjectConfig = field(default_factory=SubjectConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
     def __post_init__(self) -> None:
         if self.cluster_filter.enabled and not self.embed.enabled:
@@ -230,6 +232,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; learning rates look like that
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -28,6 +28,27 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
             lines.append(f"  clusters dropped as {reason}: {n:,}")
         lines.append("  counts reconcile: " + ("yes" if records["reconciled"] else
                                                f"NO ({records.get('unaccounted')} records unaccounted)"))
+    elif phase == "synthesize":
+        clusters = summary["clusters"]
+        n_input = clusters["input"] or 1
+        lines.append(_row("input clusters", clusters["input"]))
+        lines.append(_row("synthesized (trained now)", clusters["synthesized"],
+                          f"{100 * clusters['synthesized'] / n_input:.1f}%"))
+        lines.append(_row("reused from the resume cache", clusters["cached"],
+                          f"{100 * clusters['cached'] / n_input:.1f}%"))
+        rejected = clusters["rejected"]
+        lines.append(_row("rejected", sum(rejected.values()), f"{100 * sum(rejected.values()) / n_input:.1f}%"))
+        for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(_row(reason, n, indent=4))
+        lines.append(_row("candidates written", summary["candidates"]))
+        seconds = summary.get("seconds_per_cluster", {})
+        if seconds.get("total"):
+            parts = ", ".join(f"{part} {seconds[part]['mean']:.1f}" for part in seconds
+                              if part != "total" and seconds[part])
+            lines.append(f"  seconds per cluster: mean {seconds['total']['mean']:.1f}, p90 "
+                         f"{seconds['total']['p90']:.1f} ({parts})")
+        lines.append("  counts reconcile: " + ("yes" if clusters["reconciled"] else
+                                               f"NO ({clusters.get('unaccounted')} clusters unaccounted)"))
     return "\n".join(lines)
 
 
@@ -36,5 +57,9 @@ def output_listing(output_dir: str, phases: list[str]) -> str:
     if "clusters" in phases:
         lines += ["  clusters/*.parquet   one row per kept cluster",
                   "  rejects/*.parquet    one row per rejected record or cluster, with its reason"]
+    if "synthesize" in phases:
+        lines += ["  candidates/*.parquet one row per rendered image (prompt, skill, seed, training settings)",
+                  "  rejects/synthesize-* one row per cluster that could not be synthesized, with its reason",
+                  "  cache/synthesize/    finished clusters, reused by a rerun with the same synth settings"]
     lines.append("  manifest.json        config, versions, counts per stage and reason, timings")
     return "\n".join(lines)

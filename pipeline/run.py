@@ -36,14 +36,21 @@ from transforms.prompts import ScenePrompts
 from transforms.read import InputFile, ReadPairs, expand_inputs, validate_input_file
 from transforms.stats import STATS_FOLDER, read_stats
 from transforms.subject import Subject
-from transforms.write import write_clusters, write_rejects
+from transforms.synthesize import (
+    ReadClusters,
+    Synthesize,
+    check_cluster_file,
+    count_clusters,
+    default_cache_dir,
+)
+from transforms.write import write_candidates, write_clusters, write_rejects
 
 LOG = logging.getLogger(__name__)
 
 PHASES = ("clusters", "synthesize", "assemble")
 """The phases in the order they run. Each persists its output and can start from the previous one's."""
 
-IMPLEMENTED_PHASES = ("clusters",)
+IMPLEMENTED_PHASES = ("clusters", "synthesize")
 
 PipelineFactory = Callable[[PipelineOptions], beam.Pipeline]
 
@@ -72,8 +79,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="GLOB",
                         help="Input files (repeatable). Phase 'clusters': crawled pairs as Parquet "
                              "(.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar shards (.tar); "
-                             "later phases: the previous phase's Parquet output. Any Beam file system "
-                             "path (gs://, s3://) works.")
+                             "later phases: the previous phase's Parquet output (phase synthesize: "
+                             "OUT/clusters/*.parquet when omitted). Any Beam file system path (gs://, s3://) "
+                             "works.")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="Output directory: clusters/, rejects/, manifest.json (and, with later "
                              "phases, candidates/, examples/, report/).")
@@ -112,6 +120,8 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         raise UsageError(f"phase(s) {', '.join(missing)} are not available in this version")
     if phases[0] == "clusters" and not args.input:
         raise UsageError("phase 'clusters' needs at least one --input")
+    if phases[0] == "synthesize" and not args.input:
+        args.input = [FileSystems.join(args.output, "clusters", "*.parquet")]  # the clusters phase's output
     return RunRequest(tuple(args.input), args.output, args.profile, args.config_file,
                       tuple(args.overrides), phases)
 
@@ -169,6 +179,25 @@ def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Seq
     return {"clusters": clusters, "rejects": rejects}
 
 
+def build_synthesize_pipeline(p: beam.Pipeline, config: PipelineConfig, cluster_files: Sequence[str],
+                              output_dir: str, *, total: int | None = None,
+                              workers: int = 1) -> dict[str, beam.PCollection]:
+    """Phase 2 graph: read clusters -> synthesize (one DreamBooth per cluster) -> ``candidates/`` and
+    ``rejects/synthesize-*``.
+
+    ``total`` (clusters in the input; counted from the files' footers when not given) and ``workers``
+    only feed the progress line of the workers.
+    """
+    cache_dir = config.synth.cache_dir or default_cache_dir(output_dir)
+    total = count_clusters(cluster_files) if total is None else total
+    clusters, read_rejects = p | "ReadClusters" >> ReadClusters(cluster_files)
+    candidates, synth_rejects = clusters | "Synthesize" >> Synthesize(config.synth, cache_dir, total, workers)
+    candidates | "WriteCandidates" >> write_candidates(output_dir, config.output)
+    rejects = (read_rejects, synth_rejects) | "CollectRejects" >> beam.Flatten()
+    rejects | "WriteRejects" >> write_rejects(output_dir, "synthesize", config.output)
+    return {"candidates": candidates, "rejects": rejects}
+
+
 # --- running ------------------------------------------------------------------------------------------
 
 
@@ -214,8 +243,126 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
 
 
 # Reasons whose reject rows stand for a whole cluster (one row, n_images images).
-_CLUSTER_LEVEL_REASONS = frozenset({"cluster_too_small", "incoherent_cluster", "duplicate_cluster", "contaminated",
-                                    "caption_failed", "subject_failed", "prompts_failed"})
+_CLUSTER_LEVEL_REASONS = frozenset({
+    # phase 1
+    "cluster_too_small", "incoherent_cluster", "duplicate_cluster", "contaminated", "caption_failed",
+    "subject_failed", "prompts_failed",
+    # phase 2
+    "synthesis_failed", "no_usable_images", "non_finite_loss", "out_of_memory",
+})
+
+
+
+def expand_cluster_inputs(patterns: Sequence[str]) -> list[str]:
+    """The clusters files of ``--input`` globs, each checked to be a clusters file of our schema version."""
+    from schemas.parquet import SchemaVersionError
+    from transforms.read import InputFormatError
+
+    files: list[str] = []
+    for pattern in patterns:
+        matched = mf.matching_files(pattern)
+        if not matched:
+            raise InputFormatError(f"--input {pattern!r} matches no file (phase synthesize reads the clusters "
+                                   f"phase's OUT/clusters/*.parquet)")
+        files.extend(path for path in matched if path not in files)
+    for path in files:
+        try:
+            check_cluster_file(path)
+        except (SchemaVersionError, ValueError, OSError) as error:
+            raise InputFormatError(f"phase synthesize: {error}") from error
+    return sorted(files)
+
+
+def _direct_workers(options: PipelineOptions) -> int:
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode in ("multi_processing", "multi_threading"):
+        return max(1, direct.direct_num_workers or 1)
+    return 1
+
+
+def _seconds_summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def quantile(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {"total": round(sum(values), 3), "mean": round(sum(values) / len(values), 3), "p50": quantile(0.5),
+            "p90": quantile(0.9), "max": round(ordered[-1], 3)}
+
+
+PER_CLUSTER_SECONDS_LIMIT = 10_000
+"""The manifest lists each cluster's seconds up to this many clusters; beyond, only their distribution
+(every candidate row of ``candidates/`` carries its cluster's seconds)."""
+
+
+def synthesis_summary(output_dir: str) -> dict[str, Any]:
+    """Clusters, candidates and per-cluster seconds as written in ``OUT/candidates/*.parquet``."""
+    from transforms.synthesize import PARTS
+
+    table = mf.read_columns(FileSystems.join(output_dir, "candidates", "*.parquet"), ["cluster_id", "seconds"])
+    per_cluster: dict[str, dict[str, float]] = {}
+    n_candidates = 0
+    if table is not None:
+        n_candidates = table.num_rows
+        for cluster_id, seconds in zip(table.column("cluster_id").to_pylist(), table.column("seconds").to_pylist(),
+                                       strict=True):
+            if cluster_id not in per_cluster and seconds is not None:
+                per_cluster[cluster_id] = {k: round(float(seconds[k]), 3) for k in (*PARTS, "total")}
+    summary: dict[str, Any] = {
+        "clusters": len(per_cluster),
+        "candidates": n_candidates,
+        "seconds": {part: _seconds_summary([s[part] for s in per_cluster.values()]) for part in (*PARTS, "total")},
+    }
+    if len(per_cluster) <= PER_CLUSTER_SECONDS_LIMIT:
+        summary["per_cluster_seconds"] = dict(sorted(per_cluster.items()))
+    return summary
+
+
+def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Sequence[str],
+                         options: PipelineOptions, pipeline_factory: PipelineFactory) -> dict[str, Any]:
+    out = request.output
+    mf.delete_matching([FileSystems.join(out, "candidates", "*.parquet"),
+                        FileSystems.join(out, "rejects", "synthesize-*.parquet")])
+    started = time.monotonic()
+    n_input = count_clusters(files)
+    LOG.info("phase synthesize: %d clusters in %d file(s); model %s", n_input, len(files), config.synth.model.name)
+    p = pipeline_factory(options)
+    build_synthesize_pipeline(p, config, files, out, total=n_input, workers=_direct_workers(options))
+    result = _run_pipeline(p, "synthesize")
+    mf.remove_empty_temp_dirs(out, ["candidates", "rejects"])
+    counters = mf.beam_counters(result)
+    written = synthesis_summary(out)
+    rejects = mf.reject_summary(out, "synthesize")
+    stage = counters.get("synthesize", {})
+    rejected = rejects["rows"]
+    accounted = written["clusters"] + sum(rejected.values())
+    clusters = {
+        "input": n_input,
+        "synthesized": stage.get("clusters_trained", 0),
+        "cached": stage.get("clusters_cached", 0),
+        "rejected": rejected,
+        "written": written["clusters"],
+        "reconciled": n_input == accounted and written["clusters"] == stage.get("clusters_trained", 0)
+        + stage.get("clusters_cached", 0),
+    }
+    if n_input != accounted:
+        clusters["unaccounted"] = n_input - accounted
+    summary = {
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "inputs": list(files),
+        "model": config.synth.model.name,
+        "clusters": clusters,
+        "candidates": written["candidates"],
+        "seconds_per_cluster": written["seconds"],
+        "counters": counters,
+    }
+    if "per_cluster_seconds" in written:
+        summary["per_cluster_seconds"] = written["per_cluster_seconds"]
+    return summary
 
 
 def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory | None = None) -> dict[str, Any]:
@@ -234,6 +381,9 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))
 
     files: list[InputFile] = []
+    cluster_files: list[str] = []
+    if request.phases[0] == "synthesize":
+        cluster_files = expand_cluster_inputs(request.inputs)
     if request.phases[0] == "clusters":
         files = expand_inputs(list(request.inputs))
         for input_file in files[:config.read.validate_max_files]:
@@ -264,6 +414,10 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
             summary = run_clusters_phase(request, config, files, options, factory)
             manifest["records"] = summary["records"]
             manifest["clusters"] = summary["clusters"]
+        elif phase == "synthesize":
+            if not cluster_files:  # chained after the clusters phase: read what it wrote
+                cluster_files = expand_cluster_inputs([FileSystems.join(request.output, "clusters", "*.parquet")])
+            summary = run_synthesize_phase(request, config, cluster_files, options, factory)
         else:  # pragma: no cover -- guarded by request_from_args
             raise RunError(f"phase {phase} is not available")
         manifest["phases"][phase] = {"finished": mf.now(), **summary}
@@ -271,6 +425,9 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
         if phase == "clusters" and not summary["records"]["reconciled"]:
             raise RunError(f"counts do not reconcile: {summary['records']} -- some records were lost; "
                            f"this is a bug, please report it with {mf.MANIFEST}")
+        if phase == "synthesize" and not summary["clusters"]["reconciled"]:
+            raise RunError(f"synthesis counts do not reconcile: {summary['clusters']} -- some clusters were "
+                           f"lost; this is a bug, please report it with {mf.MANIFEST}")
     return manifest
 
 

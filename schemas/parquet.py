@@ -6,17 +6,22 @@ Each output has exactly one ``pa.schema``; its metadata names the output and the
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pyarrow as pa
 
 from schemas.records import (
+    Candidate,
     Cluster,
     ClusterProvenance,
     ClusterStats,
     ImageRecord,
     Prompt,
     Reject,
+    SampleSettings,
+    SynthSeconds,
+    TrainSettings,
 )
 
 SCHEMA_VERSION = 1
@@ -297,3 +302,74 @@ def reject_to_row(reject: Reject) -> dict[str, Any]:
 
 def reject_from_row(row: dict[str, Any]) -> Reject:
     return Reject(**{name: row.get(name) for name in REJECTS_SCHEMA.names})
+
+
+# --- candidates (phase 2) ------------------------------------------------------------------------------
+
+TRAIN_SETTINGS_TYPE = pa.struct([
+    pa.field("model", pa.string()),
+    pa.field("mode", pa.string()),
+    pa.field("steps", pa.int32()),
+    pa.field("learning_rate", pa.float64()),
+    pa.field("lora_rank", pa.int32()),
+    pa.field("train_text_encoder", pa.bool_()),
+    pa.field("batch_size", pa.int32()),
+    pa.field("resolution", pa.int32()),
+    pa.field("prior_preservation", pa.bool_()),
+    pa.field("prior_loss_weight", pa.float32()),
+    pa.field("precision", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("instance_prompt", pa.string()),
+])
+
+SAMPLE_SETTINGS_TYPE = pa.struct([
+    pa.field("scheduler", pa.string()),
+    pa.field("steps", pa.int32()),
+    pa.field("guidance_scale", pa.float32()),
+    pa.field("negative_prompt", pa.string()),
+    pa.field("images_per_prompt", pa.int32()),
+])
+
+SYNTH_SECONDS_TYPE = pa.struct([pa.field(name, pa.float32()) for name in
+                                ("load", "latents", "prior", "train", "sample", "cleanup", "total")])
+
+CANDIDATES_SCHEMA = _with_metadata("candidates", [
+    pa.field("candidate_id", pa.string(), nullable=False),
+    pa.field("cluster_id", pa.string(), nullable=False),
+    pa.field("page_url", pa.string()),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_template", pa.string(), nullable=False),
+    pa.field("skill", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("class_noun", pa.string()),
+    pa.field("identifier", pa.string()),
+    pa.field("k", pa.int32(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("nsfw", pa.bool_()),
+    pa.field("train", TRAIN_SETTINGS_TYPE),
+    pa.field("sample", SAMPLE_SETTINGS_TYPE),
+    pa.field("final_loss", pa.float32()),
+    pa.field("n_train_images", pa.int32()),
+    pa.field("seconds", SYNTH_SECONDS_TYPE),
+    pa.field("synth_config_hash", pa.string()),
+])
+
+
+def candidate_to_row(candidate: Candidate) -> dict[str, Any]:
+    """The row of ``candidates/*.parquet`` for a candidate (a dict matching :data:`CANDIDATES_SCHEMA`)."""
+    row = {name: getattr(candidate, name) for name in CANDIDATES_SCHEMA.names
+           if name not in ("train", "sample", "seconds")}
+    row["train"] = dataclasses.asdict(candidate.train)
+    row["sample"] = dataclasses.asdict(candidate.sample)
+    row["seconds"] = dataclasses.asdict(candidate.seconds)
+    return row
+
+
+def candidate_from_row(row: dict[str, Any]) -> Candidate:
+    """Inverse of :func:`candidate_to_row`."""
+    fields = {name: row.get(name) for name in CANDIDATES_SCHEMA.names if name not in ("train", "sample", "seconds")}
+    return Candidate(**fields, train=TrainSettings(**row["train"]), sample=SampleSettings(**row["sample"]),
+                     seconds=SynthSeconds(**row["seconds"]))

@@ -186,3 +186,100 @@ class Reject:
     source: str | None = None
     """Input location of a rejected record (``path:row``); empty for clusters."""
     cluster_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the DreamBooth that rendered a candidate was trained (what phase 3 and a dataset card report)."""
+
+    model: str
+    """Base model (``synth.model.name``)."""
+    mode: str
+    """``lora`` or ``full``."""
+    steps: int
+    learning_rate: float
+    lora_rank: int | None
+    """Rank of the LoRA adapters; ``None`` in full mode."""
+    train_text_encoder: bool
+    batch_size: int
+    resolution: int
+    prior_preservation: bool
+    prior_loss_weight: float | None
+    precision: str
+    """dtype of the frozen weights (``float32``, ``bfloat16``)."""
+    seed: int
+    """Seed of the training stream (from ``synth.train.seed`` and the cluster id)."""
+    instance_prompt: str
+    """Prompt of the real photos ("a photo of sks teapot")."""
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How a candidate was rendered."""
+
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    negative_prompt: str
+    images_per_prompt: int
+
+
+@dataclass(frozen=True)
+class SynthSeconds:
+    """Seconds the candidate's cluster spent in each part of synthesis (the same for all its candidates)."""
+
+    load: float
+    """Decoding and cropping the photos."""
+    latents: float
+    """VAE latents of the photos."""
+    prior: float
+    """Class images for prior preservation (fetched or rendered) and their latents."""
+    train: float
+    sample: float
+    """Rendering every prompt of the cluster."""
+    cleanup: float
+    """Restoring the base model and releasing memory."""
+    total: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One synthesized training target: an image of a cluster's subject rendered for one of its prompts by
+    a DreamBooth fine-tuned on the cluster's real images. Phase 3 scores and filters candidates."""
+
+    candidate_id: str
+    """Stable content hash of (cluster id, prompt template, skill, k, seed, synthesis config hash): reruns
+    of the same configuration give the same ids."""
+    cluster_id: str
+    page_url: str
+    prompt: str
+    """The prompt the model rendered: ``{subject}`` replaced by the identifier and the class noun
+    ("a photo of sks teapot on a beach")."""
+    prompt_template: str
+    """The scene prompt with its ``{subject}`` placeholder, as the cluster (or the fallback) gave it."""
+    skill: str
+    subject: str | None
+    """The cluster's subject description, when it has one."""
+    class_noun: str
+    """The DreamBooth class used ("object" when the cluster had none)."""
+    identifier: str
+    """The rare token that names the subject in ``prompt`` ("sks")."""
+    k: int
+    """Which of the prompt's images this is (0-based)."""
+    seed: int
+    """Seed of the render, derived from (cluster id, prompt template, k)."""
+    image: bytes = field(repr=False)
+    """The rendered image, encoded (PNG by default)."""
+    width: int
+    height: int
+    nsfw: bool | None
+    """Flagged by the base model's safety checker (the image is then black); ``None`` without a checker."""
+    train: TrainSettings
+    sample: SampleSettings
+    final_loss: float
+    """Mean training loss of the last tenth of the steps."""
+    n_train_images: int
+    """Real photos the DreamBooth was trained on."""
+    seconds: SynthSeconds
+    synth_config_hash: str
+    """Hash of the synthesis settings that produced the candidate (also the resume-cache key)."""

@@ -1,4 +1,5 @@
-"""Packaging: setup.py as installed here and as Beam's --setup_file builds it for remote workers."""
+"""Packaging: setup.py as installed here and as Beam's --setup_file builds it for remote workers, and the GPU
+worker image (Dockerfile), which must agree with it (one Beam version, the SDK image's Python, the Beam boot)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,44 @@ def test_setup_file_builds_what_workers_need(tmp_path) -> None:
                      "schemas/parquet.py", "README.md"):
         assert required in names, required
     assert not any(name.startswith(("tests/", "sample/", "benchmarks/")) for name in names)
+
+
+# --- the GPU worker image (Dockerfile) --------------------------------------------------------------------
+# No Docker engine runs where the tests run, so the Dockerfile is checked as text.
+
+DOCKERFILE = (REPO / "Dockerfile").read_text(encoding="utf-8")
+
+
+def test_dockerfile_beam_version_is_setup_py_beam_version() -> None:
+    args = dict(re.findall(r"^ARG (\w+)=(\S*)", DOCKERFILE, flags=re.MULTILINE))
+    assert args["BEAM_VERSION"].strip('"') == _setup_constant("BEAM_VERSION")
+    assert len(re.findall(r"^ARG BEAM_VERSION=", DOCKERFILE, flags=re.MULTILINE)) == 1  # one place to change it
+    constraint = re.search(r"^apache-beam==(\S+)$", (REPO / "constraints.txt").read_text(), flags=re.MULTILINE)
+    assert constraint and constraint.group(1) == _setup_constant("BEAM_VERSION")
+
+
+def test_beam_boot_comes_from_the_sdk_image_of_that_version() -> None:
+    stage = re.search(r"^FROM apache/beam_python(\d+\.\d+)_sdk:\$\{BEAM_VERSION\} AS (\w+)$", DOCKERFILE,
+                      flags=re.MULTILINE)
+    assert stage, "the Beam SDK stage must use ${BEAM_VERSION}"
+    python, name = stage.groups()
+    assert f"COPY --from={name} /opt/apache/beam /opt/apache/beam" in DOCKERFILE
+    assert re.search(r'^ENTRYPOINT \["/opt/apache/beam/boot"\]$', DOCKERFILE, flags=re.MULTILINE)
+    # The CUDA base must run the Python the SDK image was built for; the build asserts it.
+    assert f"sys.version_info[:2] == ({python.replace('.', ', ')})" in DOCKERFILE
+
+
+def test_project_and_gpu_extras_install_in_one_layer_ending_in_pip_check() -> None:
+    runs = re.findall(r"^RUN (.*?)(?<!\\)\n(?! )", DOCKERFILE + "\n", flags=re.MULTILINE | re.DOTALL)
+    install = [r for r in runs if "pip install" in r]
+    assert len(install) == 1
+    layer = install[0]
+    assert "--no-cache-dir" in layer and '".[models,gcp]"' in layer
+    assert layer.rstrip().endswith("pip check")
+    assert "git clone" not in DOCKERFILE
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "out"} <= ignored
+    assert not {"README.md", "setup.py", "constraints.txt"} & ignored  # pip install . needs them

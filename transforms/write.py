@@ -15,7 +15,14 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from schemas.parquet import CLUSTERS_SCHEMA, REJECTS_SCHEMA, cluster_to_row, reject_to_row
+from schemas.parquet import (
+    CANDIDATES_SCHEMA,
+    CLUSTERS_SCHEMA,
+    REJECTS_SCHEMA,
+    candidate_to_row,
+    cluster_to_row,
+    reject_to_row,
+)
 from transforms.common import option
 
 _CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
@@ -75,6 +82,11 @@ class WriteParquet(beam.PTransform):
 def write_clusters(output_dir: str, config: OutputConfig) -> WriteParquet:
     """``Cluster``s -> ``OUT/clusters/part-*.parquet``."""
     return WriteParquet(output_dir, "clusters", "part", CLUSTERS_SCHEMA, cluster_to_row, config)
+
+
+def write_candidates(output_dir: str, config: OutputConfig) -> WriteParquet:
+    """``Candidate``s (phase 2) -> ``OUT/candidates/part-*.parquet``."""
+    return WriteParquet(output_dir, "candidates", "part", CANDIDATES_SCHEMA, candidate_to_row, config)
 
 
 def write_rejects(output_dir: str, phase: str, config: OutputConfig) -> WriteParquet:
