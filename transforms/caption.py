@@ -36,9 +36,7 @@ from transforms.llm_client import (
     ChatResponse,
     LLMConfig,
     OutputInvalid,
-    PromptText,
     image_data_url,
-    load_prompt,
 )
 from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, check_stage_config, error_text
 
@@ -243,10 +241,8 @@ class CaptionHandler(ClusterModelHandler):
     stage = STAGE
 
     def __init__(self, config: CaptionConfig, llm: LLMConfig) -> None:
-        super().__init__(backend=config.backend, model=config.model, endpoint=config.endpoint, llm=llm,
-                         batch_size=config.batch_size if config.backend == "vllm" else 64)
+        super().__init__(config, llm)
         self._config = config
-        self._prompt: PromptText | None = load_prompt(config.prompt) if config.backend == "vllm" else None
 
     def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
         if client is None:
@@ -271,10 +267,6 @@ class CaptionHandler(ClusterModelHandler):
                 captions[i].append(result)
         return [Outcome(error=error) if error else Outcome(tuple(caps))
                 for caps, error in zip(captions, errors, strict=True)]
-
-    @property
-    def prompt_tag(self) -> str | None:
-        return self._prompt.tag if self._prompt else None
 
 
 class ApplyCaptionsFn(ResolveFn):

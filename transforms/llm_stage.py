@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from schemas.records import Cluster
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
-from transforms.llm_client import ChatClient, LLMConfig, connect, report_events
+from transforms.llm_client import ChatClient, LLMConfig, PromptText, connect, load_prompt, report_events
 
 LOG = logging.getLogger(__name__)
 
@@ -61,23 +61,46 @@ class Outcome:
     error: str | None = None
 
 
+OFFLINE_BATCH_SIZE = 64
+"""Clusters per batch for the offline backends (no server to keep busy; just amortizes the step)."""
+
+
+class StageModelConfig(Protocol):
+    """The settings every model stage's config section has (``CaptionConfig``, ``SubjectConfig``, ...)."""
+
+    backend: str
+    model: str
+    endpoint: str
+    prompt: str
+    batch_size: int
+
+
 class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | None]):
     """RunInference over clusters; subclasses implement :meth:`infer` (one outcome per cluster).
 
     ``load_model`` connects to the model (:func:`transforms.llm_client.connect`) for the ``vllm``
-    backend and loads nothing for the offline ones.
+    backend and loads nothing for the offline ones. The stage's instruction file is read here, on the
+    launcher, so that a missing file fails before the job starts and its hash is known to provenance.
     """
 
     stage = "model"
 
-    def __init__(self, *, backend: str, model: str, endpoint: str, llm: LLMConfig, batch_size: int) -> None:
+    def __init__(self, config: StageModelConfig, llm: LLMConfig) -> None:
+        uses_model = config.backend == "vllm"
+        batch_size = config.batch_size if uses_model else OFFLINE_BATCH_SIZE
         # A fixed batch size: BatchElements would otherwise start at one cluster and grow slowly, and a
         # batch of one cluster leaves most of the client's concurrency idle while a server answers.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self._backend = backend
-        self._model = model
-        self._endpoint = endpoint
+        self._backend = config.backend
+        self._model = config.model
+        self._endpoint = config.endpoint
         self._llm = llm
+        self._prompt: PromptText | None = load_prompt(config.prompt) if uses_model else None
+
+    @property
+    def prompt_tag(self) -> str | None:
+        """``name@hash`` of the instruction file sent to the model (``None`` for offline backends)."""
+        return self._prompt.tag if self._prompt else None
 
     @property
     def uses_model(self) -> bool:

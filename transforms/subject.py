@@ -41,7 +41,6 @@ from transforms.llm_client import (
     OutputInvalid,
     PromptText,
     json_schema_params,
-    load_prompt,
     parse_json_object,
 )
 from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, check_stage_config, error_text
@@ -336,14 +335,8 @@ class SubjectHandler(ClusterModelHandler):
     stage = STAGE
 
     def __init__(self, config: SubjectConfig, llm: LLMConfig) -> None:
-        super().__init__(backend=config.backend, model=config.model, endpoint=config.endpoint, llm=llm,
-                         batch_size=config.batch_size if config.backend == "vllm" else 64)
+        super().__init__(config, llm)
         self._config = config
-        self._prompt: PromptText | None = load_prompt(config.prompt) if config.backend == "vllm" else None
-
-    @property
-    def prompt_tag(self) -> str | None:
-        return self._prompt.tag if self._prompt else None
 
     def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
         config = self._config
