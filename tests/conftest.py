@@ -62,6 +62,14 @@ def sample_phase1(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Stable Diffusion saved with ``save_pretrained``, loaded like a real model id."""
+    from tests.tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models"), "tiny-random")
+
+
+@pytest.fixture(scope="session")
 def product_photos(sample_rows: list[dict[str, Any]]) -> list[bytes]:
     """Real JPEG product photos from the sample (DreamBench), one per subject."""
     photos, seen = [], set()

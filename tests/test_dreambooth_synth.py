@@ -45,11 +45,6 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return save_tiny_model(tmp_path_factory.mktemp("models"), "tiny-random")
-
-
-@pytest.fixture(scope="session")
 def tiny_model(tiny_sd_dir: str):
     """One loaded tiny SD for the module (as a worker loads one model for all its clusters)."""
     return load_model(ModelConfig(name=tiny_sd_dir))

@@ -28,7 +28,6 @@ from tests.tiny_models import (
     broken_copy,
     one_torch_thread,
     read_clusters,
-    save_tiny_model,
     with_prompts,
     write_clusters_file,
 )
@@ -50,11 +49,6 @@ PROMPTS = (("a photo of {subject} on a beach", "recontextualization"),
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     yield from one_torch_thread()
-
-
-@pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return save_tiny_model(tmp_path_factory.mktemp("models"), "tiny-random")
 
 
 @pytest.fixture(scope="module")
