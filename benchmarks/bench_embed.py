@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import logging
 import os
 import platform
@@ -49,6 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
+from benchmarks.common import header, write_results  # noqa: E402
 from transforms.embed import (  # noqa: E402
     EmbedConfig,
     ImagePixels,
@@ -258,24 +257,16 @@ def main(argv: list[str] | None = None) -> int:
                                        args.images_per_element, folder, args.repeats))
 
     report = {
-        "benchmark": "embed",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **header("embed"),
         "what": "images/s of CLIP image embedding: Beam RunInference stage (steady state, and end to end) vs a "
                 "plain loop over model.encode_image on the same preprocessed batches, same process",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
         "versions": {"torch": torch.__version__, "apache_beam": beam.__version__, "python": platform.python_version()},
         "results": results,
         **extra,
     }
     if args.device == "cpu" and not torch.cuda.is_available():
         report["gpu"] = "no GPU in this environment; run with --device cuda for ViT-L-14 bf16 with the best batch size"
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     for r in results:
         print(f"{r['model']:12} loop {r['plain_loop_images_per_s']:9.1f} img/s   beam {r['beam_images_per_s']:9.1f} "
               f"img/s   ratio {r['ratio']:.3f}   (per CPU second {r['ratio_cpu']:.3f}; end to end, with start-up: "

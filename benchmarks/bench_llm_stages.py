@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import header, write_results  # noqa: E402
 from schemas.parquet import CLUSTERS_SCHEMA, cluster_from_row, cluster_to_row  # noqa: E402
 from tests.clusters import sample_clusters  # noqa: E402
 from tests.llm_server import VL_MODEL, FakeOpenAIServer  # noqa: E402
@@ -141,8 +141,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench_llm_stages_")
     path = write_clusters(clusters, os.path.join(workdir, "clusters.parquet"))
     results: dict[str, Any] = {
-        "benchmark": "llm_stages",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        **header("llm_stages"),
         "clusters": len(clusters), "images": n_images, "sets": {}}
 
     server = FakeOpenAIServer(VL_MODEL)
@@ -174,11 +173,7 @@ def main() -> None:
 
     for name, result in results["sets"].items():
         print(name, json.dumps(result))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    print(f"wrote {args.output}")
+    write_results(args.output, results)
 
 
 if __name__ == "__main__":

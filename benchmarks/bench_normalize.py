@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.common import header, write_results  # noqa: E402
 from transforms.normalize import Normalize, NormalizeConfig  # noqa: E402
 from transforms.read import InputFile, ReadConfig, ReadPairs  # noqa: E402
 
@@ -113,9 +112,7 @@ def main() -> None:
 
     config = NormalizeConfig()
     sets = load_sets(args.repeat, args.large)
-    results = {"benchmark": "normalize", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                     "platform": platform.platform()},
-               "config": {"max_side": config.max_side, "quality": config.quality}, "sets": {}}
+    results = {**header("normalize"), "config": {"max_side": config.max_side, "quality": config.quality}, "sets": {}}
     workdir = tempfile.mkdtemp(prefix="bench_normalize_")
     for name, images in sets.items():
         path = write_crawl(images, os.path.join(workdir, f"{name}.parquet"))
@@ -127,11 +124,7 @@ def main() -> None:
                                  "ratio_beam_to_plain": round(stage["images_per_s"] / plain["images_per_s"], 3)}
         print(f"{name:7s} {len(images):4d} images  plain {plain['images_per_s']:7.1f}/s  "
               f"beam {stage['images_per_s']:7.1f}/s  ratio {results['sets'][name]['ratio_beam_to_plain']:.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    print(f"wrote {args.output}")
+    write_results(args.output, results)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,8 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks.common import header, write_results  # noqa: E402
 
 MIB = 2**20
 
@@ -278,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {
-        "benchmark": "synth", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        **header("synth"),
     }
     if args.sd15:
         results["sd15"] = sd15_sized(args)
@@ -291,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     flat = all(r["rss_growth_after_warmup_mib"] <= args.max_growth_mib and
                (r["cuda_growth_after_warmup_mib"] or 0) <= 1 for r in runs)
     results["memory_flat"] = flat
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-        handle.write("\n")
+    write_results(args.output, results)
     print(json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=1)[:4000])
     print(f"written to {args.output}; memory flat across clusters: {flat}")
     return 0 if flat else 1
