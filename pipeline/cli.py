@@ -105,6 +105,8 @@ def _report_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_report(argv: Sequence[str]) -> int:
+    import dataclasses
+
     from pipeline.config import ConfigError, from_dict, parse_override
     from pipeline.manifest import load_manifest
     from pipeline.report import ReportConfig, write_report
@@ -113,7 +115,9 @@ def _cmd_report(argv: Sequence[str]) -> int:
     manifest = load_manifest(args.output)
     if not manifest:
         raise ConfigError(f"{args.output}: no manifest.json (not the output folder of a run)")
-    section = dict(manifest.get("config", {}).get("report") or {})
+    # The run's settings, as far as this version knows them (a manifest of another version may differ).
+    known = {f.name for f in dataclasses.fields(ReportConfig)}
+    section = {k: v for k, v in (manifest.get("config", {}).get("report") or {}).items() if k in known}
     for override in args.overrides:
         path, value = parse_override(override)
         if path[0] != "report" or len(path) != 2:

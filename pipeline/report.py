@@ -8,9 +8,11 @@ gallery of rejected candidates per reason, and a gallery of clusters. Whatever a
 only has no candidates) is said, not failed on.
 
 The page opens fast for runs of any size: galleries are capped (``report.examples``, ``report.rejects_per_reason``,
-``report.clusters``) and drawn from at most ``report.max_row_groups`` Parquet row groups per output, chosen evenly
-through the files and sampled within by a hash of the ids (deterministic); histograms read only the score
-columns of ``scores/``. ``icl-pipeline report OUT`` writes it again for any output folder.
+``report.clusters``). They are sampled by a hash of the ids (deterministic, spread over the whole output): only
+the id column of every row group is read, then the row groups holding the smallest hashes, up to
+``report.read_budget_mb`` per gallery, so writing the report takes seconds whatever the size of the run;
+histograms read only the score columns of ``scores/``. ``icl-pipeline report OUT`` writes it again for any output
+folder.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class ReportConfig:
     rejects_per_reason: int = option(6, "Rejected candidates shown per reject reason.")
     clusters: int = option(12, "Clusters shown in the cluster gallery.")
     thumbnail_px: int = option(160, "Longest side of the thumbnails, in pixels.")
-    max_row_groups: int = option(4, "Parquet row groups read per gallery, spread over the files: bounds the time "
-                                    "to write the report whatever the size of the run.")
+    read_budget_mb: int = option(256, "Megabytes of Parquet row groups (at least one) read per gallery: bounds the "
+                                      "time to write the report whatever the size of the run.")
     bins: int = option(30, "Bins per histogram.")
 
     def __post_init__(self) -> None:
@@ -49,8 +51,8 @@ class ReportConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.thumbnail_px < 16:
             raise ValueError(f"thumbnail_px must be at least 16, got {self.thumbnail_px}")
-        if self.max_row_groups < 1 or self.bins < 2:
-            raise ValueError("max_row_groups must be at least 1 and bins at least 2")
+        if self.read_budget_mb < 1 or self.bins < 2:
+            raise ValueError("read_budget_mb must be at least 1 and bins at least 2")
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -62,15 +64,46 @@ def _files(pattern: str) -> list[str]:
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
-def _row_group_units(paths: Sequence[str]) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file, with the ids of its rows."""
+
+    path: str
+    row_group: int
+    nbytes: int
+    ids: tuple[str, ...]
+
+
+def row_group_ids(paths: Sequence[str], id_column: str) -> list[Unit]:
+    """Every row group of ``paths`` with its size and the ids of its rows (only the id column is read)."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
     units = []
     for path in paths:
         with FileSystems.open(path) as handle:
-            units.extend((path, i) for i in range(pq.ParquetFile(handle).num_row_groups))
+            parquet = pq.ParquetFile(handle)
+            for i in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(i, columns=[id_column]).column(id_column).to_pylist()
+                units.append(Unit(path, i, parquet.metadata.row_group(i).total_byte_size, tuple(map(str, ids))))
     return units
+
+
+def choose_units(units: Sequence[Unit], wanted: Iterable[str], budget_bytes: int) -> list[Unit]:
+    """The row groups holding the ``wanted`` ids, in the order of the ids, while they fit ``budget_bytes`` (at
+    least one)."""
+    where = {id_: unit for unit in units for id_ in unit.ids}
+    chosen: list[Unit] = []
+    spent = 0
+    for id_ in wanted:
+        unit = where.get(id_)
+        if unit is None or unit in chosen:
+            continue
+        if chosen and spent + unit.nbytes > budget_bytes:
+            continue  # a later id may sit in a row group already chosen
+        chosen.append(unit)
+        spent += unit.nbytes
+    return chosen
 
 
 def _read_row_group(path: str, row_group: int, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -94,32 +127,23 @@ def _read_columns(pattern: str, columns: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def spread(items: Sequence[Any], k: int) -> list[Any]:
-    """At most ``k`` items evenly spaced through ``items`` (first and last included)."""
-    if k <= 0 or not items:
-        return []
-    if len(items) <= k:
-        return list(items)
-    if k == 1:
-        return [items[0]]
-    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
-
-
 def _order(key: str) -> str:
     from schemas.ids import stable_id
 
     return stable_id("report", key)
 
 
-def sample_rows(pattern: str, id_column: str, n: int, max_row_groups: int,
+def sample_rows(pattern: str, id_column: str, n: int, budget_bytes: int,
                 columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Up to ``n`` rows of the files matching ``pattern``, from at most ``max_row_groups`` row groups spread over
-    them, chosen by a hash of ``id_column`` (the same rows on every call)."""
+    """Up to ``n`` rows of the files matching ``pattern``: those with the smallest hashes of ``id_column`` among
+    the row groups that hold the smallest hashes and fit ``budget_bytes`` (the same rows on every call)."""
     if n <= 0:
         return []
+    units = row_group_ids(_files(pattern), id_column)
+    ranked = sorted((id_ for unit in units for id_ in unit.ids), key=_order)
     rows: list[dict[str, Any]] = []
-    for path, group in spread(_row_group_units(_files(pattern)), max_row_groups):
-        rows.extend(_read_row_group(path, group, columns))
+    for unit in choose_units(units, ranked, budget_bytes):
+        rows.extend(_read_row_group(unit.path, unit.row_group, columns))
     return sorted(rows, key=lambda row: _order(str(row[id_column])))[:n]
 
 
@@ -389,7 +413,7 @@ def _examples_section(output_dir: str, config: ReportConfig) -> str:
     if not _files(pattern):
         return _section("examples", "Kept examples", "<p>No examples yet: phase assemble has not run on this "
                         "output (or kept nothing).</p>")
-    rows = sample_rows(pattern, "example_id", config.examples, config.max_row_groups)
+    rows = sample_rows(pattern, "example_id", config.examples, config.read_budget_mb << 20)
     size = config.thumbnail_px
     cards = []
     for row in rows:
@@ -420,15 +444,6 @@ def _count_rows(pattern: str) -> int:
     return total
 
 
-def _candidate_locations(paths: Iterable[str]) -> dict[str, tuple[str, int]]:
-    """``candidate_id -> (file, row group)`` of candidate files, reading only the id column."""
-    locations: dict[str, tuple[str, int]] = {}
-    for path, group in _row_group_units(list(paths)):
-        for row in _read_row_group(path, group, ["candidate_id"]):
-            locations.setdefault(row["candidate_id"], (path, group))
-    return locations
-
-
 def _rejected_section(output_dir: str, manifest: dict[str, Any], config: ReportConfig) -> str:
     from apache_beam.io.filesystems import FileSystems
 
@@ -445,26 +460,20 @@ def _rejected_section(output_dir: str, manifest: dict[str, Any], config: ReportC
                                                          ["candidate_id", "prompt", "scores"])}
     inputs = manifest.get("phases", {}).get("assemble", {}).get("inputs") or _files(
         FileSystems.join(output_dir, "candidates", "*.parquet"))
-    locations = _candidate_locations([p for p in inputs if FileSystems.exists(p)])
-    # Choose the samples first, reading as few row groups as the budget allows; then read them once.
-    chosen: dict[str, list[dict[str, Any]]] = {}
-    units: set[tuple[str, int]] = set()
-    for reason, rows in sorted(by_reason.items()):
-        picked = []
-        for row in sorted(rows, key=lambda r: _order(r["id"])):
-            if len(picked) >= config.rejects_per_reason:
-                break
-            unit = locations.get(row["id"])
-            if unit is not None and unit not in units and len(units) >= config.max_row_groups:
-                continue
-            if unit is not None:
-                units.add(unit)
-            picked.append(row)
-        chosen[reason] = picked
+    units = row_group_ids([p for p in inputs if FileSystems.exists(p)], "candidate_id")
+    # The first ids of every reason, then the next ones, ...: each reason gets its share of the read budget.
+    ranked = {reason: sorted((r["id"] for r in rows), key=_order) for reason, rows in by_reason.items()}
+    interleaved = [ids[k] for k in range(config.rejects_per_reason) for ids in ranked.values() if k < len(ids)]
+    chosen_units = choose_units(units, interleaved, config.read_budget_mb << 20)
     images: dict[str, dict[str, Any]] = {}
-    for path, group in sorted(units):
-        for row in _read_row_group(path, group, ["candidate_id", "image", "prompt", "skill"]):
+    for unit in chosen_units:
+        for row in _read_row_group(unit.path, unit.row_group, ["candidate_id", "image", "prompt", "skill"]):
             images[row["candidate_id"]] = row
+    readable = {id_ for unit in chosen_units for id_ in unit.ids}
+    known = {id_ for unit in units for id_ in unit.ids}
+    chosen = {reason: [row for row in sorted(rows, key=lambda r: _order(r["id"]))
+                       if row["id"] in readable or row["id"] not in known][:config.rejects_per_reason]
+              for reason, rows in by_reason.items()}
     blocks = []
     for reason, rows in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         cards = []
@@ -486,7 +495,7 @@ def _clusters_section(output_dir: str, config: ReportConfig) -> str:
     pattern = FileSystems.join(output_dir, "clusters", "*.parquet")
     if not _files(pattern):
         return _section("clusters", "Clusters", "<p>No clusters in this output.</p>")
-    rows = sample_rows(pattern, "cluster_id", config.clusters, config.max_row_groups,
+    rows = sample_rows(pattern, "cluster_id", config.clusters, config.read_budget_mb << 20,
                        ["cluster_id", "page_url", "subject", "class_noun", "images", "stats", "prompts"])
     cards = []
     for row in rows:

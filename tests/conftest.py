@@ -82,6 +82,8 @@ SMALL_SYNTH: tuple[str, ...] = ("--set", "synth.train.steps=4", "--set", "synth.
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
-    """All three phases on the bundled sample with the demo profile (what `make demo` runs), run once."""
+    """All three phases on the bundled sample with the demo profile (what `make demo` runs), run once; small
+    example shards (~400 kB, row groups of ~150 kB) so that readers have several files and row groups to split."""
     return run_pipeline([SAMPLE], tmp_path_factory.mktemp("demo_run"), "--profile", "demo",
-                        "--phases", "clusters,synthesize,assemble", *SMALL_SYNTH)
+                        "--phases", "clusters,synthesize,assemble", *SMALL_SYNTH,
+                        "--set", "assemble.shard_bytes=400000", "--set", "assemble.row_group_bytes=150000")
