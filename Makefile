@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llm_stages.py --output benchmarks/results/llm_stages.json
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
+	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)

@@ -204,3 +204,29 @@ def test_a_black_render_flagged_nsfw_is_scored_and_rejected_first_as_nsfw(cluste
     reasons = units | beam.Map(lambda u: [r for r, _ in failures(u.candidates[0], config, fixed_bounds(config))][:4])
     assert_that(reasons, equal_to([["nsfw", "blank_image", "too_dark", "blurry"]]))
     p.run().wait_until_finish()
+
+
+def test_a_batch_the_model_fails_on_rejects_each_of_its_candidates(clusters) -> None:
+    from transforms.embed import ImagesAndTexts
+    from transforms.score import Prepared, ScoringUnit, scoring_failure_rejects
+
+    teapot = clusters[0]
+    targets = (candidate(teapot, b"", tag="a"), candidate(teapot, b"", tag="b"))
+    prepared = Prepared(ScoringUnit(teapot, targets), (), (), teapot.images, None)
+    failure = ([ImagesAndTexts(prepared, (), ())], (RuntimeError, "RuntimeError('CUDA OOM')", []))
+    rejects = [tagged.value for tagged in scoring_failure_rejects(failure)]
+    assert [(r.reason, r.id, r.cluster_id, r.n_images) for r in rejects] == [
+        ("scoring_failed", c.candidate_id, teapot.cluster_id, 1) for c in targets]
+    assert "CUDA OOM" in rejects[0].detail
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_text_embeddings_under_cuda_autocast_match_cpu(encoder) -> None:
+    texts = ["a red ceramic teapot on a beach", "a watercolor painting of a dog", "a backpack seen from above"]
+    gpu = load_image_encoder(dataclasses.replace(TINY, device="cuda", precision="auto"), text=True)
+    assert gpu.device == "cuda" and gpu.autocast_dtype in (torch.bfloat16, torch.float16)
+    on_gpu, on_cpu = gpu.embed_texts(texts), encoder.embed_texts(texts)
+    assert on_gpu.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(on_gpu, axis=1), 1.0, atol=1e-5)
+    assert (np.sum(on_cpu * on_gpu, axis=1) > 0.99).all()
