@@ -195,14 +195,21 @@ def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
     assert by_id[copy.candidate.candidate_id]["failed"] == ["copy_phash"]
 
 
-def test_stage_with_fixed_bounds(tmp_path) -> None:
+@pytest.mark.parametrize("write", [False, True])
+def test_stage_with_fixed_bounds(tmp_path, write: bool) -> None:
     units, candidates = _hand_made_units()
     p = TestPipeline()
-    kept, rejects = p | beam.Create(units) | TargetFilter(FIXED)  # no output_dir: nothing written
+    kept, rejects = p | beam.Create(units) | TargetFilter(FIXED, str(tmp_path) if write else None)
     expected = [c.candidate.candidate_id for c in candidates if not failures(c, FIXED, BOUNDS)]
     assert_that(kept | beam.FlatMap(lambda u: [c.candidate.candidate_id for c in u.candidates]), equal_to(expected))
     p.run().wait_until_finish()
     assert len(expected) == 6  # subject_sim_mean >= 0.7 (i >= 5) and text_sim >= 0.25 (all but i = 7)
+    if write:
+        stats = json.loads((tmp_path / "stats" / "assemble.target_filter.json").read_text())
+        assert stats["mode"] == "fixed" and stats["bounds"]["min_subject_sim"] == 0.7
+        assert stats["candidates_scored"] == 20 and pq.read_table(tmp_path / "scores").num_rows == 20
+    else:
+        assert not (tmp_path / "stats").exists()
 
 
 def test_config_is_validated() -> None:

@@ -350,13 +350,14 @@ class TargetFilter(beam.PTransform):
     def expand(self, units: beam.PCollection) -> StageOutput:
         config = self._config
         calibrated = config.target_keep_rate is not None
-        if not calibrated and self._output_dir is None:
-            decided = units | "ApplyBounds" >> beam.ParDo(ApplyBoundsFn(config), fixed_bounds(config)).with_outputs(
-                REJECTS, DECISIONS, main="kept")
-            return StageOutput(decided.kept, decided[REJECTS])
-
-        n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
-                    | "CountScored" >> beam.CombineGlobally(sum))
+        quantiles = n_scored = None
+        if calibrated or self._output_dir is not None:
+            n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
+                        | "CountScored" >> beam.CombineGlobally(sum))
+        if self._output_dir is not None:
+            quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
+                         | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
+                         | "AllScoreQuantiles" >> beam.combiners.ToList())
         if calibrated:
             pairs = units | "EligibleScores" >> beam.FlatMap(eligible_scores, config)
             q_subject = (pairs | "SubjectSims" >> beam.Map(lambda pair: pair[0])
@@ -372,22 +373,23 @@ class TargetFilter(beam.PTransform):
                                           beam.pvalue.AsSingleton(q_text), beam.pvalue.AsSingleton(n_scored),
                                           config.target_keep_rate)
             )
+            decided = units | "ApplyBounds" >> beam.ParDo(
+                ApplyBoundsFn(config), beam.pvalue.AsSingleton(calibration)).with_outputs(
+                REJECTS, DECISIONS, main="kept")
+            if quantiles is not None:
+                stats = calibration | "DescribeFilter" >> beam.Map(
+                    lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
+                    beam.pvalue.AsSingleton(n_scored))
         else:
+            # Fixed bounds are plain arguments: thresholding fuses with scoring, no barrier.
             fixed = fixed_bounds(config)
-            calibration = units.pipeline | "FixedBounds" >> beam.Create([
-                {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}])
-        decided = units | "ApplyBounds" >> beam.ParDo(
-            ApplyBoundsFn(config), beam.pvalue.AsSingleton(calibration)).with_outputs(REJECTS, DECISIONS, main="kept")
-
+            decided = units | "ApplyBounds" >> beam.ParDo(ApplyBoundsFn(config), fixed).with_outputs(
+                REJECTS, DECISIONS, main="kept")
+            if quantiles is not None:
+                described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
+                stats = n_scored | "DescribeFilter" >> beam.Map(
+                    lambda n, q: filter_stats(described, q, n, config), beam.pvalue.AsSingleton(quantiles))
         if self._output_dir is not None:
             decided[DECISIONS] | "WriteScores" >> write_scores(self._output_dir, self._output)
-            quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
-                         | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
-                         | "AllScoreQuantiles" >> beam.combiners.ToList())
-            _ = (
-                calibration
-                | "DescribeFilter" >> beam.Map(lambda cal, q, n: filter_stats(cal, q, n, config),
-                                               beam.pvalue.AsSingleton(quantiles), beam.pvalue.AsSingleton(n_scored))
-                | "WriteFilterStats" >> WriteStats(self._output_dir, self._phase, STAGE)
-            )
+            stats | "WriteFilterStats" >> WriteStats(self._output_dir, self._phase, STAGE)
         return StageOutput(decided.kept, decided[REJECTS])
