@@ -215,12 +215,12 @@ def build_assemble_pipeline(p: beam.Pipeline, config: PipelineConfig, candidate_
     """Phase 3 graph: read candidates and their clusters -> score -> target filter -> assemble ->
     ``examples/``, ``scores/`` and ``rejects/assemble-*``.
 
-    A cluster row that cannot be read is only counted (``score/clusters_unreadable``) and logged: its
-    candidates are accounted for as ``cluster_missing`` rejects, so the phase's counts stay in candidates.
+    A cluster row that cannot be read is only counted (``read_clusters/internal_error``, in images) and logged:
+    its candidates are accounted for as ``cluster_missing`` rejects, so the phase's counts stay in candidates.
     """
     candidates, read_rejects = p | "ReadCandidates" >> ReadCandidates(candidate_files)
-    clusters, unreadable = p | "ReadClusters" >> ReadClusters(cluster_files)
-    _ = unreadable | "CountUnreadableClusters" >> beam.Map(_count_unreadable_cluster)
+    clusters, unreadable = p | "ReadClusters" >> ReadClusters(cluster_files, stage="read_clusters")
+    _ = unreadable | "LogUnreadableClusters" >> beam.Map(_log_unreadable_cluster)
     units, score_rejects = (candidates, clusters) | "Score" >> Score(config.score, config.embed)
     kept, filter_rejects = units | "TargetFilter" >> TargetFilter(config.target_filter, output_dir, config.output)
     run_provenance = RunProvenance(mf.package_versions().get("icl-cluster-pipeline"), config_hash(config),
@@ -232,12 +232,9 @@ def build_assemble_pipeline(p: beam.Pipeline, config: PipelineConfig, candidate_
     return {"examples": examples, "shards": shards, "rejects": rejects}
 
 
-def _count_unreadable_cluster(reject: Any) -> None:
-    from transforms.common import count
-
+def _log_unreadable_cluster(reject: Any) -> None:
     LOG.warning("assemble: cluster %s of the clusters input is unreadable (%s); its candidates are rejected as "
                 "cluster_missing", reject.id, reject.detail)
-    count("score", "clusters_unreadable")
 
 
 # --- running ------------------------------------------------------------------------------------------
