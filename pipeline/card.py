@@ -134,8 +134,20 @@ def _yaml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def dataset_card(manifest: dict[str, Any], config: CardConfig) -> str:
-    """The card's Markdown text (with a Hugging Face YAML header)."""
+FOLDERS = (
+    ("examples/*.parquet", "the examples"),
+    ("scores/*.parquet", "every scored candidate with its scores and the filter's decision"),
+    ("clusters/*.parquet", "the real image clusters (phase 1)"),
+    ("candidates/*.parquet", "every rendered target (phase 2)"),
+    ("rejects/*.parquet", "every record, cluster or candidate that left, with its reason"),
+    ("report/index.html", "funnel, score histograms with thresholds, galleries"),
+    ("manifest.json", "configuration, versions, counts, thresholds, timings"),
+)
+
+
+def dataset_card(manifest: dict[str, Any], config: CardConfig, present: set[str] | None = None) -> str:
+    """The card's Markdown text (with a Hugging Face YAML header). ``present``: the entries of :data:`FOLDERS`
+    the output holds (all when ``None``)."""
     from pipeline.manifest import departures
     from schemas.parquet import EXAMPLES_SCHEMA
 
@@ -174,15 +186,10 @@ def dataset_card(manifest: dict[str, Any], config: CardConfig) -> str:
         "## Files",
         "",
         _table(["path", "holds"], [
-            ["`examples/*.parquet`", f"the examples ({assemble.get('examples', {}).get('files', 0)} file(s), "
-                                     f"{assemble.get('examples', {}).get('row_groups', 0)} row group(s))"],
-            ["`scores/*.parquet`", "every scored candidate with its scores and the filter's decision"],
-            ["`clusters/*.parquet`", "the real image clusters (phase 1)"],
-            ["`candidates/*.parquet`", "every rendered target (phase 2)"],
-            ["`rejects/*.parquet`", "every record, cluster or candidate that left, with its reason"],
-            ["`report/index.html`", "funnel, score histograms with thresholds, galleries"],
-            ["`manifest.json`", "configuration, versions, counts, thresholds, timings"],
-        ]),
+            [f"`{path}`", holds + (f" ({assemble.get('examples', {}).get('files', 0)} file(s), "
+                                   f"{assemble.get('examples', {}).get('row_groups', 0)} row group(s))"
+                                   if path.startswith("examples") else "")]
+            for path, holds in FOLDERS if present is None or path in present]),
         "",
         "## Schema of `examples/*.parquet`",
         "",
@@ -301,7 +308,9 @@ def write_card(output_dir: str, manifest: dict[str, Any], config: CardConfig) ->
     """Write ``OUT/README.md``; returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
+    present = {path for path, _ in FOLDERS
+               if FileSystems.match([FileSystems.join(output_dir, *path.split("/"))])[0].metadata_list}
     path = FileSystems.join(output_dir, CARD)
     with FileSystems.create(path) as handle:
-        handle.write(dataset_card(manifest, config).encode("utf-8"))
+        handle.write(dataset_card(manifest, config, present).encode("utf-8"))
     return path

@@ -497,10 +497,10 @@ def write_card_and_report(output_dir: str, config: PipelineConfig, manifest: dic
     from pipeline.report import write_report
 
     written = {}
-    if config.card.enabled:
-        written["card"] = write_card(output_dir, manifest, config.card)
     if config.report.enabled:
         written["report"] = write_report(output_dir, config.report, manifest)
+    if config.card.enabled:  # after the report: the card lists the files the output holds
+        written["card"] = write_card(output_dir, manifest, config.card)
     return written
 
 
