@@ -276,11 +276,13 @@ class PrepareScoringFn(beam.DoFn):
 
     def process(self, unit: ScoringUnit) -> Iterator[Any]:
         try:
-            yield from self._process(unit)
+            outputs = list(self._process(unit))  # all or nothing: a candidate is never both rejected and failed
         except Exception as error:  # noqa: BLE001
             for candidate in unit.candidates:
                 yield internal_error(STAGE, error, id=candidate.candidate_id, cluster_id=candidate.cluster_id,
                                      page_url=candidate.page_url)
+            return
+        yield from outputs
 
     def _process(self, unit: ScoringUnit) -> Iterator[Any]:
         import imagehash

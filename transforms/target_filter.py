@@ -52,7 +52,7 @@ import apache_beam as beam
 
 from schemas.parquet import TARGET_SCORES_SCHEMA, target_scores_row
 from schemas.records import ScoredCandidate
-from transforms.common import REJECTS, StageOutput, count, option, reject
+from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, option, reject
 from transforms.score import ScoringUnit
 from transforms.stats import WriteStats
 from transforms.write import OutputConfig, WriteParquet
@@ -309,10 +309,15 @@ class ApplyBoundsFn(beam.DoFn):
         bounds = bounds if isinstance(bounds, Bounds) else bounds_from(bounds)
         kept = []
         for scored in unit.candidates:
-            failed = failures(scored, self._config, bounds)
+            c = scored.candidate
+            try:
+                failed = failures(scored, self._config, bounds)
+            except Exception as error:  # noqa: BLE001 -- a malformed score must not end the job
+                yield internal_error(STAGE, error, id=c.candidate_id, cluster_id=c.cluster_id, page_url=c.page_url)
+                yield beam.pvalue.TaggedOutput(DECISIONS, (scored, INTERNAL_ERROR, [INTERNAL_ERROR]))
+                continue
             reasons = [reason for reason, _ in failed]
             if failed:
-                c = scored.candidate
                 yield reject(STAGE, reasons[0], reject_detail(failed), id=c.candidate_id, cluster_id=c.cluster_id,
                              page_url=c.page_url)
             else:
