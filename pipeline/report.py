@@ -209,7 +209,7 @@ def svg_histogram(series: Sequence[tuple[str, Sequence[float], str]], lines: Seq
     value (a histogram reconstructed from quantiles).
     """
     def tx(v: float) -> float:
-        return math.log10(max(v, 1e-9)) if log else v
+        return math.log10(max(v, 0.1)) if log else v  # log axis: everything under 0.1 is one flat bin
 
     all_values = [tx(v) for _, values, _ in series for v in values]
     width, height, left, right, top, bottom = 400, 170, 40, 12, 22, 34
@@ -335,7 +335,9 @@ def _funnel_section(manifest: dict[str, Any]) -> str:
     first_of_unit: dict[str, int] = {}
     rows = []
     for step in steps:
-        base = first_of_unit.setdefault(step["unit"], step["count"] or 1)
+        # An example is a kept candidate: its bar is a share of the candidates.
+        unit = "candidates" if step["unit"] == "examples" else step["unit"]
+        base = first_of_unit.setdefault(unit, step["count"] or 1)
         share = step["count"] / base if base else 0
         left = departures(step)
         reasons = ", ".join(f'<span class="reason">{_e(r)}</span> {n:,}'
