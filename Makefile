@@ -1,4 +1,4 @@
-# Quickstart: `make demo` runs the pipeline on the bundled sample; `make test` runs the test suite.
+# Quickstart: `make demo` runs the three phases on the bundled sample; `make test` runs the test suite.
 # Both create the virtualenv .venv and install the project into it first (once; again when setup.py or
 # constraints.txt change).
 
@@ -18,8 +18,12 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
+# The three phases on the bundled sample; the command prints the funnels and where the output, the dataset card
+# and the report are.
 demo: $(STAMP)
-	$(BIN)/icl-pipeline run --profile demo --input sample/crawl.parquet --output $(OUT) --phases clusters,synthesize
+	$(BIN)/icl-pipeline run --profile demo --input sample/crawl.parquet --output $(OUT) \
+		--phases clusters,synthesize,assemble
+	@echo "Open the report in a browser: file://$(abspath $(OUT))/report/index.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -32,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llm_stages.py --output benchmarks/results/llm_stages.json
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
+	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)

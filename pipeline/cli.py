@@ -6,6 +6,7 @@
                      [--config FILE.yaml] [--set section.key=value ...] [--phases clusters[,...]]
                      [any Beam pipeline option: --runner, --direct_num_workers, --project, ...]
     icl-pipeline config [--profile P] [--config FILE.yaml] [--set ...] [--list]
+    icl-pipeline report OUT [--set report.key=value ...]
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ text-to-image models from crawled image-text pairs, on Apache Beam (DirectRunner
 Flink, Spark).
 
 commands:
-  run      run the pipeline phases (clusters, synthesize, assemble) on inputs
+  run      run the pipeline phases (clusters, synthesize, assemble; all by default) on inputs
   config   print the effective configuration, or every key with its default (--list)
+  report   write the visual report OUT/report/index.html of an output folder
 
 Run 'icl-pipeline COMMAND --help' for a command's options.
 """
@@ -69,14 +71,61 @@ def _cmd_config(argv: Sequence[str]) -> int:
 
 def _cmd_run(argv: Sequence[str]) -> int:
     from pipeline.console import funnel_table, output_listing
-    from pipeline.run import run
+    from pipeline.run import parse_run_args, run
 
     manifest = run(list(argv))
-    phases = list(manifest["phases"])
+    phases = list(parse_run_args(list(argv))[0].phases)  # this invocation's, not an earlier run's
     for phase in phases:
         print(funnel_table(manifest, phase))
         print()
     print(output_listing(_display_path(manifest["command"]), phases))
+    for key, what in (("card", "Dataset card"), ("report", "Report")):
+        if manifest.get(key):
+            print(f"{what}: {_display_file(manifest[key])}")
+    return 0
+
+
+def _display_file(path: str) -> str:
+    import os
+
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icl-pipeline report", allow_abbrev=False,
+        description="Write the visual report OUT/report/index.html of an output folder: funnel, score histograms "
+                    "with their bounds, galleries of examples, rejected candidates and clusters. Works for any "
+                    "output, also one of phase clusters only. Settings: the run's `report` section "
+                    "(manifest.json), then --set.")
+    parser.add_argument("output", metavar="OUT", help="The output folder of a run (any Beam file system path).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="report.KEY=VALUE",
+                        help="Override a report setting, e.g. --set report.examples=100.")
+    return parser
+
+
+def _cmd_report(argv: Sequence[str]) -> int:
+    import dataclasses
+
+    from pipeline.config import ConfigError, from_dict, parse_override
+    from pipeline.manifest import load_manifest
+    from pipeline.report import ReportConfig, write_report
+
+    args = _report_parser().parse_args(argv)
+    manifest = load_manifest(args.output)
+    if not manifest:
+        raise ConfigError(f"{args.output}: no manifest.json (not the output folder of a run)")
+    # The run's settings, as far as this version knows them (a manifest of another version may differ).
+    known = {f.name for f in dataclasses.fields(ReportConfig)}
+    section = {k: v for k, v in (manifest.get("config", {}).get("report") or {}).items() if k in known}
+    for override in args.overrides:
+        path, value = parse_override(override)
+        if path[0] != "report" or len(path) != 2:
+            raise ConfigError(f"--set {override!r}: only report.KEY settings apply here")
+        section[path[1]] = value
+    config = from_dict(ReportConfig, section, "report")
+    path = write_report(args.output, config, manifest)
+    print(f"Report: {_display_file(path)}")
     return 0
 
 
@@ -128,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
 
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: icl-pipeline {{run,config}} ...\n\n{DESCRIPTION}")
+        print(f"usage: icl-pipeline {{run,config,report}} ...\n\n{DESCRIPTION}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     from pipeline.config import ConfigError
@@ -143,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(rest)
         if command == "config":
             return _cmd_config(rest)
+        if command == "report":
+            return _cmd_report(rest)
     except (ConfigError, InputFormatError, UsageError) as error:
         print(f"icl-pipeline {command}: error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,9 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.card import CardConfig
+from pipeline.report import ReportConfig
+from transforms.assemble import AssembleConfig
 from transforms.caption import CaptionConfig
 from transforms.cluster_filter import ClusterFilterConfig
 from transforms.cross_page import CrossPageConfig
@@ -39,8 +42,10 @@ from transforms.llm_client import LLMConfig
 from transforms.normalize import NormalizeConfig
 from transforms.prompts import PromptsConfig
 from transforms.read import ReadConfig
+from transforms.score import ScoreConfig
 from transforms.subject import SubjectConfig
 from transforms.synthesize import SynthConfig
+from transforms.target_filter import TargetFilterConfig
 from transforms.write import OutputConfig
 
 PROFILES = ("demo", "local", "dataflow")
@@ -64,6 +69,11 @@ class PipelineConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    target_filter: TargetFilterConfig = field(default_factory=TargetFilterConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    card: CardConfig = field(default_factory=CardConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         if self.cluster_filter.enabled and not self.embed.enabled:

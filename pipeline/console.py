@@ -49,7 +49,35 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
                          f"{seconds['total']['p90']:.1f} ({parts})")
         lines.append("  counts reconcile: " + ("yes" if clusters["reconciled"] else
                                                f"NO ({clusters.get('unaccounted')} clusters unaccounted)"))
+    elif phase == "assemble":
+        candidates = summary["candidates"]
+        n_input = candidates["input"] or 1
+        lines.append(_row("input candidates", candidates["input"]))
+        lines.append(_row("examples written", candidates["examples"],
+                          f"{100 * candidates['examples'] / n_input:.1f}%"))
+        rejected = candidates["rejected"]
+        lines.append(_row("rejected", sum(rejected.values()), f"{100 * sum(rejected.values()) / n_input:.1f}%"))
+        for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(_row(reason, n, indent=4))
+        target_filter = summary.get("stats", {}).get("target_filter", {})
+        bounds = target_filter.get("bounds", {})
+        if bounds:
+            mode = target_filter.get("mode")
+            note = f" (calibrated: target_keep_rate {target_filter.get('target_keep_rate')})" \
+                if mode == "target_keep_rate" else ""
+            lines.append(f"  similarity bounds{note}: subject_sim_mean >= {_bound(bounds.get('min_subject_sim'))}, "
+                         f"text_sim >= {_bound(bounds.get('min_text_sim'))}")
+        examples = summary.get("examples", {})
+        if examples.get("files"):
+            lines.append(f"  examples/: {examples['files']} file(s), {examples['row_groups']} row group(s), "
+                         f"{examples['bytes'] / 1e6:.1f} MB")
+        lines.append("  counts reconcile: " + ("yes" if candidates["reconciled"] else
+                                               f"NO ({candidates.get('unaccounted')} candidates unaccounted)"))
     return "\n".join(lines)
+
+
+def _bound(value: Any) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 def output_listing(output_dir: str, phases: list[str]) -> str:
@@ -61,5 +89,11 @@ def output_listing(output_dir: str, phases: list[str]) -> str:
         lines += ["  candidates/*.parquet one row per rendered image (prompt, skill, seed, training settings)",
                   "  rejects/synthesize-* one row per cluster that could not be synthesized, with its reason",
                   "  cache/synthesize/    finished clusters, reused by a rerun with the same synth settings"]
+    if "assemble" in phases:
+        lines += ["  examples/*.parquet   one row per training example: 3 real demos + 1 synthesized target",
+                  "  scores/*.parquet     one row per scored candidate: its scores and the filter's decision",
+                  "  rejects/assemble-*   one row per candidate that did not become an example, with its reason",
+                  "  README.md            the dataset card",
+                  "  report/index.html    the visual report: funnel, score histograms, galleries"]
     lines.append("  manifest.json        config, versions, counts per stage and reason, timings")
     return "\n".join(lines)

@@ -154,3 +154,50 @@ def remove_empty_temp_dirs(output_dir: str, folders: Iterable[str]) -> None:
 
 def command_line() -> list[str]:
     return list(sys.argv)
+
+
+def funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The steps from input records to examples that the manifest knows of, each with its count, its unit and
+    what left the pipeline between the previous step and it, by reason.
+
+    Within a unit the counts chain: a step's count is the previous step's minus its ``rejected``. The unit
+    changes twice: records become clusters (a cluster holds several images) and clusters become candidates
+    (a cluster renders several).
+    """
+    steps: list[dict[str, Any]] = []
+    records = manifest.get("records")
+    if records:
+        steps.append({"step": "input records", "unit": "records", "count": records["input"]})
+        steps.append({"step": "images kept in clusters", "unit": "records", "count": records["kept"],
+                      "rejected": records["rejected"]})
+    clusters = manifest.get("clusters")
+    if clusters:
+        steps.append({"step": "clusters written", "unit": "clusters", "count": clusters["written"],
+                      "dropped_whole": clusters.get("rejected", {})})
+    phases = manifest.get("phases", {})
+    synth = phases.get("synthesize")
+    if synth:
+        if not clusters:
+            steps.append({"step": "input clusters", "unit": "clusters", "count": synth["clusters"]["input"]})
+        steps.append({"step": "clusters synthesized", "unit": "clusters", "count": synth["clusters"]["written"],
+                      "rejected": synth["clusters"]["rejected"]})
+        steps.append({"step": "candidates rendered", "unit": "candidates", "count": synth["candidates"]})
+    candidates = manifest.get("candidates")
+    assemble = phases.get("assemble")
+    if candidates and assemble:
+        by_stage = assemble.get("rejects_by_stage", {})
+        if not synth:
+            steps.append({"step": "input candidates", "unit": "candidates", "count": candidates["input"]})
+        steps.append({"step": "candidates scored", "unit": "candidates", "count": candidates["scored"],
+                      "rejected": by_stage.get("score", {})})
+        steps.append({"step": "kept by the target filter", "unit": "candidates",
+                      "count": candidates["kept_by_filter"], "rejected": by_stage.get("target_filter", {})})
+        steps.append({"step": "examples", "unit": "examples", "count": candidates["examples"],
+                      "rejected": by_stage.get("assemble", {})})
+    return steps
+
+
+def departures(step: dict[str, Any]) -> dict[str, int]:
+    """What left before a :func:`funnel` step, by reason (whole-cluster drops marked as such)."""
+    return {**step.get("rejected", {}),
+            **{f"{reason} (whole clusters)": n for reason, n in step.get("dropped_whole", {}).items()}}

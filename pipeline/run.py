@@ -18,22 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config, config_hash, to_dict
 from schemas.parquet import SCHEMA_VERSION
+from transforms.assemble import Assemble, RunProvenance, WriteExamples
 from transforms.caption import Caption
 from transforms.cluster_filter import ClusterFilter
 from transforms.cross_page import CrossPageDedupe
 from transforms.decontaminate import Decontaminate, check_references
 from transforms.dedupe import Dedupe, FindBoilerplate
-from transforms.embed import Embed, check_model_config, drop_embeddings
+from transforms.embed import Embed, check_model_config, drop_embeddings, model_id
 from transforms.group import GroupByPage
 from transforms.normalize import Normalize
 from transforms.prompts import ScenePrompts
 from transforms.read import InputFile, ReadPairs, expand_inputs, validate_input_file
+from transforms.score import ReadCandidates, Score, check_candidate_file, count_candidates
 from transforms.stats import STATS_FOLDER, read_stats
 from transforms.subject import Subject
 from transforms.synthesize import (
@@ -43,6 +46,7 @@ from transforms.synthesize import (
     count_clusters,
     default_cache_dir,
 )
+from transforms.target_filter import TargetFilter
 from transforms.write import write_candidates, write_clusters, write_rejects
 
 LOG = logging.getLogger(__name__)
@@ -50,7 +54,9 @@ LOG = logging.getLogger(__name__)
 PHASES = ("clusters", "synthesize", "assemble")
 """The phases in the order they run. Each persists its output and can start from the previous one's."""
 
-IMPLEMENTED_PHASES = ("clusters", "synthesize")
+IMPLEMENTED_PHASES = ("clusters", "synthesize", "assemble")
+
+DEFAULT_PHASES = ",".join(PHASES)
 
 PipelineFactory = Callable[[PipelineOptions], beam.Pipeline]
 
@@ -80,11 +86,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Input files (repeatable). Phase 'clusters': crawled pairs as Parquet "
                              "(.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar shards (.tar); "
                              "later phases: the previous phase's Parquet output (phase synthesize: "
-                             "OUT/clusters/*.parquet when omitted). Any Beam file system path (gs://, s3://) "
-                             "works.")
+                             "OUT/clusters/*.parquet when omitted; phase assemble: OUT/candidates/*.parquet, "
+                             "with the clusters from assemble.clusters or OUT/clusters/*.parquet). Any Beam file "
+                             "system path (gs://, s3://) works.")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="Output directory: clusters/, rejects/, manifest.json (and, with later "
-                             "phases, candidates/, examples/, report/).")
+                             "phases, candidates/, examples/, scores/, README.md (the dataset card), "
+                             "report/index.html).")
     parser.add_argument("--profile", default="demo", choices=PROFILES,
                         help="Configuration profile: demo (bundled sample, CPU, tiny models, offline), "
                              "local (real models on this machine), dataflow (real models on Dataflow). "
@@ -94,8 +102,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Override one config key (repeatable), value parsed as YAML, e.g. "
                              "--set group.min_images=4. List keys: icl-pipeline config --list.")
-    parser.add_argument("--phases", default="clusters", metavar="PHASE[,PHASE...]",
-                        help=f"Phases to run, in order: {', '.join(PHASES)}. Default: clusters.")
+    parser.add_argument("--phases", default=DEFAULT_PHASES, metavar="PHASE[,PHASE...]",
+                        help=f"Consecutive phases to run, in order: {', '.join(PHASES)}; each persists its "
+                             f"output, so a later phase can start from an earlier run's files. Default: all "
+                             f"({DEFAULT_PHASES}).")
 
 
 def parse_run_args(argv: Sequence[str]) -> tuple[RunRequest, list[str]]:
@@ -122,6 +132,8 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         raise UsageError("phase 'clusters' needs at least one --input")
     if phases[0] == "synthesize" and not args.input:
         args.input = [FileSystems.join(args.output, "clusters", "*.parquet")]  # the clusters phase's output
+    if phases[0] == "assemble" and not args.input:
+        args.input = [FileSystems.join(args.output, "candidates", "*.parquet")]  # the synthesize phase's output
     return RunRequest(tuple(args.input), args.output, args.profile, args.config_file,
                       tuple(args.overrides), phases)
 
@@ -198,6 +210,33 @@ def build_synthesize_pipeline(p: beam.Pipeline, config: PipelineConfig, cluster_
     return {"candidates": candidates, "rejects": rejects}
 
 
+def build_assemble_pipeline(p: beam.Pipeline, config: PipelineConfig, candidate_files: Sequence[str],
+                            cluster_files: Sequence[str], output_dir: str) -> dict[str, beam.PCollection]:
+    """Phase 3 graph: read candidates and their clusters -> score -> target filter -> assemble ->
+    ``examples/``, ``scores/`` and ``rejects/assemble-*``.
+
+    A cluster row that cannot be read is only counted (``read_clusters/internal_error``, in images) and logged:
+    its candidates are accounted for as ``cluster_missing`` rejects, so the phase's counts stay in candidates.
+    """
+    candidates, read_rejects = p | "ReadCandidates" >> ReadCandidates(candidate_files)
+    clusters, unreadable = p | "ReadClusters" >> ReadClusters(cluster_files, stage="read_clusters")
+    _ = unreadable | "LogUnreadableClusters" >> beam.Map(_log_unreadable_cluster)
+    units, score_rejects = (candidates, clusters) | "Score" >> Score(config.score, config.embed)
+    kept, filter_rejects = units | "TargetFilter" >> TargetFilter(config.target_filter, output_dir, config.output)
+    run_provenance = RunProvenance(mf.package_versions().get("icl-cluster-pipeline"), config_hash(config),
+                                   model_id(config.embed))
+    examples, assemble_rejects = kept | "Assemble" >> Assemble(config.assemble, run_provenance)
+    shards = examples | "WriteExamples" >> WriteExamples(output_dir, config.assemble, config.output.codec)
+    rejects = (read_rejects, score_rejects, filter_rejects, assemble_rejects) | "CollectRejects" >> beam.Flatten()
+    rejects | "WriteRejects" >> write_rejects(output_dir, "assemble", config.output)
+    return {"examples": examples, "shards": shards, "rejects": rejects}
+
+
+def _log_unreadable_cluster(reject: Any) -> None:
+    LOG.warning("assemble: cluster %s of the clusters input is unreadable (%s); its candidates are rejected as "
+                "cluster_missing", reject.id, reject.detail)
+
+
 # --- running ------------------------------------------------------------------------------------------
 
 
@@ -253,23 +292,25 @@ _CLUSTER_LEVEL_REASONS = frozenset({
 
 
 
-def expand_cluster_inputs(patterns: Sequence[str]) -> list[str]:
-    """The clusters files of ``--input`` globs, each checked to be a clusters file of our schema version."""
+def expand_cluster_inputs(patterns: Sequence[str], phase: str = "synthesize") -> list[str]:
+    """The clusters files of ``--input`` globs (phase assemble: of ``assemble.clusters``), each checked to be
+    a clusters file of our schema version."""
     from schemas.parquet import SchemaVersionError
     from transforms.read import InputFormatError
 
+    where = "--input" if phase == "synthesize" else "assemble.clusters"
     files: list[str] = []
     for pattern in patterns:
         matched = mf.matching_files(pattern)
         if not matched:
-            raise InputFormatError(f"--input {pattern!r} matches no file (phase synthesize reads the clusters "
+            raise InputFormatError(f"{where} {pattern!r} matches no file (phase {phase} reads the clusters "
                                    f"phase's OUT/clusters/*.parquet)")
         files.extend(path for path in matched if path not in files)
     for path in files:
         try:
             check_cluster_file(path)
         except (SchemaVersionError, ValueError, OSError) as error:
-            raise InputFormatError(f"phase synthesize: {error}") from error
+            raise InputFormatError(f"phase {phase}: {error}") from error
     return sorted(files)
 
 
@@ -365,6 +406,104 @@ def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Seq
     return summary
 
 
+def examples_summary(output_dir: str) -> dict[str, Any]:
+    """Files, examples, row groups and bytes of ``OUT/examples/*.parquet`` (from the footers)."""
+    files = mf.matching_files(FileSystems.join(output_dir, "examples", "*.parquet"))
+    rows = groups = size = 0
+    for path in files:
+        with FileSystems.open(path) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        rows += metadata.num_rows
+        groups += metadata.num_row_groups
+        size += FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    return {"files": len(files), "examples": rows, "row_groups": groups, "bytes": size}
+
+
+def expand_candidate_inputs(patterns: Sequence[str]) -> list[str]:
+    """The candidates files of ``--input`` globs, each checked to be a candidates file of our schema version."""
+    from schemas.parquet import SchemaVersionError
+    from transforms.read import InputFormatError
+
+    files: list[str] = []
+    for pattern in patterns:
+        matched = mf.matching_files(pattern)
+        if not matched:
+            raise InputFormatError(f"--input {pattern!r} matches no file (phase assemble reads the synthesize "
+                                   f"phase's OUT/candidates/*.parquet)")
+        files.extend(path for path in matched if path not in files)
+    for path in files:
+        try:
+            check_candidate_file(path)
+        except (SchemaVersionError, ValueError, OSError) as error:
+            raise InputFormatError(f"phase assemble: {error}") from error
+    return sorted(files)
+
+
+def assemble_cluster_files(request: RunRequest, config: PipelineConfig) -> list[str]:
+    """The clusters files phase 3 joins the candidates with: ``assemble.clusters`` or ``OUT/clusters/``."""
+    pattern = config.assemble.clusters or FileSystems.join(request.output, "clusters", "*.parquet")
+    return expand_cluster_inputs([pattern], phase="assemble")
+
+
+def run_assemble_phase(request: RunRequest, config: PipelineConfig, candidate_files: Sequence[str],
+                       cluster_files: Sequence[str], options: PipelineOptions,
+                       pipeline_factory: PipelineFactory) -> dict[str, Any]:
+    out = request.output
+    mf.delete_matching([FileSystems.join(out, "examples", "*.parquet"),
+                        FileSystems.join(out, "scores", "*.parquet"),
+                        FileSystems.join(out, "rejects", "assemble-*.parquet"),
+                        FileSystems.join(out, STATS_FOLDER, "assemble.*.json")])
+    started = time.monotonic()
+    n_input = count_candidates(candidate_files)
+    LOG.info("phase assemble: %d candidates in %d file(s), clusters from %d file(s); CLIP %s", n_input,
+             len(candidate_files), len(cluster_files), model_id(config.embed))
+    p = pipeline_factory(options)
+    build_assemble_pipeline(p, config, candidate_files, cluster_files, out)
+    result = _run_pipeline(p, "assemble")
+    mf.remove_empty_temp_dirs(out, ["examples", "scores", "rejects"])
+    counters = mf.beam_counters(result)
+    examples = examples_summary(out)
+    rejects = mf.reject_summary(out, "assemble")
+    rejected = rejects["rows"]  # one row per candidate
+    scored = mf.read_columns(FileSystems.join(out, "scores", "*.parquet"), ["candidate_id"])
+    accounted = examples["examples"] + sum(rejected.values())
+    candidates: dict[str, Any] = {
+        "input": n_input,
+        "scored": 0 if scored is None else scored.num_rows,
+        "kept_by_filter": counters.get("target_filter", {}).get("kept", 0),
+        "examples": examples["examples"],
+        "rejected": rejected,
+        "keep_rate": round(examples["examples"] / n_input, 6) if n_input else None,
+        "reconciled": n_input == accounted,
+    }
+    if n_input != accounted:
+        candidates["unaccounted"] = n_input - accounted
+    return {
+        "wall_seconds": round(time.monotonic() - started, 3),
+        "inputs": list(candidate_files),
+        "cluster_inputs": list(cluster_files),
+        "clip_model": model_id(config.embed),
+        "candidates": candidates,
+        "rejects_by_stage": rejects["by_stage"],
+        "examples": examples,
+        "counters": counters,
+        "stats": read_stats(out, "assemble"),
+    }
+
+
+def write_card_and_report(output_dir: str, config: PipelineConfig, manifest: dict[str, Any]) -> dict[str, str]:
+    """The dataset card ``OUT/README.md`` and the report ``OUT/report/index.html``, as configured."""
+    from pipeline.card import write_card
+    from pipeline.report import write_report
+
+    written = {}
+    if config.report.enabled:
+        written["report"] = write_report(output_dir, config.report, manifest)
+    if config.card.enabled:  # after the report: the card lists the files the output holds
+        written["card"] = write_card(output_dir, manifest, config.card)
+    return written
+
+
 def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory | None = None) -> dict[str, Any]:
     """Run ``icl-pipeline run`` with ``argv`` (without the ``run`` word); returns the manifest.
 
@@ -382,8 +521,12 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
 
     files: list[InputFile] = []
     cluster_files: list[str] = []
+    candidate_files: list[str] = []
     if request.phases[0] == "synthesize":
         cluster_files = expand_cluster_inputs(request.inputs)
+    if request.phases[0] == "assemble":
+        candidate_files = expand_candidate_inputs(request.inputs)
+        cluster_files = assemble_cluster_files(request, config)
     if request.phases[0] == "clusters":
         files = expand_inputs(list(request.inputs))
         for input_file in files[:config.read.validate_max_files]:
@@ -418,15 +561,28 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
             if not cluster_files:  # chained after the clusters phase: read what it wrote
                 cluster_files = expand_cluster_inputs([FileSystems.join(request.output, "clusters", "*.parquet")])
             summary = run_synthesize_phase(request, config, cluster_files, options, factory)
+        elif phase == "assemble":
+            if request.phases[0] != "assemble":  # chained: what the earlier phases wrote (maybe nothing)
+                candidate_files = mf.matching_files(FileSystems.join(request.output, "candidates", "*.parquet"))
+                cluster_files = assemble_cluster_files(request, config)
+            summary = run_assemble_phase(request, config, candidate_files, cluster_files, options, factory)
+            manifest["candidates"] = summary["candidates"]
         else:  # pragma: no cover -- guarded by request_from_args
             raise RunError(f"phase {phase} is not available")
         manifest["phases"][phase] = {"finished": mf.now(), **summary}
+        manifest["funnel"] = mf.funnel(manifest)
+        if phase == "assemble":
+            mf.write_manifest(request.output, manifest)  # the card and the report read it
+            manifest.update(write_card_and_report(request.output, config, manifest))
         mf.write_manifest(request.output, manifest)
         if phase == "clusters" and not summary["records"]["reconciled"]:
             raise RunError(f"counts do not reconcile: {summary['records']} -- some records were lost; "
                            f"this is a bug, please report it with {mf.MANIFEST}")
         if phase == "synthesize" and not summary["clusters"]["reconciled"]:
             raise RunError(f"synthesis counts do not reconcile: {summary['clusters']} -- some clusters were "
+                           f"lost; this is a bug, please report it with {mf.MANIFEST}")
+        if phase == "assemble" and not summary["candidates"]["reconciled"]:
+            raise RunError(f"candidate counts do not reconcile: {summary['candidates']} -- some candidates were "
                            f"lost; this is a bug, please report it with {mf.MANIFEST}")
     return manifest
 

@@ -7,6 +7,7 @@ Each output has exactly one ``pa.schema``; its metadata names the output and the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -16,11 +17,14 @@ from schemas.records import (
     Cluster,
     ClusterProvenance,
     ClusterStats,
+    Example,
     ImageRecord,
     Prompt,
     Reject,
     SampleSettings,
+    ScoredCandidate,
     SynthSeconds,
+    TargetScores,
     TrainSettings,
 )
 
@@ -73,11 +77,12 @@ CLUSTER_PROVENANCE_TYPE = pa.struct([
     pa.field("subject_prompt", pa.string()),
     pa.field("prompts_model", pa.string()),
     pa.field("prompts_prompt", pa.string()),
+    pa.field("embed_model", pa.string()),
 ])
 
 # Model ids and prompt hashes of the model stages (plain strings, written and read by name).
 _PROVENANCE_NAMES = ("caption_model", "caption_prompt", "subject_model", "subject_prompt", "prompts_model",
-                     "prompts_prompt")
+                     "prompts_prompt", "embed_model")
 
 CLUSTERS_SCHEMA = _with_metadata("clusters", [
     pa.field("cluster_id", pa.string(), nullable=False),
@@ -118,12 +123,18 @@ DEMO_TYPE = pa.struct([
 TARGET_TYPE = pa.struct([
     pa.field("candidate_id", pa.string(), nullable=False),
     pa.field("image", pa.binary(), nullable=False),
+    # The trainer's prompt: the template with the subject phrase, no identifier ("a red teapot on a beach").
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("prompt_template", pa.string()),
+    # What the DreamBooth rendered, with its identifier token ("a sks teapot on a beach").
+    pa.field("rendered_prompt", pa.string()),
     pa.field("skill", pa.string()),
     pa.field("seed", pa.int64()),
+    pa.field("k", pa.int32()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
+    # The real image the target is nearest to (see schemas.records.ScoredCandidate); never a demo.
+    pa.field("source_image_id", pa.string()),
 ])
 
 SCORES_TYPE = pa.struct([
@@ -131,7 +142,6 @@ SCORES_TYPE = pa.struct([
     pa.field("subject_sim_max", pa.float32()),
     pa.field("text_sim", pa.float32()),
     pa.field("copy_phash_distance", pa.int32()),
-    pa.field("copy_max_sim", pa.float32()),
     pa.field("brightness", pa.float32()),
     pa.field("contrast", pa.float32()),
     pa.field("sharpness", pa.float32()),
@@ -142,10 +152,17 @@ EXAMPLE_PROVENANCE_TYPE = pa.struct([
     pa.field("config_hash", pa.string()),
     pa.field("clip_model", pa.string()),
     pa.field("synth_model", pa.string()),
+    pa.field("synth_config_hash", pa.string()),
     pa.field("caption_backend", pa.string()),
+    pa.field("caption_model", pa.string()),
+    pa.field("caption_prompt", pa.string()),
     pa.field("subject_backend", pa.string()),
+    pa.field("subject_model", pa.string()),
+    pa.field("subject_prompt", pa.string()),
     pa.field("prompts_backend", pa.string()),
-    pa.field("prompt_hashes", pa.string()),
+    pa.field("prompts_model", pa.string()),
+    pa.field("prompts_prompt", pa.string()),
+    pa.field("fallbacks", pa.list_(pa.string())),
 ])
 
 EXAMPLES_SCHEMA = _with_metadata("examples", [
@@ -158,6 +175,21 @@ EXAMPLES_SCHEMA = _with_metadata("examples", [
     pa.field("target", TARGET_TYPE, nullable=False),
     pa.field("scores", SCORES_TYPE),
     pa.field("provenance", EXAMPLE_PROVENANCE_TYPE),
+])
+
+# --- scores/*.parquet: one row per scored candidate and the filter's decision (no images) --------------
+
+TARGET_SCORES_SCHEMA = _with_metadata("target_scores", [
+    pa.field("candidate_id", pa.string(), nullable=False),
+    pa.field("cluster_id", pa.string(), nullable=False),
+    pa.field("skill", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("source_image_id", pa.string()),
+    pa.field("scores", SCORES_TYPE, nullable=False),
+    # "kept", or the reject reason: the first failed criterion in the filter's order.
+    pa.field("decision", pa.string(), nullable=False),
+    # Every criterion the candidate fails, in the filter's order (empty when kept).
+    pa.field("failed", pa.list_(pa.string())),
 ])
 
 
@@ -373,3 +405,58 @@ def candidate_from_row(row: dict[str, Any]) -> Candidate:
     fields = {name: row.get(name) for name in CANDIDATES_SCHEMA.names if name not in ("train", "sample", "seconds")}
     return Candidate(**fields, train=TrainSettings(**row["train"]), sample=SampleSettings(**row["sample"]),
                      seconds=SynthSeconds(**row["seconds"]))
+
+
+# --- examples and scores (phase 3) -----------------------------------------------------------------------
+
+def scores_to_row(scores: TargetScores) -> dict[str, Any]:
+    return dataclasses.asdict(scores)
+
+
+def scores_from_row(row: dict[str, Any]) -> TargetScores:
+    return TargetScores(**{f.name: row[f.name] for f in dataclasses.fields(TargetScores)})
+
+
+def example_to_row(example: Example) -> dict[str, Any]:
+    """The row of ``examples/*.parquet`` for an example (a dict matching :data:`EXAMPLES_SCHEMA`)."""
+    scored = example.target
+    candidate = scored.candidate
+    provenance = dataclasses.asdict(example.provenance)
+    provenance["fallbacks"] = list(example.provenance.fallbacks)
+    return {
+        "example_id": example.example_id,
+        "cluster_id": example.cluster_id,
+        "page_url": example.page_url,
+        "subject": example.subject,
+        "class_noun": example.class_noun,
+        "demos": [dataclasses.asdict(demo) for demo in example.demos],
+        "target": {
+            "candidate_id": candidate.candidate_id,
+            "image": candidate.image,
+            "prompt": scored.prompt,
+            "prompt_template": candidate.prompt_template,
+            "rendered_prompt": candidate.prompt,
+            "skill": candidate.skill,
+            "seed": candidate.seed,
+            "k": candidate.k,
+            "width": candidate.width,
+            "height": candidate.height,
+            "source_image_id": scored.source_image_id,
+        },
+        "scores": scores_to_row(scored.scores),
+        "provenance": provenance,
+    }
+
+
+def target_scores_row(scored: ScoredCandidate, decision: str, failed: Sequence[str]) -> dict[str, Any]:
+    """The row of ``scores/*.parquet`` for a scored candidate and the filter's decision about it."""
+    return {
+        "candidate_id": scored.candidate.candidate_id,
+        "cluster_id": scored.candidate.cluster_id,
+        "skill": scored.candidate.skill,
+        "prompt": scored.prompt,
+        "source_image_id": scored.source_image_id,
+        "scores": scores_to_row(scored.scores),
+        "decision": decision,
+        "failed": list(failed),
+    }

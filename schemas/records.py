@@ -138,6 +138,9 @@ class ClusterProvenance:
     prompts_model: str | None = None
     prompts_prompt: str | None = None
     """Prompt file of the scene prompts, or the template grammar file of the ``templates`` backend."""
+    embed_model: str | None = None
+    """Model id of the images' stored CLIP embeddings (``open_clip:ViT-L-14/datacomp_xl_s13b_b90k``); phase 3
+    reuses them only when it scores with the same model."""
 
 
 @dataclass(frozen=True)
@@ -283,3 +286,92 @@ class Candidate:
     seconds: SynthSeconds
     synth_config_hash: str
     """Hash of the synthesis settings that produced the candidate (also the resume-cache key)."""
+
+
+@dataclass(frozen=True)
+class TargetScores:
+    """Scores of one synthesized target (phase 3), attached before any threshold is applied.
+
+    Similarities are cosine similarities of L2-normalized CLIP embeddings (the ``embed`` section's model).
+    """
+
+    subject_sim_mean: float
+    """Mean image-image similarity of the target to the real images of its cluster (subject preservation)."""
+    subject_sim_max: float
+    """Largest of those similarities: to the target's source image. Too close is a copy (``copy_clip``)."""
+    text_sim: float
+    """Image-text similarity of the target to its prompt with the subject phrase in place of the identifier."""
+    copy_phash_distance: int
+    """Smallest perceptual-hash (64-bit pHash) Hamming distance to a real image of the cluster."""
+    brightness: float
+    """Mean luma (ITU-R 601-2) of the target, 0 (black) to 1 (white)."""
+    contrast: float
+    """Standard deviation of the luma, 0 to 0.5: near 0 is a blank, uniform image."""
+    sharpness: float
+    """Variance of the 4-neighbour Laplacian of the luma (0-255) at most ``score.sharpness_side`` px: low is blurry."""
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """A candidate with its scores, its trainer-facing prompt and the real image it is nearest to."""
+
+    candidate: Candidate
+    prompt: str
+    """The prompt a trainer sees: the template with the cluster's subject phrase, no identifier token
+    ("a red ceramic teapot on a beach"); the text ``text_sim`` scores."""
+    scores: TargetScores
+    source_image_id: str
+    """The target's source: the real image of the cluster it is nearest to -- highest CLIP similarity, ties
+    broken by the smaller perceptual-hash distance, then the smaller image id. It is the image the target
+    could be copying, and never one of its example's demos."""
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One real demonstration of an example: an image of the cluster with its caption."""
+
+    image_id: str
+    image: bytes = field(repr=False)
+    """The normalized image bytes from ``clusters/`` (JPEG by default)."""
+    caption: str | None
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ExampleProvenance:
+    """What produced an example: models, prompt files, settings hashes and the pipeline version."""
+
+    pipeline_version: str | None
+    config_hash: str
+    """Hash of the configuration of the run that assembled the example."""
+    clip_model: str
+    """Model id of the CLIP model that scored the target."""
+    synth_model: str
+    """Base model of the DreamBooth that rendered the target."""
+    synth_config_hash: str
+    caption_backend: str | None
+    caption_model: str | None
+    caption_prompt: str | None
+    subject_backend: str | None
+    subject_model: str | None
+    subject_prompt: str | None
+    prompts_backend: str | None
+    prompts_model: str | None
+    prompts_prompt: str | None
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Example:
+    """One ICL training example: real demos of a subject and one synthesized target of it."""
+
+    example_id: str
+    """Stable content hash of the target's candidate id and the demos' image ids."""
+    cluster_id: str
+    page_url: str
+    subject: str | None
+    class_noun: str | None
+    demos: tuple[Demo, ...]
+    target: ScoredCandidate
+    provenance: ExampleProvenance

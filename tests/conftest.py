@@ -43,9 +43,11 @@ class PhaseOutput:
 
 
 def run_pipeline(inputs: list[str | os.PathLike], output: str | os.PathLike, *args: str) -> PhaseOutput:
+    """Run the pipeline; phase 1 only unless ``args`` has ``--phases``."""
     from pipeline.run import run
 
-    argv = [a for i in inputs for a in ("--input", str(i))] + ["--output", str(output), *args]
+    phases = () if "--phases" in args else ("--phases", "clusters")
+    argv = [a for i in inputs for a in ("--input", str(i))] + ["--output", str(output), *phases, *args]
     return PhaseOutput(Path(output), run(argv))
 
 
@@ -78,3 +80,18 @@ def product_photos(sample_rows: list[dict[str, Any]]) -> list[bytes]:
             seen.add(row["expected_page"])
             photos.append(row["image"])
     return photos
+
+
+# Phase 2 settings of the three-phase runs of the tests: the demo profile's, smaller (the demo renders
+# meaningless noise either way); 25 clusters x 2 prompts x 1 image.
+SMALL_SYNTH: tuple[str, ...] = ("--set", "synth.train.steps=4", "--set", "synth.sample.steps=2",
+                                "--set", "synth.max_prompts=2", "--set", "synth.model.cpu_threads=1")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
+    """All three phases on the bundled sample with the demo profile (what `make demo` runs), run once; small
+    example shards (~400 kB, row groups of ~150 kB) so that readers have several files and row groups to split."""
+    return run_pipeline([SAMPLE], tmp_path_factory.mktemp("demo_run"), "--profile", "demo",
+                        "--phases", "clusters,synthesize,assemble", *SMALL_SYNTH,
+                        "--set", "assemble.shard_bytes=400000", "--set", "assemble.row_group_bytes=150000")

@@ -28,13 +28,15 @@ def _row(i: int, photos: list[bytes]) -> dict:
         "demos": [{"image_id": f"d{k}", "image": photos[(i + k) % len(photos)], "caption": f"demo {k}",
                    "width": 288, "height": 288} for k in range(3)],
         "target": {"candidate_id": f"t{i}", "image": photos[(i + 5) % len(photos)], "prompt": "a teapot on a beach",
-                   "prompt_template": "a {subject} on a beach", "skill": "recontextualization", "seed": i,
-                   "width": 288, "height": 288},
+                   "prompt_template": "a {subject} on a beach", "rendered_prompt": "a sks teapot on a beach",
+                   "skill": "recontextualization", "seed": i, "k": 0, "width": 288, "height": 288,
+                   "source_image_id": "d9"},
         "scores": {"subject_sim_mean": 0.5, "subject_sim_max": 0.75, "text_sim": 0.25, "copy_phash_distance": 20,
-                   "copy_max_sim": 0.75, "brightness": 0.5, "contrast": 0.25, "sharpness": 100.0},
+                   "brightness": 0.5, "contrast": 0.25, "sharpness": 100.0},
         "provenance": {"pipeline_version": "0.1.0", "config_hash": "abc", "clip_model": "tiny-random",
-                       "synth_model": "tiny-random", "caption_backend": "alt_text", "subject_backend": "offline",
-                       "prompts_backend": "templates", "prompt_hashes": "{}"},
+                       "synth_model": "tiny-random", "synth_config_hash": "def", "caption_backend": "alt_text",
+                       "subject_backend": "offline", "prompts_backend": "templates",
+                       "prompts_prompt": "scene_templates_v1.json@4b7f4665958c", "fallbacks": []},
     }
 
 

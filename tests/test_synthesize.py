@@ -57,7 +57,7 @@ def clusters(tmp_path_factory: pytest.TempPathFactory) -> list:
     from tests.test_phase1 import NO_MODELS
 
     out = tmp_path_factory.mktemp("plain_phase1")
-    run(["--input", str(SAMPLE), "--output", str(out), "--profile", "demo", *NO_MODELS])
+    run(["--input", str(SAMPLE), "--output", str(out), "--profile", "demo", "--phases", "clusters", *NO_MODELS])
     return read_clusters(out)
 
 

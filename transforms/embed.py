@@ -235,11 +235,12 @@ class ClipImageEncoder:
     runs there and only CPU tensors and numpy arrays cross the process boundary.
     """
 
-    def __init__(self, model: Any, device: str, autocast_dtype: Any, model_id: str) -> None:
+    def __init__(self, model: Any, device: str, autocast_dtype: Any, model_id: str, tokenizer: Any = None) -> None:
         self.model = model
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.model_id = model_id
+        self.tokenizer = tokenizer
 
     def embed(self, pixels: Any) -> np.ndarray:
         """``[n, 3, H, W]`` preprocessed pixels -> ``float32 [n, D]`` unit-length embeddings."""
@@ -251,6 +252,21 @@ class ClipImageEncoder:
         with torch.inference_mode(), autocast:
             features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         # Normalize in fp32: a bf16 norm would cost two decimal digits of every cosine similarity.
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> ``float32 [n, D]`` unit-length text embeddings (tokenized with the model's tokenizer,
+        truncated to its context length)."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.tokenizer is None:
+            raise RuntimeError("this encoder was loaded without its tokenizer (load_image_encoder(..., text=True))")
+        tokens = self.tokenizer(list(texts))
+        autocast = (torch.autocast(device_type=self.device, dtype=self.autocast_dtype)
+                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 
@@ -318,8 +334,22 @@ def _create_model(config: EmbedConfig, folder: str) -> Any:
                                   force_preprocess_cfg=force_preprocess or None)
 
 
-def load_image_encoder(config: EmbedConfig) -> ClipImageEncoder:
-    """Build the configured model, in eval mode on its device (see the module docstring)."""
+def load_tokenizer(config: EmbedConfig) -> Any:
+    """The configured model's text tokenizer (open_clip's; ``tiny-random`` uses CLIP's BPE tokenizer, whose
+    vocabulary ships inside open_clip, so no download is needed)."""
+    import open_clip
+
+    context_length = model_architecture(config)["text_cfg"].get("context_length", 77)
+    if config.model == TINY_RANDOM:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        return SimpleTokenizer(context_length=context_length)
+    return open_clip.get_tokenizer(config.model, context_length=context_length)
+
+
+def load_image_encoder(config: EmbedConfig, text: bool = False) -> ClipImageEncoder:
+    """Build the configured model, in eval mode on its device (see the module docstring); with ``text``, also
+    its tokenizer, for :meth:`ClipImageEncoder.embed_texts`."""
     import torch
 
     device = resolve_device(config.device)
@@ -337,7 +367,7 @@ def load_image_encoder(config: EmbedConfig) -> ClipImageEncoder:
         raise RuntimeError(f"open_clip built {config.model} with preprocessing {mismatched} (expected, actual) "
                            f"that differs from what the embed stage applies; this is a bug")
     LOG.info("embed: loaded %s on %s (%s)", model_id(config), device, dtype or "fp32")
-    return ClipImageEncoder(model, device, dtype, model_id(config))
+    return ClipImageEncoder(model, device, dtype, model_id(config), load_tokenizer(config) if text else None)
 
 
 def _plain(key: str, value: Any) -> Any:
@@ -486,6 +516,85 @@ def embed_inference(config: EmbedConfig) -> RunInference:
     return RunInference(OpenClipImageHandler(config), model_identifier=f"icl-clip-{_config_digest(config)}")
 
 
+# --- images and texts in one pass (phase 3 scoring) ---------------------------------------------------------
+
+
+class ImagesAndTexts(NamedTuple):
+    """One example of :class:`OpenClipImageTextHandler`: preprocessed images and texts of one key."""
+
+    key: Any
+    """Returned untouched with the embeddings."""
+    pixels: tuple[Any, ...]
+    """Tensors ``float32 [3, H, W]`` after the model's eval transform (may be empty)."""
+    texts: tuple[str, ...]
+    """Texts to embed (may be empty); tokenized by the handler's model."""
+
+
+class ImagesAndTextsCoder(ImagePixelsCoder):
+    """:class:`ImagesAndTexts` pickled, with a size estimate from the tensors (see :class:`ImagePixelsCoder`)."""
+
+    def estimate_size(self, value: ImagesAndTexts) -> int:
+        return 64 + sum(int(image.nbytes) for image in value.pixels) + sum(len(text) for text in value.texts)
+
+    def to_type_hint(self) -> type:
+        return ImagesAndTexts
+
+
+beam.coders.registry.register_coder(ImagesAndTexts, ImagesAndTextsCoder)
+
+
+def images_and_texts_count(example: ImagesAndTexts) -> int:
+    """Batch weight of an example: its images (a text costs a small fraction of an image)."""
+    return max(1, len(example.pixels))
+
+
+class OpenClipImageTextHandler(ModelHandler[ImagesAndTexts, PredictionResult, ClipImageEncoder]):
+    """``ImagesAndTexts`` -> ``PredictionResult(example, (float32 [n, D] image rows, float32 [t, D] text rows),
+    model_id)``, all unit length; the same model (and settings) as :class:`OpenClipImageHandler`, loaded with
+    its tokenizer. A batch is one image forward pass and one text forward pass."""
+
+    def __init__(self, config: EmbedConfig) -> None:
+        super().__init__(
+            min_batch_size=config.min_batch_size or config.batch_size,
+            max_batch_size=config.batch_size,
+            element_size_fn=images_and_texts_count,
+            large_model=config.share_model_across_processes,
+        )
+        self._config = config
+
+    def load_model(self) -> ClipImageEncoder:
+        return load_image_encoder(self._config, text=True)
+
+    def run_inference(self, batch: Sequence[ImagesAndTexts], model: ClipImageEncoder,
+                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+        import torch
+
+        pixels = [image for example in batch for image in example.pixels]
+        texts = [text for example in batch for text in example.texts]
+        image_rows = model.embed(torch.stack(pixels)) if pixels else np.zeros((0, 0), np.float32)
+        text_rows = model.embed_texts(texts) if texts else np.zeros((0, 0), np.float32)
+        results, i, t = [], 0, 0
+        for example in batch:
+            n, m = len(example.pixels), len(example.texts)
+            results.append(PredictionResult(example._replace(pixels=(), texts=()),
+                                            (image_rows[i:i + n], text_rows[t:t + m]), model_id(self._config)))
+            i += n
+            t += m
+        return results
+
+    def get_num_bytes(self, batch: Sequence[ImagesAndTexts]) -> int:
+        return sum(int(image.nbytes) for example in batch for image in example.pixels)
+
+    def get_metrics_namespace(self) -> str:
+        return "score"
+
+    def get_resource_hints(self) -> dict[str, Any]:
+        return {"accelerator": self._config.accelerator} if self._config.accelerator else {}
+
+    def __repr__(self) -> str:
+        return f"OpenClipImageTextHandler({model_id(self._config)}, batch_size={self._config.batch_size})"
+
+
 # --- the stage ------------------------------------------------------------------------------------------
 
 
@@ -545,7 +654,8 @@ def attach_embeddings(result: PredictionResult) -> Cluster:
     count(STAGE, "clusters")
     count(STAGE, "images", len(cluster.images))
     return cluster.replace(images=tuple(image.replace(embedding=np.array(vector, dtype=np.float32))
-                                        for image, vector in zip(cluster.images, embeddings, strict=True)))
+                                        for image, vector in zip(cluster.images, embeddings, strict=True)),
+                           provenance=dataclasses.replace(cluster.provenance, embed_model=result.model_id))
 
 
 def inference_failure_rejects(failure: tuple[Any, Any]) -> Iterator[Any]:
@@ -582,4 +692,5 @@ class Embed(beam.PTransform):
 
 def drop_embeddings(cluster: Cluster) -> Cluster:
     """The cluster without embeddings (``embed.store_embeddings: false``)."""
-    return cluster.replace(images=tuple(image.replace(embedding=None) for image in cluster.images))
+    return cluster.replace(images=tuple(image.replace(embedding=None) for image in cluster.images),
+                           provenance=dataclasses.replace(cluster.provenance, embed_model=None))

@@ -207,10 +207,12 @@ def candidates_from_parquet(data: bytes, path: str = "") -> list[Candidate]:
 
 
 class ReadClusterFileFn(beam.DoFn):
-    """A ``clusters/*.parquet`` path -> ``Cluster`` records, a few rows (row-group batches) at a time."""
+    """A ``clusters/*.parquet`` path -> ``Cluster`` records, a few rows (row-group batches) at a time; counters
+    and dead letters under ``stage``."""
 
-    def __init__(self, batch_rows: int = 8) -> None:
+    def __init__(self, batch_rows: int = 8, stage: str = STAGE) -> None:
         self._batch_rows = batch_rows
+        self._stage = stage
 
     def process(self, path: str) -> Iterator[Any]:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
@@ -218,27 +220,29 @@ class ReadClusterFileFn(beam.DoFn):
             check_schema_version(parquet.schema_arrow, "clusters", path)
             for batch in parquet.iter_batches(batch_size=self._batch_rows):
                 for i, row in enumerate(batch.to_pylist()):
-                    count(STAGE, "clusters_read")
+                    count(self._stage, "clusters_read")
                     try:
                         yield cluster_from_row(row)
                     except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
                         cid = row.get("cluster_id") or stable_id("unreadable-cluster", path, i)
-                        yield internal_error(STAGE, error, id=cid, cluster_id=cid, page_url=row.get("page_url"),
+                        yield internal_error(self._stage, error, id=cid, cluster_id=cid, page_url=row.get("page_url"),
                                              n_images=len(row.get("images") or ()), source=path)
 
 
 class ReadClusters(beam.PTransform):
     """``PBegin`` -> ``Cluster``s from checked ``clusters/*.parquet`` paths."""
 
-    def __init__(self, files: Sequence[str]) -> None:
+    def __init__(self, files: Sequence[str], stage: str = STAGE) -> None:
         super().__init__()
         self._files = list(files)
+        self._stage = stage
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
         read = (
             pbegin
             | "ListClusterFiles" >> beam.Create(self._files)
-            | "ReadClusterFiles" >> beam.ParDo(ReadClusterFileFn()).with_outputs(REJECTS, main="clusters")
+            | "ReadClusterFiles" >> beam.ParDo(ReadClusterFileFn(stage=self._stage)).with_outputs(
+                REJECTS, main="clusters")
         )
         return StageOutput(read.clusters, read[REJECTS])
 

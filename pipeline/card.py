@@ -1,0 +1,316 @@
+"""The dataset card ``OUT/README.md``: what the examples are, their schema, how they were made and filtered,
+the counts at every step and per reason, the thresholds, and the licences of the inputs.
+
+It is written from ``manifest.json`` (what the run did) and :data:`schemas.parquet.EXAMPLES_SCHEMA`, with a
+Hugging Face dataset-card header, so the output folder can be pushed to the Hub as it is
+(``load_dataset("parquet")`` reads ``examples/*.parquet``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from transforms.common import option
+
+CARD = "README.md"
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    """The dataset card (config section ``card``)."""
+
+    enabled: bool = option(True, "Write the dataset card OUT/README.md at the end of phase assemble.")
+    title: str = option("ICL examples for subject-driven text-to-image", "Title of the dataset card.")
+    license: str = option("unknown", "Licence of the input images and texts, as a Hugging Face licence id "
+                                     "(cc-by-4.0, other, ...); 'unknown' unless you know it.")
+    license_note: str = option("", "Free text about the inputs' licences and attribution, printed in the card.")
+
+    def __post_init__(self) -> None:
+        if not self.license.strip():
+            raise ValueError("license must not be empty (use 'unknown')")
+
+
+EXAMPLE_FIELDS: dict[str, str] = {
+    "example_id": "stable id: hash of the target's candidate id and the demos' image ids",
+    "cluster_id": "the cluster (page) the demos and the target's subject come from",
+    "page_url": "canonical URL of the page the real images were found on",
+    "subject": "the cluster's subject phrase (may be empty)",
+    "class_noun": "the subject's class noun (may be empty)",
+    "demos": "the real demonstrations (`assemble.demos`, 3 by default), never the target's source image",
+    "demos.image_id": "content hash of the demo image",
+    "demos.image": "the demo image, normalized (JPEG by default)",
+    "demos.caption": "its caption (recaptioned, or cleaned alt text)",
+    "demos.width": "width in pixels",
+    "demos.height": "height in pixels",
+    "target": "the synthesized target",
+    "target.candidate_id": "id of the rendered candidate (`candidates/`, `scores/`)",
+    "target.image": "the rendered image (PNG by default)",
+    "target.prompt": "the prompt for training: the scene with the subject phrase, no identifier token",
+    "target.prompt_template": "the scene prompt with its `{subject}` placeholder",
+    "target.rendered_prompt": "what the per-cluster DreamBooth rendered, with its identifier token",
+    "target.skill": "the skill the prompt exercises (recontextualization, stylization, ...)",
+    "target.seed": "seed of the render",
+    "target.k": "which render of the prompt (0-based)",
+    "target.width": "width in pixels",
+    "target.height": "height in pixels",
+    "target.source_image_id": "the real image the target is nearest to (CLIP), excluded from the demos",
+    "scores": "scores of the target (docs/reasons.md, phase 3)",
+    "scores.subject_sim_mean": "mean CLIP image similarity to the cluster's real images",
+    "scores.subject_sim_max": "CLIP image similarity to the nearest real image (copy check)",
+    "scores.text_sim": "CLIP image-text similarity to `target.prompt`",
+    "scores.copy_phash_distance": "smallest perceptual-hash distance (bits of 64) to a real image",
+    "scores.brightness": "mean luma, 0-1",
+    "scores.contrast": "standard deviation of the luma, 0-0.5",
+    "scores.sharpness": "variance of the Laplacian of the luma",
+    "provenance": "what produced the example",
+    "provenance.pipeline_version": "icl-cluster-pipeline version",
+    "provenance.config_hash": "hash of the configuration of the run that assembled it (manifest.json)",
+    "provenance.clip_model": "CLIP model that scored the target",
+    "provenance.synth_model": "base model of the DreamBooth that rendered the target",
+    "provenance.synth_config_hash": "hash of the synthesis settings",
+    "provenance.caption_backend": "how the captions were made",
+    "provenance.caption_model": "captioning model (none for an offline backend)",
+    "provenance.caption_prompt": "instruction file of the captions (name@sha256)",
+    "provenance.subject_backend": "how the subject was derived",
+    "provenance.subject_model": "subject model",
+    "provenance.subject_prompt": "instruction file of the subject",
+    "provenance.prompts_backend": "how the scene prompts were written",
+    "provenance.prompts_model": "prompt-writing model",
+    "provenance.prompts_prompt": "instruction or template file of the scene prompts",
+    "provenance.fallbacks": "stages that fell back to their offline backend for this cluster",
+}
+
+
+def schema_fields(schema: pa.Schema) -> list[tuple[str, str]]:
+    """``(dotted name, type)`` of every field and struct member (lists of structs by their members)."""
+    out: list[tuple[str, str]] = []
+
+    def walk(prefix: str, dtype: pa.DataType) -> None:
+        inner = dtype.value_type if pa.types.is_list(dtype) else dtype
+        if pa.types.is_struct(inner):
+            for child in inner:
+                name = f"{prefix}.{child.name}"
+                out.append((name, _type_name(child.type)))
+                walk(name, child.type)
+
+    for field in schema:
+        out.append((field.name, _type_name(field.type)))
+        walk(field.name, field.type)
+    return out
+
+
+def _type_name(dtype: pa.DataType) -> str:
+    if pa.types.is_list(dtype):
+        inner = dtype.value_type
+        return "list<struct>" if pa.types.is_struct(inner) else f"list<{inner}>"
+    return "struct" if pa.types.is_struct(dtype) else str(dtype)
+
+
+def is_tiny_run(manifest: dict[str, Any]) -> bool:
+    """Whether the run used the tiny random-weight models (scores and renders meaningless by construction)."""
+    config = manifest.get("config", {})
+    models = (config.get("embed", {}).get("model"), config.get("synth", {}).get("model", {}).get("name"))
+    return manifest.get("profile") == "demo" or any(m and "tiny-random" in str(m) for m in models)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _yaml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+FOLDERS = (
+    ("examples/*.parquet", "the examples"),
+    ("scores/*.parquet", "every scored candidate with its scores and the filter's decision"),
+    ("clusters/*.parquet", "the real image clusters (phase 1)"),
+    ("candidates/*.parquet", "every rendered target (phase 2)"),
+    ("rejects/*.parquet", "every record, cluster or candidate that left, with its reason"),
+    ("report/index.html", "funnel, score histograms with thresholds, galleries"),
+    ("manifest.json", "configuration, versions, counts, thresholds, timings"),
+)
+
+
+def dataset_card(manifest: dict[str, Any], config: CardConfig, present: set[str] | None = None) -> str:
+    """The card's Markdown text (with a Hugging Face YAML header). ``present``: the entries of :data:`FOLDERS`
+    the output holds (all when ``None``)."""
+    from pipeline.manifest import departures
+    from schemas.parquet import EXAMPLES_SCHEMA
+
+    run_config = manifest.get("config", {})
+    phases = manifest.get("phases", {})
+    candidates = manifest.get("candidates") or {}
+    n_examples = candidates.get("examples", 0)
+    assemble = phases.get("assemble", {})
+    parts = [
+        "---",
+        f"pretty_name: {_yaml_string(config.title)}",
+        f"license: {config.license.strip()}",
+        "task_categories:\n- text-to-image",
+        "tags:\n- subject-driven-generation\n- in-context-learning\n- synthetic",
+        "configs:\n- config_name: default\n  data_files: examples/*.parquet",
+        "---",
+        "",
+        f"# {config.title}",
+        "",
+    ]
+    if is_tiny_run(manifest):
+        parts += ["> **Demo run with tiny random-weight models.** The CLIP scores and the rendered targets of this run",
+                  "> are meaningless by construction: it shows what the pipeline produces, not usable training data.",
+                  ""]
+    parts += [
+        f"{n_examples:,} in-context-learning training examples for subject-driven text-to-image models (the SuTI "
+        "recipe). Each example is a few **real photos of one subject** (the demos, with captions) and one "
+        "**synthesized target**: the same subject rendered in a new scene by a DreamBooth fine-tuned on that "
+        "subject's photos, with the prompt that describes the scene. A model trained on them learns to draw a "
+        "subject it sees in the demos into the scene the prompt asks for, without per-subject fine-tuning.",
+        "",
+        f"Made by icl-cluster-pipeline {manifest.get('version') or ''} on {manifest.get('created', '?')} "
+        f"(profile `{manifest.get('profile')}`, runner {manifest.get('runner')}, config hash "
+        f"`{manifest.get('config_hash')}`; everything about the run is in `manifest.json`).",
+        "",
+        "## Files",
+        "",
+        _table(["path", "holds"], [
+            [f"`{path}`", holds + (f" ({assemble.get('examples', {}).get('files', 0)} file(s), "
+                                   f"{assemble.get('examples', {}).get('row_groups', 0)} row group(s))"
+                                   if path.startswith("examples") else "")]
+            for path, holds in FOLDERS if present is None or path in present]),
+        "",
+        "## Schema of `examples/*.parquet`",
+        "",
+        _table(["column", "type", "meaning"],
+               [[f"`{name}`", f"`{dtype}`", EXAMPLE_FIELDS.get(name, "")] for name, dtype in
+                schema_fields(EXAMPLES_SCHEMA)]),
+        "",
+        "Reading them in a trainer (streaming row groups, split across ranks and DataLoader workers):",
+        "",
+        "```python",
+        "from schemas.reader import ExamplesDataset, iter_examples   # pip install icl-cluster-pipeline",
+        "dataset = ExamplesDataset(\"examples/*.parquet\", decode=\"tensor\")",
+        "loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=4)",
+        "# or: datasets.load_dataset(\"parquet\", data_files=\"examples/*.parquet\", split=\"train\")",
+        "```",
+        "",
+        "## How it was made",
+        "",
+    ]
+    parts += _how_made(run_config, assemble)
+    parts += ["", "## Counts", "", "From input records to examples (each step's count, and what left before it):",
+              ""]
+    funnel_rows = []
+    for step in manifest.get("funnel", []):
+        left = departures(step)
+        funnel_rows.append([step["step"], step["count"], step["unit"],
+                            ", ".join(f"{reason} {n:,}" for reason, n in sorted(left.items(), key=lambda kv: -kv[1]))])
+    parts.append(_table(["step", "count", "unit", "left here, by reason"], funnel_rows))
+    parts += ["", "Rejects per phase, stage and reason (records for phase 1, clusters for phase 2, candidates for "
+              "phase 3; reasons are documented in the pipeline's docs/reasons.md):", ""]
+    reject_rows = []
+    for phase, summary in phases.items():
+        for stage, reasons in summary.get("rejects_by_stage", {}).items():
+            for reason, n in sorted(reasons.items()):
+                reject_rows.append([phase, stage, reason, n])
+        if phase == "synthesize":
+            for reason, n in sorted(summary.get("clusters", {}).get("rejected", {}).items()):
+                reject_rows.append([phase, "synthesize", reason, n])
+    parts.append(_table(["phase", "stage", "reason", "count"], reject_rows) if reject_rows else "No rejects.")
+    parts += ["", "## Thresholds", ""]
+    parts += _thresholds(manifest)
+    parts += ["", "## Licences", ""]
+    if config.license.strip() == "unknown" and not config.license_note.strip():
+        parts.append("The licences of the input images and texts are **unknown**: they were crawled from the web and "
+                     "belong to their owners unless stated otherwise. Check the terms of the sources before using or "
+                     "sharing this data. (Set `card.license` and `card.license_note` to record them.)")
+    else:
+        parts.append(f"Licence of the inputs: `{config.license.strip()}`.")
+        if config.license_note.strip():
+            parts += ["", config.license_note.strip()]
+    parts += ["", "The synthesized targets were rendered by "
+              f"`{run_config.get('synth', {}).get('model', {}).get('name', '?')}`; its licence applies to them.", ""]
+    return "\n".join(parts)
+
+
+def _how_made(run_config: dict[str, Any], assemble: dict[str, Any]) -> list[str]:
+    embed = run_config.get("embed", {})
+    synth = run_config.get("synth", {})
+    train = synth.get("train", {})
+    sample = synth.get("sample", {})
+    lines = [
+        "1. **Clusters** (phase 1): crawled image-text pairs are grouped by the canonical URL of their page, "
+        "deduplicated, embedded with CLIP "
+        f"(`{embed.get('model')}` / `{embed.get('pretrained') or embed.get('checkpoint') or 'random'}`) and kept "
+        "when the images of a page show one subject (mean pairwise similarity over the coherence threshold); "
+        "every image is recaptioned "
+        f"(`{run_config.get('caption', {}).get('backend')}`), a subject is derived "
+        f"(`{run_config.get('subject', {}).get('backend')}`) and scene prompts are written across skills "
+        f"(`{run_config.get('prompts', {}).get('backend')}`).",
+        f"2. **Synthesis** (phase 2): per cluster, a DreamBooth ({train.get('mode')}, {train.get('steps')} steps, "
+        f"learning rate {train.get('learning_rate')}) of `{synth.get('model', {}).get('name')}` is fine-tuned on "
+        f"the cluster's photos and renders each prompt {sample.get('images_per_prompt')} time(s) "
+        f"({sample.get('scheduler')}, {sample.get('steps')} steps, guidance {sample.get('guidance_scale')}).",
+        "3. **Scoring, filtering, assembly** (phase 3): every render is scored (CLIP similarity to the subject's "
+        "photos and to its prompt, copy distance to the photos, image quality heuristics), the renders that pass "
+        "every bound are kept, and each becomes an example with "
+        f"{run_config.get('assemble', {}).get('demos', 3)} real demos of its subject, never the photo it is "
+        "nearest to.",
+    ]
+    if assemble.get("clip_model"):
+        lines.append(f"\nScoring model: `{assemble['clip_model']}`.")
+    return lines
+
+
+def _thresholds(manifest: dict[str, Any]) -> list[str]:
+    config = manifest.get("config", {})
+    phases = manifest.get("phases", {})
+    rows: list[list[Any]] = []
+    normalize, group, dedupe = config.get("normalize", {}), config.get("group", {}), config.get("dedupe", {})
+    rows += [["normalize", "min_side", normalize.get("min_side")],
+             ["normalize", "max_aspect_ratio", normalize.get("max_aspect_ratio")],
+             ["group", "min_images", group.get("min_images")],
+             ["dedupe", "near_duplicate_max_distance", dedupe.get("near_duplicate_max_distance")]]
+    cluster_filter = phases.get("clusters", {}).get("stats", {}).get("cluster_filter")
+    if cluster_filter:
+        mode = cluster_filter.get("mode")
+        note = (f" (calibrated: keep rate {cluster_filter.get('target_keep_rate')})"
+                if mode == "target_keep_rate" else "")
+        rows.append(["cluster_filter", f"coherence_threshold{note}", cluster_filter.get("coherence_threshold")])
+        rows.append(["cluster_filter", "outlier_threshold", cluster_filter.get("outlier_threshold")])
+    target_filter = phases.get("assemble", {}).get("stats", {}).get("target_filter")
+    if target_filter:
+        calibrated = target_filter.get("mode") == "target_keep_rate"
+        for key, value in target_filter.get("bounds", {}).items():
+            note = (f" (calibrated: keep rate {target_filter.get('target_keep_rate')})"
+                    if calibrated and key in ("min_subject_sim", "min_text_sim") else "")
+            rows.append(["target_filter", f"{key}{note}", "off" if value is None else value])
+    lines = [_table(["stage", "bound", "value"], rows)]
+    candidates = manifest.get("candidates")
+    if candidates and candidates.get("keep_rate") is not None:
+        lines += ["", f"Share of rendered candidates that became examples: {100 * candidates['keep_rate']:.1f}%."]
+    return lines
+
+
+def write_card(output_dir: str, manifest: dict[str, Any], config: CardConfig) -> str:
+    """Write ``OUT/README.md``; returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    present = {path for path, _ in FOLDERS
+               if FileSystems.match([FileSystems.join(output_dir, *path.split("/"))])[0].metadata_list}
+    path = FileSystems.join(output_dir, CARD)
+    with FileSystems.create(path) as handle:
+        handle.write(dataset_card(manifest, config, present).encode("utf-8"))
+    return path

@@ -1,0 +1,597 @@
+"""The visual report ``OUT/report/index.html``: one self-contained page (inline CSS, thumbnails as data URLs,
+histograms as inline SVG; nothing is fetched) that shows what a run did.
+
+Sections: a banner when the run used tiny random models, the run, the funnel from input records to examples
+with the counts per reject reason, score histograms with the bounds drawn on them (cluster coherence; every
+target score, kept and rejected stacked), a gallery of kept examples (demos, target, prompt, skill, scores), a
+gallery of rejected candidates per reason, and a gallery of clusters. Whatever a run lacks (a run of phase 1
+only has no candidates) is said, not failed on.
+
+The page opens fast for runs of any size: galleries are capped (``report.examples``, ``report.rejects_per_reason``,
+``report.clusters``). They are sampled by a hash of the ids (deterministic, spread over the whole output): only
+the id column of every row group is read, then the row groups holding the smallest hashes, up to
+``report.read_budget_mb`` per gallery, so writing the report takes seconds whatever the size of the run;
+histograms read only the score columns of ``scores/``. ``icl-pipeline report OUT`` writes it again for any output
+folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transforms.common import option
+
+REPORT = "report/index.html"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The visual report (config section ``report``)."""
+
+    enabled: bool = option(True, "Write OUT/report/index.html at the end of a run that includes phase assemble "
+                                 "(icl-pipeline report OUT writes it for any run).")
+    examples: int = option(48, "Kept examples shown in the gallery (a deterministic sample).")
+    rejects_per_reason: int = option(6, "Rejected candidates shown per reject reason.")
+    clusters: int = option(12, "Clusters shown in the cluster gallery.")
+    thumbnail_px: int = option(160, "Longest side of the thumbnails, in pixels.")
+    read_budget_mb: int = option(256, "Megabytes of Parquet row groups (at least one) read per gallery: bounds the "
+                                      "time to write the report whatever the size of the run.")
+    bins: int = option(30, "Bins per histogram.")
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "rejects_per_reason", "clusters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.thumbnail_px < 16:
+            raise ValueError(f"thumbnail_px must be at least 16, got {self.thumbnail_px}")
+        if self.read_budget_mb < 1 or self.bins < 2:
+            raise ValueError("read_budget_mb must be at least 1 and bins at least 2")
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+
+def _files(pattern: str) -> list[str]:
+    from apache_beam.io.filesystems import FileSystems
+
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file, with the ids of its rows."""
+
+    path: str
+    row_group: int
+    nbytes: int
+    ids: tuple[str, ...]
+
+
+def row_group_ids(paths: Sequence[str], id_column: str) -> list[Unit]:
+    """Every row group of ``paths`` with its size and the ids of its rows (only the id column is read)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    units = []
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for i in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(i, columns=[id_column]).column(id_column).to_pylist()
+                units.append(Unit(path, i, parquet.metadata.row_group(i).total_byte_size, tuple(map(str, ids))))
+    return units
+
+
+def choose_units(units: Sequence[Unit], wanted: Iterable[str], budget_bytes: int) -> list[Unit]:
+    """The row groups holding the ``wanted`` ids, in the order of the ids, while they fit ``budget_bytes`` (at
+    least one)."""
+    where = {id_: unit for unit in units for id_ in unit.ids}
+    chosen: list[Unit] = []
+    spent = 0
+    for id_ in wanted:
+        unit = where.get(id_)
+        if unit is None or unit in chosen:
+            continue
+        if chosen and spent + unit.nbytes > budget_bytes:
+            continue  # a later id may sit in a row group already chosen
+        chosen.append(unit)
+        spent += unit.nbytes
+    return chosen
+
+
+def _read_row_group(path: str, row_group: int, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).read_row_group(row_group, columns=list(columns) if columns else None).to_pylist()
+
+
+def _read_columns(pattern: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    rows: list[dict[str, Any]] = []
+    for path in _files(pattern):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            rows.extend(parquet.read(columns=present).to_pylist())
+    return rows
+
+
+def _order(key: str) -> str:
+    from schemas.ids import stable_id
+
+    return stable_id("report", key)
+
+
+def sample_rows(pattern: str, id_column: str, n: int, budget_bytes: int,
+                columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Up to ``n`` rows of the files matching ``pattern``: those with the smallest hashes of ``id_column`` among
+    the row groups that hold the smallest hashes and fit ``budget_bytes`` (the same rows on every call)."""
+    if n <= 0:
+        return []
+    units = row_group_ids(_files(pattern), id_column)
+    ranked = sorted((id_ for unit in units for id_ in unit.ids), key=_order)
+    rows: list[dict[str, Any]] = []
+    for unit in choose_units(units, ranked, budget_bytes):
+        rows.extend(_read_row_group(unit.path, unit.row_group, columns))
+    return sorted(rows, key=lambda row: _order(str(row[id_column])))[:n]
+
+
+# --- pictures ------------------------------------------------------------------------------------------------
+
+
+def thumbnail(data: bytes | None, size: int) -> str:
+    """A JPEG data URL of the image at most ``size`` px a side ('' when it does not decode)."""
+    if not data:
+        return ""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale directly
+        image = image.convert("RGB")
+        image.thumbnail((size, size), Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=75)
+    except Exception:  # noqa: BLE001 -- a broken image is shown as missing, never breaks the report
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img(data: bytes | None, size: int, title: str = "", cls: str = "") -> str:
+    url = thumbnail(data, size)
+    if not url:
+        return f'<div class="missing {cls}" title="{_e(title)}">no image</div>'
+    # A fixed display width: small renders (the demo's 64 px) show as large as the others.
+    return (f'<img class="{cls}" src="{url}" width="{size}" alt="{_e(title)}" title="{_e(title)}" '
+            f'loading="lazy">')
+
+
+def _e(text: Any) -> str:
+    return html.escape("" if text is None else str(text), quote=True)
+
+
+# --- histograms -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """A bound drawn on a histogram."""
+
+    x: float
+    label: str
+
+
+def histogram_counts(values: Sequence[float], lo: float, hi: float, bins: int) -> list[int]:
+    counts = [0] * bins
+    width = (hi - lo) / bins if hi > lo else 1.0
+    for value in values:
+        i = int((value - lo) / width) if hi > lo else 0
+        counts[min(bins - 1, max(0, i))] += 1
+    return counts
+
+
+def svg_histogram(series: Sequence[tuple[str, Sequence[float], str]], lines: Sequence[Line], title: str,
+                  bins: int = 30, log: bool = False, weights: Sequence[Sequence[float]] | None = None) -> str:
+    """A stacked histogram as inline SVG: ``series`` of ``(label, values, colour)``; vertical ``lines`` at bounds.
+
+    ``log``: bins on log10 of the values (for scales spanning decades). ``weights``: per series, a weight per
+    value (a histogram reconstructed from quantiles).
+    """
+    def tx(v: float) -> float:
+        return math.log10(max(v, 0.1)) if log else v  # log axis: everything under 0.1 is one flat bin
+
+    all_values = [tx(v) for _, values, _ in series for v in values]
+    width, height, left, right, top, bottom = 400, 170, 40, 12, 22, 34
+    if not all_values:
+        return (f'<svg class="hist" width="{width}" height="{height}" role="img"><text x="{left}" y="{top + 40}" '
+                f'class="axis">{_e(title)}: no values</text></svg>')
+    bound_xs = [tx(line.x) for line in lines]
+    lo, hi = min(all_values + bound_xs), max(all_values + bound_xs)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = (hi - lo) * 0.02
+    lo, hi = lo - pad, hi + pad
+    stacks = []
+    for k, (_, values, _) in enumerate(series):
+        counts = [0.0] * bins
+        w = weights[k] if weights else [1.0] * len(values)
+        for value, weight in zip(values, w, strict=True):
+            i = int((tx(value) - lo) / (hi - lo) * bins)
+            counts[min(bins - 1, max(0, i))] += weight
+        stacks.append(counts)
+    peak = max(sum(stack[i] for stack in stacks) for i in range(bins)) or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+    bar_w = plot_w / bins
+    parts = [f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{_e(title)}">', f'<text x="{left}" y="14" class="title">{_e(title)}</text>']
+    for i in range(bins):
+        base = 0.0
+        for (label, _, colour), stack in zip(series, stacks, strict=True):
+            if stack[i] <= 0:
+                continue
+            h = stack[i] / peak * plot_h
+            y = top + plot_h - (base + h)
+            parts.append(f'<rect x="{left + i * bar_w:.1f}" y="{y:.1f}" width="{max(bar_w - 1, 1):.1f}" '
+                         f'height="{h:.1f}" fill="{colour}"><title>{_e(label)}: {stack[i]:.0f}</title></rect>')
+            base += h
+    axis_y = top + plot_h
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" class="axisline"/>')
+
+    def label(v: float) -> str:
+        real = 10 ** v if log else v
+        return f"{real:.3g}"
+
+    parts.append(f'<text x="{left}" y="{axis_y + 14}" class="axis">{label(lo)}</text>')
+    parts.append(f'<text x="{left + plot_w}" y="{axis_y + 14}" class="axis" text-anchor="end">{label(hi)}</text>')
+    parts.append(f'<text x="{left - 4}" y="{top + 8}" class="axis" text-anchor="end">{peak:.0f}</text>')
+    for line, x in zip(lines, bound_xs, strict=True):
+        px = left + (x - lo) / (hi - lo) * plot_w
+        anchor = "start" if px < left + 30 else "end" if px > left + plot_w - 30 else "middle"
+        parts.append(f'<line x1="{px:.1f}" y1="{top - 4}" x2="{px:.1f}" y2="{axis_y}" class="bound"/>')
+        parts.append(f'<text x="{px:.1f}" y="{axis_y + 26}" class="boundlabel" text-anchor="{anchor}">'
+                     f'{_e(line.label)}</text>')
+    legend = []
+    for k, (name, values, colour) in enumerate(series):
+        n = sum(weights[k]) if weights else len(values)
+        legend.append(f'<tspan fill="{colour}">{_e(name)} {n:,.0f}</tspan>')
+    parts.append(f'<text x="{width - right}" y="14" class="legend" text-anchor="end">{"  ".join(legend)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def quantile_histogram_values(quantiles: dict[str, float]) -> tuple[list[float], list[float]]:
+    """Points and weights that reproduce a distribution known by its percentiles (``{"p00": v, "p05": v, ...}``):
+    the mass between consecutive percentiles spread evenly between them."""
+    points = sorted((int(key[1:]), value) for key, value in quantiles.items() if key.startswith("p"))
+    values, weights = [], []
+    steps = 8
+    for (p0, v0), (p1, v1) in zip(points, points[1:], strict=False):
+        for k in range(steps):
+            values.append(v0 + (v1 - v0) * (k + 0.5) / steps)
+            weights.append((p1 - p0) / 100 / steps)
+    return values, weights
+
+
+# --- sections --------------------------------------------------------------------------------------------------
+
+KEPT_COLOUR, REJECTED_COLOUR = "#2e7d32", "#9e9e9e"
+
+SCORE_BOUNDS = {
+    "subject_sim_mean": (("min_subject_sim", "min"),),
+    "subject_sim_max": (("max_copy_sim", "copy"),),
+    "text_sim": (("min_text_sim", "min"),),
+    "copy_phash_distance": (("max_copy_distance", "copy <="),),
+    "brightness": (("min_brightness", "min"), ("max_brightness", "max")),
+    "contrast": (("min_contrast", "min"),),
+    "sharpness": (("min_sharpness", "min"),),
+}
+
+
+def _section(section_id: str, title: str, body: str) -> str:
+    return f'<section id="{section_id}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _banner(manifest: dict[str, Any]) -> str:
+    from pipeline.card import is_tiny_run
+
+    if not is_tiny_run(manifest):
+        return ""
+    config = manifest.get("config", {})
+    models = (f"CLIP {config.get('embed', {}).get('model')}, "
+              f"diffusion {config.get('synth', {}).get('model', {}).get('name')}")
+    return ('<div id="banner" class="banner"><strong>Demo run: tiny random-weight models</strong> '
+            f'({_e(models)}). Their scores and renders are meaningless by construction: this page shows how the '
+            'pipeline works, not the quality of real data.</div>')
+
+
+def _run_section(manifest: dict[str, Any]) -> str:
+    phases = manifest.get("phases", {})
+    rows = [("created", manifest.get("created")), ("profile", manifest.get("profile")),
+            ("runner", manifest.get("runner")), ("config hash", manifest.get("config_hash")),
+            ("pipeline version", manifest.get("version")),
+            ("command", " ".join(manifest.get("command", [])))]
+    rows += [(f"phase {name}", f"{summary.get('wall_seconds', 0):.1f} s") for name, summary in phases.items()]
+    body = "<table class='kv'>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
+    return _section("run", "Run", body)
+
+
+def _funnel_section(manifest: dict[str, Any]) -> str:
+    from pipeline.manifest import departures
+
+    steps = manifest.get("funnel") or _fallback_funnel(manifest)
+    if not steps:
+        return _section("funnel", "Funnel", "<p>No counts in manifest.json.</p>")
+    first_of_unit: dict[str, int] = {}
+    rows = []
+    for step in steps:
+        # An example is a kept candidate: its bar is a share of the candidates.
+        unit = "candidates" if step["unit"] == "examples" else step["unit"]
+        base = first_of_unit.setdefault(unit, step["count"] or 1)
+        share = step["count"] / base if base else 0
+        left = departures(step)
+        reasons = ", ".join(f'<span class="reason">{_e(r)}</span> {n:,}'
+                            for r, n in sorted(left.items(), key=lambda kv: (-kv[1], kv[0])))
+        rows.append(f"<tr><td>{_e(step['step'])}</td><td class='num'>{step['count']:,}</td><td>{_e(step['unit'])}"
+                    f"</td><td><div class='bar' style='width:{max(1.0, 100 * share):.1f}%'></div></td>"
+                    f"<td class='reasons'>{reasons}</td></tr>")
+    body = ("<table class='funnel'><tr><th>step</th><th>count</th><th>unit</th><th>share of the first step of its "
+            "unit</th><th>left before this step, by reason</th></tr>" + "".join(rows) + "</table>")
+    checks = []
+    if manifest.get("records"):
+        checks.append(f"records reconcile: {'yes' if manifest['records'].get('reconciled') else 'NO'}")
+    if manifest.get("candidates"):
+        checks.append(f"candidates reconcile: {'yes' if manifest['candidates'].get('reconciled') else 'NO'}")
+    if checks:
+        body += f"<p class='note'>{_e('; '.join(checks))}</p>"
+    return _section("funnel", "Funnel: from input records to examples", body)
+
+
+def _fallback_funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    from pipeline.manifest import funnel
+
+    return funnel(manifest)
+
+
+def _histograms_section(output_dir: str, manifest: dict[str, Any], config: ReportConfig) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    charts = []
+    cluster_filter = manifest.get("phases", {}).get("clusters", {}).get("stats", {}).get("cluster_filter")
+    if cluster_filter and cluster_filter.get("mean_sim_quantiles"):
+        values, weights = quantile_histogram_values(cluster_filter["mean_sim_quantiles"])
+        n = cluster_filter.get("clusters_scored", 0)
+        lines = ([Line(cluster_filter["coherence_threshold"], f"threshold {cluster_filter['coherence_threshold']:.3g}")]
+                 if cluster_filter.get("coherence_threshold") is not None else [])
+        charts.append(svg_histogram([("clusters", values, "#1565c0")], lines, "cluster coherence (mean_sim)",
+                                    config.bins, weights=[[w * n for w in weights]]))
+    target_filter = manifest.get("phases", {}).get("assemble", {}).get("stats", {}).get("target_filter", {})
+    bounds = target_filter.get("bounds", {})
+    rows = _read_columns(FileSystems.join(output_dir, "scores", "*.parquet"), ["scores", "decision"])
+    if rows:
+        for name, bound_keys in SCORE_BOUNDS.items():
+            kept = [r["scores"][name] for r in rows if r["decision"] == "kept" and r["scores"][name] is not None]
+            rejected = [r["scores"][name] for r in rows if r["decision"] != "kept" and r["scores"][name] is not None]
+            lines = [Line(float(bounds[key]), f"{label} {bounds[key]:.3g}") for key, label in bound_keys
+                     if bounds.get(key) is not None]
+            charts.append(svg_histogram([("kept", kept, KEPT_COLOUR), ("rejected", rejected, REJECTED_COLOUR)],
+                                        lines, f"target {name}", config.bins, log=name == "sharpness"))
+    if not charts:
+        return _section("histograms", "Score histograms", "<p>No scores yet: the run has no cluster filter "
+                        "statistics and no scored candidates.</p>")
+    note = ""
+    if not rows:
+        note = "<p class='note'>No scored candidates yet (phase assemble has not run on this output).</p>"
+    elif target_filter.get("mode") == "target_keep_rate":
+        note = (f"<p class='note'>The similarity bounds were calibrated to keep "
+                f"{100 * target_filter.get('target_keep_rate', 0):.0f}% of the scored candidates "
+                f"(calibration: {_e(json.dumps(target_filter.get('calibration', {})))}).</p>")
+    return _section("histograms", "Score histograms with their bounds",
+                    note + "<div class='charts'>" + "".join(charts) + "</div>")
+
+
+def _scores_table(scores: dict[str, Any]) -> str:
+    cells = []
+    for name, value in scores.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        cells.append(f"<tr><th>{_e(name)}</th><td>{_e(text)}</td></tr>")
+    return "<table class='scores'>" + "".join(cells) + "</table>"
+
+
+def _examples_section(output_dir: str, config: ReportConfig) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(output_dir, "examples", "*.parquet")
+    if not _files(pattern):
+        return _section("examples", "Kept examples", "<p>No examples yet: phase assemble has not run on this "
+                        "output (or kept nothing).</p>")
+    rows = sample_rows(pattern, "example_id", config.examples, config.read_budget_mb << 20)
+    size = config.thumbnail_px
+    cards = []
+    for row in rows:
+        target = row["target"]
+        demos = "".join(f"<figure>{_img(d['image'], size // 2 + 24, d.get('caption') or '', 'demo')}"
+                        f"<figcaption>{_e(d.get('caption') or '(no caption)')}</figcaption></figure>"
+                        for d in row["demos"])
+        cards.append(
+            f"<div class='example'><div class='demos'>{demos}</div>"
+            f"<div class='target'>{_img(target['image'], size, target['prompt'], 'target')}"
+            f"<p class='prompt'>{_e(target['prompt'])}</p><p class='skill'>{_e(target.get('skill'))} · "
+            f"{_e(row.get('subject') or row.get('class_noun') or '')}</p>{_scores_table(row.get('scores') or {})}"
+            f"</div></div>")
+    total = _count_rows(pattern)
+    note = f"<p class='note'>{len(rows)} of {total:,} examples (a deterministic sample).</p>"
+    return _section("examples", "Kept examples: demos → target", note + "<div class='gallery'>" + "".join(cards)
+                    + "</div>")
+
+
+def _count_rows(pattern: str) -> int:
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    total = 0
+    for path in _files(pattern):
+        with FileSystems.open(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def _rejected_section(output_dir: str, manifest: dict[str, Any], config: ReportConfig) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    rejects = _read_columns(FileSystems.join(output_dir, "rejects", "assemble-*.parquet"),
+                            ["id", "stage", "reason", "detail"])
+    if not rejects:
+        body = ("<p>No rejected candidates" + ("" if manifest.get("phases", {}).get("assemble") else
+                                              ": phase assemble has not run on this output") + ".</p>")
+        return _section("rejected", "Rejected candidates, per reason", body)
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for row in rejects:
+        by_reason.setdefault(row["reason"], []).append(row)
+    scores = {r["candidate_id"]: r for r in _read_columns(FileSystems.join(output_dir, "scores", "*.parquet"),
+                                                         ["candidate_id", "prompt", "scores"])}
+    inputs = manifest.get("phases", {}).get("assemble", {}).get("inputs") or _files(
+        FileSystems.join(output_dir, "candidates", "*.parquet"))
+    units = row_group_ids([p for p in inputs if FileSystems.exists(p)], "candidate_id")
+    # The first ids of every reason, then the next ones, ...: each reason gets its share of the read budget.
+    ranked = {reason: sorted((r["id"] for r in rows), key=_order) for reason, rows in by_reason.items()}
+    interleaved = [ids[k] for k in range(config.rejects_per_reason) for ids in ranked.values() if k < len(ids)]
+    chosen_units = choose_units(units, interleaved, config.read_budget_mb << 20)
+    images: dict[str, dict[str, Any]] = {}
+    for unit in chosen_units:
+        for row in _read_row_group(unit.path, unit.row_group, ["candidate_id", "image", "prompt", "skill"]):
+            images[row["candidate_id"]] = row
+    readable = {id_ for unit in chosen_units for id_ in unit.ids}
+    known = {id_ for unit in units for id_ in unit.ids}
+    chosen = {reason: [row for row in sorted(rows, key=lambda r: _order(r["id"]))
+                       if row["id"] in readable or row["id"] not in known][:config.rejects_per_reason]
+              for reason, rows in by_reason.items()}
+    blocks = []
+    for reason, rows in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        cards = []
+        for row in chosen[reason]:
+            candidate = images.get(row["id"], {})
+            scored = scores.get(row["id"], {})
+            prompt = scored.get("prompt") or candidate.get("prompt") or ""
+            cards.append(f"<div class='reject'>{_img(candidate.get('image'), config.thumbnail_px, prompt, 'target')}"
+                         f"<p class='prompt'>{_e(prompt)}</p><p class='detail'>{_e(row.get('detail'))}</p>"
+                         f"{_scores_table(scored.get('scores') or {}) if scored else ''}</div>")
+        blocks.append(f"<h3 id='reason-{_e(reason)}'><span class='reason'>{_e(reason)}</span> · {len(rows):,} "
+                      f"candidate(s) · stage {_e(rows[0]['stage'])}</h3><div class='gallery'>{''.join(cards)}</div>")
+    return _section("rejected", "Rejected candidates, per reason", "".join(blocks))
+
+
+def _clusters_section(output_dir: str, config: ReportConfig) -> str:
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(output_dir, "clusters", "*.parquet")
+    if not _files(pattern):
+        return _section("clusters", "Clusters", "<p>No clusters in this output.</p>")
+    rows = sample_rows(pattern, "cluster_id", config.clusters, config.read_budget_mb << 20,
+                       ["cluster_id", "page_url", "subject", "class_noun", "images", "stats", "prompts"])
+    cards = []
+    for row in rows:
+        stats = row.get("stats") or {}
+        mean_sim = stats.get("mean_sim")
+        thumbs = "".join(f"<figure>{_img(im['image'], config.thumbnail_px // 2 + 24, im.get('caption') or '', 'demo')}"
+                         f"<figcaption>{_e(im.get('caption') or im.get('text') or '')}</figcaption></figure>"
+                         for im in (row.get("images") or [])[:6])
+        prompts = "; ".join(p["prompt"] for p in (row.get("prompts") or [])[:3])
+        cards.append(f"<div class='cluster'><p><strong>{_e(row.get('subject') or '(no subject)')}</strong> · "
+                     f"{stats.get('n_images', 0)} images"
+                     + (f" · coherence {mean_sim:.3f}" if mean_sim is not None else "")
+                     + f"</p><p class='url'>{_e(row['page_url'])}</p><div class='demos'>{thumbs}</div>"
+                     f"<p class='detail'>{_e(prompts)}</p></div>")
+    note = f"<p class='note'>{len(rows)} of {_count_rows(pattern):,} clusters (a deterministic sample).</p>"
+    return _section("clusters", "Clusters", note + "<div class='gallery'>" + "".join(cards) + "</div>")
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1240px;padding:16px;
+color:#212121;background:#fafafa}
+h1{font-size:24px;margin:8px 0}h2{font-size:19px;border-bottom:2px solid #e0e0e0;padding-bottom:4px;margin-top:28px}
+h3{font-size:15px;margin:18px 0 6px}
+nav a{margin-right:14px;color:#1565c0;text-decoration:none}
+.banner{background:#fff3cd;border:1px solid #e0b100;border-radius:6px;padding:10px 14px;margin:10px 0}
+table{border-collapse:collapse}th,td{text-align:left;padding:3px 8px;vertical-align:top;font-size:13px}
+.kv th{color:#616161;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
+.funnel tr:nth-child(even){background:#f0f0f0}.funnel td:nth-child(4){width:220px}
+.bar{height:12px;background:#1565c0;border-radius:2px}
+.reason{font-family:ui-monospace,monospace;background:#eceff1;border-radius:3px;padding:0 4px}
+.reasons{font-size:12px}.note{color:#616161;font-size:13px}
+.charts{display:flex;flex-wrap:wrap;gap:10px}
+.hist{background:#fff;border:1px solid #e0e0e0;border-radius:4px}
+.hist .title{font-size:12px;font-weight:600}.hist .axis,.hist .legend{font-size:10px;fill:#616161}
+.hist .legend{font-weight:600}.hist .axisline{stroke:#9e9e9e}
+.hist .bound{stroke:#c62828;stroke-width:2;stroke-dasharray:4 2}.hist .boundlabel{font-size:10px;fill:#c62828}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.example,.reject,.cluster{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px}
+.example{display:flex;gap:10px;width:580px}.reject{width:200px}.cluster{width:580px}
+.demos{display:flex;flex-wrap:wrap;gap:6px;align-content:flex-start}
+figure{margin:0;width:104px}figure img{width:100px;height:auto}
+figcaption{font-size:11px;color:#424242;overflow-wrap:anywhere}
+img{display:block;border-radius:3px;background:#eee;height:auto}img.target{outline:3px solid #2e7d32}
+.reject img.target{outline-color:#9e9e9e}
+.missing{width:100px;height:100px;background:#eee;color:#9e9e9e;font-size:11px;display:flex;align-items:center;
+justify-content:center}
+.prompt{font-size:13px;font-weight:600;margin:6px 0 2px}.skill,.url{font-size:12px;color:#616161;margin:0 0 4px;
+overflow-wrap:anywhere}
+.detail{font-size:11px;color:#616161;overflow-wrap:anywhere}
+.scores th,.scores td{font-size:11px;padding:0 6px 0 0}
+"""
+
+
+def build_report(output_dir: str, config: ReportConfig | None = None,
+                 manifest: dict[str, Any] | None = None) -> str:
+    """The report's HTML for the output folder ``output_dir`` (reads ``manifest.json`` unless given)."""
+    from pipeline.manifest import load_manifest
+
+    config = config or ReportConfig()
+    manifest = manifest if manifest is not None else load_manifest(output_dir)
+    title = f"icl-cluster-pipeline report · {output_dir.rstrip('/').rsplit('/', 1)[-1]}"
+    nav = "".join(f"<a href='#{i}'>{t}</a>" for i, t in (("funnel", "Funnel"), ("histograms", "Histograms"),
+                                                         ("examples", "Examples"), ("rejected", "Rejected"),
+                                                         ("clusters", "Clusters")))
+    sections = [
+        _banner(manifest),
+        _run_section(manifest),
+        _funnel_section(manifest),
+        _histograms_section(output_dir, manifest, config),
+        _examples_section(output_dir, config),
+        _rejected_section(output_dir, manifest, config),
+        _clusters_section(output_dir, config),
+    ]
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1><nav>{nav}</nav>{''.join(sections)}</body></html>")
+
+
+def write_report(output_dir: str, config: ReportConfig | None = None,
+                 manifest: dict[str, Any] | None = None) -> str:
+    """Write ``OUT/report/index.html``; returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    path = FileSystems.join(output_dir, *REPORT.split("/"))
+    page = build_report(output_dir, config, manifest)
+    with FileSystems.create(path, mime_type="text/html") as handle:
+        handle.write(page.encode("utf-8"))
+    return path
+
+
+def report_config_of(manifest: dict[str, Any]) -> ReportConfig:
+    """The ``report`` section a run was configured with (defaults for keys it lacks)."""
+    from pipeline.config import from_dict
+
+    section = manifest.get("config", {}).get("report") or {}
+    return from_dict(ReportConfig, section, "report")

@@ -1,0 +1,144 @@
+"""The visual report: rendered by a real headless browser (Debian's chromium), for a full run and for a run of
+phase 1 only; the report command; the page's pieces."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.report import (
+    Line,
+    ReportConfig,
+    Unit,
+    build_report,
+    choose_units,
+    row_group_ids,
+    sample_rows,
+    svg_histogram,
+)
+from schemas.reader import list_shards
+from tests.conftest import REPO, PhaseOutput, read_rows
+
+SECTIONS = ("run", "funnel", "histograms", "examples", "rejected", "clusters")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+needs_chromium = pytest.mark.skipif(
+    _chromium() is None, reason="no chromium on this machine: the report is checked in a real headless browser "
+                                "(Debian: apt-get install -y --no-install-recommends chromium; .ci/run installs it)")
+
+
+def render(page: str, tmp_path, name: str = "page") -> tuple[np.ndarray, str]:
+    """Screenshot (RGB array) and serialized DOM of ``page`` (a local HTML file) in headless chromium."""
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--hide-scrollbars"]
+    url = "file://" + os.path.abspath(page)
+    png = tmp_path / f"{name}.png"
+    shot = subprocess.run([*flags, f"--user-data-dir={tmp_path / (name + '-profile-1')}", f"--screenshot={png}",
+                           "--window-size=1280,2000", url], capture_output=True, text=True, timeout=120)
+    assert png.exists(), shot.stderr[-2000:]
+    dom = subprocess.run([*flags, f"--user-data-dir={tmp_path / (name + '-profile-2')}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and "</html>" in dom.stdout, dom.stderr[-2000:]
+    return np.asarray(Image.open(png).convert("RGB")), dom.stdout
+
+
+def assert_not_blank(pixels: np.ndarray) -> None:
+    background = np.median(pixels.reshape(-1, 3), axis=0)
+    differs = np.abs(pixels.astype(int) - background).sum(axis=2) > 40
+    assert differs.mean() > 0.03, f"only {differs.mean():.2%} of the screenshot differs from its background"
+    assert len(np.unique(pixels.reshape(-1, 3)[::97], axis=0)) > 50  # photos and charts, not a flat page
+
+
+@needs_chromium
+def test_the_report_of_a_demo_run_renders_in_a_browser(demo_run: PhaseOutput, tmp_path) -> None:
+    page = demo_run.output / "report" / "index.html"
+    assert demo_run.manifest["report"] == str(page)
+    pixels, dom = render(str(page), tmp_path)
+    assert pixels.shape[1] == 1280
+    assert_not_blank(pixels)
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom, section
+    assert 'id="banner"' in dom and "tiny random-weight models" in dom
+    n_examples = demo_run.manifest["candidates"]["examples"]
+    assert dom.count('class="example"') == min(48, n_examples)
+    assert dom.count('class="hist"') == 8  # cluster coherence + the 7 target scores
+    assert dom.count('class="bound"') >= 8  # the bounds drawn on them
+    for reason in demo_run.manifest["candidates"]["rejected"]:
+        assert f'id="reason-{reason}"' in dom
+    assert dom.count("data:image/jpeg;base64,") >= 4 * min(48, n_examples)  # self-contained thumbnails
+    assert not re.search(r'(src|href)="(https?:)?//', dom)  # nothing fetched from anywhere
+
+
+@needs_chromium
+def test_the_report_of_a_phase1_only_run_says_what_is_missing(sample_phase1: PhaseOutput, tmp_path) -> None:
+    page = tmp_path / "index.html"
+    page.write_text(build_report(str(sample_phase1.output)), encoding="utf-8")
+    pixels, dom = render(str(page), tmp_path, "phase1")
+    assert_not_blank(pixels)
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom, section
+    assert "No examples yet" in dom and "phase assemble has not run" in dom
+    assert dom.count('class="hist"') == 1 and "cluster coherence" in dom  # from the manifest's quantiles
+    assert dom.count('class="cluster"') == min(12, sample_phase1.manifest["clusters"]["written"])
+    assert "input records" in dom and "incoherent_cluster" in dom
+
+
+def test_the_report_command_writes_a_capped_deterministic_sample(demo_run: PhaseOutput, tmp_path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(demo_run.output, out, ignore=shutil.ignore_patterns("cache"))
+    (out / "report" / "index.html").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--set", "report.examples=2",
+                             "--set", "report.rejects_per_reason=1"],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Report: {out / 'report' / 'index.html'}" in result.stdout
+    page = (out / "report" / "index.html").read_text()
+    assert page.count("class='example'") == 2 and "2 of " in page  # the source's quotes (a browser's DOM: ")
+    reasons = demo_run.manifest["candidates"]["rejected"]
+    assert page.count("class='reject'") == len(reasons)
+    config = ReportConfig(examples=2, rejects_per_reason=1)
+    assert build_report(str(out), config) == page  # the same sample every time
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--set", "report.nope=1"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "report.nope" in bad.stderr
+
+
+def test_galleries_read_row_groups_within_their_budget(demo_run: PhaseOutput) -> None:
+    pattern = str(demo_run.output / "examples" / "*.parquet")
+    units = row_group_ids(list_shards(pattern), "example_id")
+    assert len(units) > 2 and sum(len(u.ids) for u in units) == len(read_rows(demo_run.output, "examples"))
+    one = sample_rows(pattern, "example_id", 100, budget_bytes=1)  # a budget of one row group
+    assert {row["example_id"] for row in one} in [set(u.ids) for u in units]
+    everything = sample_rows(pattern, "example_id", 100, budget_bytes=1 << 30)
+    assert len(everything) == sum(len(u.ids) for u in units)
+    three = sample_rows(pattern, "example_id", 3, budget_bytes=1 << 30)
+    assert [r["example_id"] for r in three] == [r["example_id"] for r in everything[:3]]  # smallest hashes first
+
+
+def test_histogram_draws_bars_and_bounds() -> None:
+    svg = svg_histogram([("kept", [0.1, 0.2, 0.2], "#0a0"), ("rejected", [0.5, 0.9], "#999")],
+                        [Line(0.3, "min 0.3"), Line(0.95, "copy")], "text_sim", bins=10)
+    assert svg.startswith("<svg") and svg.count('class="bound"') == 2 and "min 0.3" in svg
+    assert svg.count("<rect") == 4 and "kept 3" in svg and "rejected 2" in svg
+    assert "no values" in svg_histogram([("kept", [], "#0a0")], [], "empty")
+    log = svg_histogram([("all", [1.0, 10.0, 1000.0], "#000")], [Line(25.0, "min 25")], "sharpness", log=True)
+    assert ">0.871<" in log and ">1.15e+03<" in log  # log10 bins, axis labelled with the values themselves
+
+
+def test_row_groups_are_chosen_by_the_ids_they_hold_within_the_budget() -> None:
+    units = [Unit("a", 0, 100, ("x", "y")), Unit("a", 1, 100, ("z",)), Unit("b", 0, 100, ("w",))]
+    assert choose_units(units, ["z", "x", "w", "y"], 250) == [units[1], units[0]]
+    assert choose_units(units, ["w", "q"], 1) == [units[2]]  # at least one, unknown ids ignored

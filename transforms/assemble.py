@@ -1,0 +1,261 @@
+"""Stage *assemble* (phase 3): kept targets + real demos of their subject -> ICL training examples.
+
+One example per kept target (:class:`~schemas.records.Example`, written as ``examples/*.parquet``,
+``schemas.parquet.EXAMPLES_SCHEMA``):
+
+* **Demos**: ``assemble.demos`` (3) real images of the target's cluster with their captions, chosen by
+  :func:`choose_demos`: never the target's *source* (the real image the target is nearest to, see
+  :class:`~schemas.records.ScoredCandidate` -- showing it as a demo would teach copy-paste, the failure the
+  synthetic targets exist to avoid), all distinct, in an order drawn from hashes of (candidate id, image id):
+  deterministic, independent of input order, and different for the different targets of one cluster, so a
+  cluster's examples do not all repeat the same three photos. A cluster with fewer than ``assemble.min_demos``
+  images besides the source cannot make an example: the target is rejected as ``too_few_demos`` (with the
+  defaults, clusters need 4 images; phase 1 keeps clusters of ``group.min_images`` = 3 and up -- raise it to 4
+  to spend no GPU time on such clusters).
+* **Target**: the rendered image, the trainer's prompt (subject phrase, no identifier), the template, the
+  rendered prompt, skill, seed, k, and the source image id; **scores**; **provenance** (models, prompt files,
+  settings hashes, the pipeline version).
+
+**Shards sized for streaming** (:class:`WriteExamples`): Beam's ``WriteToParquet`` can fix a number of files
+but not their size, so the examples are counted in bytes first (a global sum), the number of shards is
+``ceil(total bytes / assemble.shard_bytes)``, each example goes to the shard its id hashes to, and each shard
+is written by one worker with pyarrow through Beam ``FileSystems`` (so ``gs://`` works): rows sorted by example
+id, row groups cut at ``assemble.row_group_bytes`` (what a reader holds in memory at a time), written to a
+temporary name and renamed into place (a retried bundle never leaves half a file). Shard sizes vary with the
+hash by about one example per hundred.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from schemas.ids import stable_id
+from schemas.parquet import EXAMPLES_SCHEMA, example_to_row
+from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate
+from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.score import ScoringUnit
+
+STAGE = "assemble"
+
+TOO_FEW_DEMOS = "too_few_demos"
+
+@dataclass(frozen=True)
+class AssembleConfig:
+    """Settings of example assembly (config section ``assemble``); see docs/defaults.md."""
+
+    demos: int = option(3, "Real demonstrations per example.")
+    min_demos: int = option(3, "Fewest demos an example may have when its cluster has fewer than `demos` images "
+                               "besides the target's source; under it the target is rejected (too_few_demos).")
+    clusters: str = option("", "Glob of the clusters files the candidates were made from (any Beam file system "
+                               "path); empty: OUT/clusters/*.parquet.")
+    shard_bytes: int = option(512 * 1024 * 1024, "Target size of one examples/ file; the number of files is the "
+                                                 "total size divided by this, rounded up.")
+    row_group_bytes: int = option(64 * 1024 * 1024, "Target size of one Parquet row group (at least one row): "
+                                                    "what a streaming reader holds in memory at a time.")
+    def __post_init__(self) -> None:
+        if self.demos < 1:
+            raise ValueError(f"demos must be at least 1, got {self.demos}")
+        if not 1 <= self.min_demos <= self.demos:
+            raise ValueError(f"min_demos must be within 1..demos ({self.demos}), got {self.min_demos}")
+        if self.shard_bytes < 1 or self.row_group_bytes < 1:
+            raise ValueError("shard_bytes and row_group_bytes must be positive")
+        if self.row_group_bytes > self.shard_bytes:
+            raise ValueError(f"row_group_bytes ({self.row_group_bytes}) must not exceed shard_bytes "
+                             f"({self.shard_bytes})")
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    """What every example of a run shares in its provenance."""
+
+    pipeline_version: str | None
+    config_hash: str
+    clip_model: str
+
+
+# --- plain functions -------------------------------------------------------------------------------------
+
+
+def choose_demos(cluster: Cluster, source_image_id: str, candidate_id: str, n: int,
+                 min_n: int | None = None) -> tuple[ImageRecord, ...] | None:
+    """Up to ``n`` distinct real images of ``cluster`` other than ``source_image_id``, ordered by
+    ``stable_id("demo", candidate_id, image_id)``; ``None`` when fewer than ``min_n`` (default ``n``) exist."""
+    pool = {image.image_id: image for image in cluster.images if image.image_id != source_image_id}
+    if len(pool) < (n if min_n is None else min_n):
+        return None
+    ranked = sorted(pool.values(), key=lambda image: stable_id("demo", candidate_id, image.image_id))
+    return tuple(ranked[:n])
+
+
+def example_id(candidate_id: str, demo_ids: Iterable[str]) -> str:
+    return stable_id("example", candidate_id, *demo_ids)
+
+
+def make_example(cluster: Cluster, scored: ScoredCandidate, demos: Sequence[ImageRecord],
+                 run: RunProvenance) -> Example:
+    candidate = scored.candidate
+    p = cluster.provenance
+    provenance = ExampleProvenance(
+        pipeline_version=run.pipeline_version, config_hash=run.config_hash, clip_model=run.clip_model,
+        synth_model=candidate.train.model, synth_config_hash=candidate.synth_config_hash,
+        caption_backend=p.caption_backend, caption_model=p.caption_model, caption_prompt=p.caption_prompt,
+        subject_backend=p.subject_backend, subject_model=p.subject_model, subject_prompt=p.subject_prompt,
+        prompts_backend=p.prompts_backend, prompts_model=p.prompts_model, prompts_prompt=p.prompts_prompt,
+        fallbacks=tuple(p.fallbacks))
+    return Example(
+        example_id=example_id(candidate.candidate_id, (d.image_id for d in demos)),
+        cluster_id=cluster.cluster_id, page_url=cluster.page_url, subject=cluster.subject,
+        class_noun=cluster.class_noun,
+        demos=tuple(Demo(d.image_id, d.image, d.caption, d.width, d.height) for d in demos),
+        target=scored, provenance=provenance)
+
+
+class AssembleFn(beam.DoFn):
+    """``ScoringUnit`` of kept targets -> an ``Example`` per target, or a ``too_few_demos`` reject."""
+
+    def __init__(self, config: AssembleConfig, run: RunProvenance) -> None:
+        self._config = config
+        self._run = run
+
+    def process(self, unit: ScoringUnit) -> Iterator[Any]:
+        cluster = unit.cluster
+        for scored in unit.candidates:
+            c = scored.candidate
+            try:
+                demos = choose_demos(cluster, scored.source_image_id, c.candidate_id, self._config.demos,
+                                     self._config.min_demos)
+                if demos is None:
+                    others = sum(1 for image in cluster.images if image.image_id != scored.source_image_id)
+                    yield reject(STAGE, TOO_FEW_DEMOS, f"cluster {cluster.cluster_id} has {others} image(s) besides "
+                                 f"the target's source {scored.source_image_id} < min_demos {self._config.min_demos}",
+                                 id=c.candidate_id, cluster_id=c.cluster_id, page_url=c.page_url)
+                    continue
+                if any(d.caption is None for d in demos):
+                    count(STAGE, "demos_without_caption")
+                count(STAGE, "examples")
+                yield make_example(cluster, scored, demos, self._run)
+            except Exception as error:  # noqa: BLE001
+                yield internal_error(STAGE, error, id=c.candidate_id, cluster_id=c.cluster_id, page_url=c.page_url)
+
+
+class Assemble(beam.PTransform):
+    """Units of kept targets -> ``Example``s."""
+
+    def __init__(self, config: AssembleConfig, run: RunProvenance) -> None:
+        super().__init__()
+        self._config = config
+        self._run = run
+
+    def expand(self, units: beam.PCollection) -> StageOutput:
+        out = units | "AssembleExamples" >> beam.ParDo(AssembleFn(self._config, self._run)).with_outputs(
+            REJECTS, main="examples")
+        return StageOutput(out.examples, out[REJECTS])
+
+
+# --- sharded writing ---------------------------------------------------------------------------------------
+
+
+def row_bytes(row: dict[str, Any]) -> int:
+    """Approximate stored size of an example row: its images (already compressed) plus a little for the rest."""
+    images = sum(len(demo["image"]) for demo in row["demos"]) + len(row["target"]["image"])
+    return images + 2048
+
+
+def shard_count(total_bytes: int, shard_bytes: int) -> int:
+    return max(1, math.ceil(total_bytes / shard_bytes))
+
+
+def shard_of(example_id: str, n_shards: int) -> int:
+    return int(example_id[:16], 16) % n_shards
+
+
+def shard_path(folder: str, shard: int, n_shards: int) -> str:
+    return FileSystems.join(folder, f"part-{shard:05d}-of-{n_shards:05d}.parquet")
+
+
+def row_groups(rows: Sequence[dict[str, Any]], row_group_bytes: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive runs of rows of about ``row_group_bytes`` (at least one row each)."""
+    group: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        if group and size + row_bytes(row) > row_group_bytes:
+            yield group
+            group, size = [], 0
+        group.append(row)
+        size += row_bytes(row)
+    if group:
+        yield group
+
+
+def write_shard(path: str, rows: Sequence[dict[str, Any]], row_group_bytes: int, codec: str) -> dict[str, Any]:
+    """Write ``rows`` (sorted by example id) to ``path`` in row groups of about ``row_group_bytes``, atomically."""
+    rows = sorted(rows, key=lambda row: row["example_id"])
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    n_groups = 0
+    with FileSystems.create(temporary, mime_type="application/octet-stream",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        with pq.ParquetWriter(handle, EXAMPLES_SCHEMA, compression=codec) as writer:
+            for group in row_groups(rows, row_group_bytes):
+                writer.write_table(pa.Table.from_pylist(group, schema=EXAMPLES_SCHEMA), row_group_size=len(group))
+                n_groups += 1
+    try:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+        FileSystems.rename([temporary], [path])
+    except Exception:
+        FileSystems.delete([temporary])
+        raise
+    return {"path": path, "rows": len(rows), "row_groups": n_groups}
+
+
+class WriteShardFn(beam.DoFn):
+    """``((shard, n_shards), rows)`` -> the shard's file; yields ``{path, rows, row_groups}``."""
+
+    def __init__(self, folder: str, config: AssembleConfig, codec: str) -> None:
+        self._folder = folder
+        self._config = config
+        self._codec = codec
+
+    def process(self, element: tuple[tuple[int, int], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        (shard, n_shards), rows = element
+        written = write_shard(shard_path(self._folder, shard, n_shards), list(rows), self._config.row_group_bytes,
+                              self._codec)
+        count(STAGE, "shards_written")
+        count(STAGE, "row_groups_written", written["row_groups"])
+        yield written
+
+
+class WriteExamples(beam.PTransform):
+    """``Example``s -> ``OUT/examples/part-SSSSS-of-NNNNN.parquet``, sized by bytes (see the module docstring)."""
+
+    def __init__(self, output_dir: str, config: AssembleConfig, codec: str = "zstd") -> None:
+        super().__init__()
+        self._folder = FileSystems.join(output_dir, "examples")
+        self._config = config
+        self._codec = codec
+
+    def expand(self, examples: beam.PCollection) -> beam.PCollection:
+        rows = examples | "ToRows" >> beam.Map(example_to_row)
+        n_shards = (
+            rows
+            | "RowBytes" >> beam.Map(row_bytes)
+            | "TotalBytes" >> beam.CombineGlobally(sum)
+            | "ShardCount" >> beam.Map(shard_count, self._config.shard_bytes)
+        )
+        return (
+            rows
+            | "AssignShards" >> beam.Map(lambda row, n: ((shard_of(row["example_id"], n), n), row),
+                                         beam.pvalue.AsSingleton(n_shards))
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(WriteShardFn(self._folder, self._config, self._codec))
+        )

@@ -1,0 +1,400 @@
+"""Stage *target filter* (phase 3): keep the synthesized targets that are usable training targets.
+
+Scores are already on every candidate (stage *score*); this stage only compares them with bounds. A target
+is kept when it passes every criterion below. Each criterion is its own reject reason, and a target failing
+several is counted under the **first** one in this order (its reject ``detail`` and its ``scores/`` row list
+all of them):
+
+====  ========================  ======================================================================
+ 1    ``nsfw``                  flagged by the base model's safety checker (``target_filter.drop_nsfw``)
+ 2    ``target_too_small``      shorter side under ``min_side``
+ 3    ``blank_image``           contrast (luma standard deviation) under ``min_contrast``: near uniform
+ 4    ``too_dark``              brightness (mean luma) under ``min_brightness``
+ 5    ``too_bright``            brightness over ``max_brightness``
+ 6    ``blurry``                sharpness (variance of the Laplacian) under ``min_sharpness``
+ 7    ``copy_phash``            perceptual-hash distance to a real image of the cluster <= ``max_copy_distance``
+ 8    ``copy_clip``             CLIP similarity to the nearest real image >= ``max_copy_sim``
+ 9    ``subject_not_preserved`` mean CLIP similarity to the cluster's real images under the subject bound
+ 10   ``prompt_not_followed``   CLIP similarity to the prompt under the text bound
+====  ========================  ======================================================================
+
+Why this order: an image that is not a usable picture (1-6) has meaningless CLIP scores, so it is rejected for
+what it is; a copy of a demo (7-8) -- the failure synthesis exists to avoid -- scores *high* on subject
+similarity, so it must be caught before the similarity bounds; subject preservation (9) comes before prompt
+following (10) because a target of another subject is useless whatever it shows.
+
+**Bounds.** Criteria 1-8 are absolute: their bounds are properties of an image (or of an image pair) that do
+not depend on the rest of the run. The two similarity bounds (9, 10) are either fixed
+(``min_subject_sim``, ``min_text_sim``) or, with ``target_keep_rate`` (the default, 0.25: the reference recipe
+keeps 20-30% of its renders), calibrated on the run: among the candidates that pass 1-8, both bounds are set at
+the *same quantile level* of their own score distributions, the level chosen so that ``round(target_keep_rate x
+candidates scored)`` candidates pass, as nearly as the data allow (:func:`calibrate`). Equivalently: a candidate's
+*level* is the lower of its two score percentiles, and the candidates whose level reaches the chosen one stay. The
+quantiles come from Beam's ``ApproximateQuantiles`` (1001 of them: exact while the scores fit its buffers; the
+count of candidates per level is exact, so the kept count is within one or two candidates of the request up to a
+thousand candidates, and within about 0.2% beyond). When 1-8 already drop more than ``1 - target_keep_rate``, the
+similarity bounds fall to the lowest scores (nothing more is dropped) and the manifest says so.
+
+The bounds used, the calibration (level, requested and expected counts) and quantiles of every score go to
+``manifest.json`` under ``stats.assemble.target_filter``; every scored candidate's scores and decision go to
+``OUT/scores/*.parquet``, so bounds can be audited and retuned without scoring again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+
+from schemas.parquet import TARGET_SCORES_SCHEMA, target_scores_row
+from schemas.records import ScoredCandidate
+from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.score import ScoringUnit
+from transforms.stats import WriteStats
+from transforms.write import OutputConfig, WriteParquet
+
+STAGE = "target_filter"
+
+NSFW = "nsfw"
+TARGET_TOO_SMALL = "target_too_small"
+BLANK_IMAGE = "blank_image"
+TOO_DARK = "too_dark"
+TOO_BRIGHT = "too_bright"
+BLURRY = "blurry"
+COPY_PHASH = "copy_phash"
+COPY_CLIP = "copy_clip"
+SUBJECT_NOT_PRESERVED = "subject_not_preserved"
+PROMPT_NOT_FOLLOWED = "prompt_not_followed"
+
+ORDER = (NSFW, TARGET_TOO_SMALL, BLANK_IMAGE, TOO_DARK, TOO_BRIGHT, BLURRY, COPY_PHASH, COPY_CLIP,
+         SUBJECT_NOT_PRESERVED, PROMPT_NOT_FOLLOWED)
+"""Every criterion, in the order that decides which reason a candidate failing several is counted under."""
+
+ABSOLUTE = ORDER[:8]
+"""Criteria whose bounds never depend on the run (not calibrated)."""
+
+KEPT = "kept"
+DECISIONS = "decisions"
+"""Tag of the ``(ScoredCandidate, decision, failed)`` output (written to ``scores/``)."""
+
+QUANTILES = 1001
+"""Quantile resolution of the calibration: 0.1% of rank."""
+
+SCORE_NAMES = ("subject_sim_mean", "subject_sim_max", "text_sim", "copy_phash_distance", "brightness",
+               "contrast", "sharpness")
+RECORDED_QUANTILES = 21
+"""Quantiles of each score written to the manifest: p00, p05, ..., p100."""
+
+
+@dataclass(frozen=True)
+class TargetFilterConfig:
+    """Bounds of the target filter (config section ``target_filter``); see docs/defaults.md."""
+
+    target_keep_rate: float | None = option(0.25, "Calibrate the two similarity bounds on this run so that this "
+                                                  "share of the scored candidates is kept (0 < rate <= 1); null: "
+                                                  "use min_subject_sim and min_text_sim.")
+    min_subject_sim: float = option(0.7, "Smallest mean CLIP image similarity of a target to its cluster's real "
+                                         "images (subject_not_preserved). Ignored with target_keep_rate.")
+    min_text_sim: float = option(0.25, "Smallest CLIP image-text similarity of a target to its prompt "
+                                       "(prompt_not_followed). Ignored with target_keep_rate.")
+    max_copy_sim: float | None = option(0.95, "A target whose CLIP similarity to a real image of its cluster "
+                                              "reaches this is a copy of it (copy_clip); null: no check.")
+    max_copy_distance: int | None = option(10, "A target within this many bits (64-bit pHash) of a real image of "
+                                               "its cluster is a copy of it (copy_phash); null: no check.")
+    min_side: int = option(256, "Shorter side, in pixels, a target must have (target_too_small).")
+    min_contrast: float | None = option(0.03, "Smallest standard deviation of the luma (0..0.5); under it the "
+                                              "image is blank or near uniform (blank_image). null: no check.")
+    min_brightness: float | None = option(0.04, "Smallest mean luma (0..1) (too_dark); null: no check.")
+    max_brightness: float | None = option(0.96, "Largest mean luma (0..1) (too_bright); null: no check.")
+    min_sharpness: float | None = option(25.0, "Smallest variance of the Laplacian of the luma (blurry); null: no "
+                                               "check.")
+    drop_nsfw: bool = option(True, "Reject targets the base model's safety checker flagged (nsfw).")
+
+    def __post_init__(self) -> None:
+        if self.target_keep_rate is not None and not 0.0 < self.target_keep_rate <= 1.0:
+            raise ValueError(f"target_keep_rate must be within (0, 1], got {self.target_keep_rate}")
+        for name in ("min_subject_sim", "min_text_sim", "max_copy_sim"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
+        if self.max_copy_distance is not None and not 0 <= self.max_copy_distance <= 64:
+            raise ValueError(f"max_copy_distance must be within 0..64 bits, got {self.max_copy_distance}")
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be at least 1, got {self.min_side}")
+        for name in ("min_contrast", "min_brightness", "max_brightness"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {value}")
+        if (self.min_brightness is not None and self.max_brightness is not None
+                and self.min_brightness >= self.max_brightness):
+            raise ValueError(f"min_brightness ({self.min_brightness}) must be under max_brightness "
+                             f"({self.max_brightness})")
+        if self.min_sharpness is not None and self.min_sharpness < 0:
+            raise ValueError(f"min_sharpness must be >= 0, got {self.min_sharpness}")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The similarity bounds in force (fixed or calibrated); ``None``: no bound."""
+
+    min_subject_sim: float | None
+    min_text_sim: float | None
+
+
+def fixed_bounds(config: TargetFilterConfig) -> Bounds:
+    return Bounds(config.min_subject_sim, config.min_text_sim)
+
+
+# --- decisions -------------------------------------------------------------------------------------------
+
+
+def failures(scored: ScoredCandidate, config: TargetFilterConfig, bounds: Bounds | None) -> list[tuple[str, str]]:
+    """Every criterion ``scored`` fails, as ``(reason, detail)`` in :data:`ORDER`; empty when it is kept.
+    ``bounds=None`` checks the absolute criteria only."""
+    s, c = scored.scores, scored.candidate
+    out: list[tuple[str, str]] = []
+    if config.drop_nsfw and c.nsfw:
+        out.append((NSFW, "flagged by the base model's safety checker"))
+    if min(c.width, c.height) < config.min_side:
+        out.append((TARGET_TOO_SMALL, f"{c.width}x{c.height} < min_side {config.min_side}"))
+    if config.min_contrast is not None and s.contrast < config.min_contrast:
+        out.append((BLANK_IMAGE, f"contrast {s.contrast:.4f} < min_contrast {config.min_contrast}"))
+    if config.min_brightness is not None and s.brightness < config.min_brightness:
+        out.append((TOO_DARK, f"brightness {s.brightness:.4f} < min_brightness {config.min_brightness}"))
+    if config.max_brightness is not None and s.brightness > config.max_brightness:
+        out.append((TOO_BRIGHT, f"brightness {s.brightness:.4f} > max_brightness {config.max_brightness}"))
+    if config.min_sharpness is not None and s.sharpness < config.min_sharpness:
+        out.append((BLURRY, f"sharpness {s.sharpness:.1f} < min_sharpness {config.min_sharpness}"))
+    if config.max_copy_distance is not None and s.copy_phash_distance <= config.max_copy_distance:
+        out.append((COPY_PHASH, f"perceptual-hash distance {s.copy_phash_distance} to a real image <= "
+                                f"max_copy_distance {config.max_copy_distance}"))
+    if config.max_copy_sim is not None and s.subject_sim_max >= config.max_copy_sim:
+        out.append((COPY_CLIP, f"CLIP similarity {s.subject_sim_max:.4f} to real image {scored.source_image_id} "
+                               f">= max_copy_sim {config.max_copy_sim}"))
+    if bounds is not None:
+        if bounds.min_subject_sim is not None and s.subject_sim_mean < bounds.min_subject_sim:
+            out.append((SUBJECT_NOT_PRESERVED, f"subject_sim_mean {s.subject_sim_mean:.4f} < "
+                                               f"{bounds.min_subject_sim:.4f}"))
+        if bounds.min_text_sim is not None and s.text_sim < bounds.min_text_sim:
+            out.append((PROMPT_NOT_FOLLOWED, f"text_sim {s.text_sim:.4f} < {bounds.min_text_sim:.4f}"))
+    return out
+
+
+def reject_detail(failed: Sequence[tuple[str, str]]) -> str:
+    first = failed[0][1]
+    if len(failed) == 1:
+        return first
+    return f"{first}; also fails: " + "; ".join(f"{reason} ({detail})" for reason, detail in failed[1:])
+
+
+# --- calibration -----------------------------------------------------------------------------------------
+
+
+def level_of(subject_sim: float, text_sim: float, q_subject: Sequence[float], q_text: Sequence[float]) -> int:
+    """The quantile level of a candidate: the lower of its two score ranks in the quantile tables (index of the
+    largest quantile it reaches). ``level >= i`` exactly when ``subject_sim >= q_subject[i]`` and
+    ``text_sim >= q_text[i]``."""
+    return min(bisect.bisect_right(q_subject, subject_sim), bisect.bisect_right(q_text, text_sim)) - 1
+
+
+class LevelHistogram(beam.CombineFn):
+    """Levels -> a list of counts per level (``QUANTILES`` bins): the exact count of candidates at each level."""
+
+    def __init__(self, size: int = QUANTILES) -> None:
+        self._size = size
+
+    def create_accumulator(self) -> list[int]:
+        return [0] * self._size
+
+    def add_input(self, accumulator: list[int], level: int) -> list[int]:
+        accumulator[max(0, min(self._size - 1, level))] += 1
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Any) -> list[int]:
+        merged = [0] * self._size
+        for accumulator in accumulators:
+            for i, n in enumerate(accumulator):
+                merged[i] += n
+        return merged
+
+    def extract_output(self, accumulator: list[int]) -> list[int]:
+        return accumulator
+
+
+def requested_count(keep_rate: float, n_scored: int) -> int:
+    """``round(keep_rate x n_scored)``, at least one when anything was scored."""
+    return min(n_scored, max(1, round(keep_rate * n_scored))) if n_scored else 0
+
+
+def calibrate(histogram: Sequence[int], q_subject: Sequence[float], q_text: Sequence[float], n_scored: int,
+              keep_rate: float) -> dict[str, Any]:
+    """The similarity bounds that keep ``requested_count(keep_rate, n_scored)`` candidates as nearly as possible.
+
+    ``histogram[i]``: candidates passing the absolute criteria whose :func:`level_of` is ``i``. The level ``i``
+    kept is the one whose count of candidates at or above it is nearest the request (the larger count on a tie);
+    the bounds are the two quantiles at that level.
+    """
+    eligible = int(sum(histogram))
+    requested = requested_count(keep_rate, n_scored)
+    out: dict[str, Any] = {"requested": requested, "eligible": eligible, "limited_by_absolute_checks": False}
+    if not eligible or not q_subject or not q_text:
+        return {**out, "level": None, "expected_kept": 0, "min_subject_sim": None, "min_text_sim": None}
+    at_or_above, running = [0] * len(histogram), 0
+    for i in range(len(histogram) - 1, -1, -1):
+        running += histogram[i]
+        at_or_above[i] = running
+    level = min(range(len(histogram)), key=lambda i: (abs(at_or_above[i] - requested), -at_or_above[i], i))
+    return {**out, "level": level, "expected_kept": at_or_above[level],
+            "limited_by_absolute_checks": eligible <= requested,
+            "min_subject_sim": float(q_subject[level]), "min_text_sim": float(q_text[level])}
+
+
+def bounds_from(calibration: dict[str, Any]) -> Bounds:
+    return Bounds(calibration.get("min_subject_sim"), calibration.get("min_text_sim"))
+
+
+def _percentiles(quantiles: Sequence[float]) -> dict[str, float]:
+    if not quantiles:
+        return {}
+    last = len(quantiles) - 1
+    return {f"p{round(100 * i / last):02d}": round(float(q), 6) for i, q in enumerate(quantiles)}
+
+
+def filter_stats(calibration: dict[str, Any], score_quantiles: list[tuple[str, list[float]]], n_scored: int,
+                 config: TargetFilterConfig) -> dict[str, Any]:
+    """The ``stats.assemble.target_filter`` block of the manifest: mode, bounds used, calibration, quantiles."""
+    bounds = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("target_keep_rate", "min_subject_sim", "min_text_sim")}
+    bounds["min_subject_sim"] = calibration.get("min_subject_sim")
+    bounds["min_text_sim"] = calibration.get("min_text_sim")
+    return {
+        "mode": "target_keep_rate" if config.target_keep_rate is not None else "fixed",
+        "target_keep_rate": config.target_keep_rate,
+        "candidates_scored": n_scored,
+        "calibration": {k: v for k, v in calibration.items() if k not in ("min_subject_sim", "min_text_sim")},
+        "bounds": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in bounds.items()},
+        "order": list(ORDER),
+        "score_quantiles": {name: _percentiles(values) for name, values in sorted(score_quantiles)},
+    }
+
+
+# --- the DoFns ---------------------------------------------------------------------------------------------
+
+
+def eligible_scores(unit: ScoringUnit, config: TargetFilterConfig) -> Iterator[tuple[float, float]]:
+    """``(subject_sim_mean, text_sim)`` of the unit's candidates that pass the absolute criteria."""
+    for scored in unit.candidates:
+        if not failures(scored, config, None):
+            yield scored.scores.subject_sim_mean, scored.scores.text_sim
+
+
+def score_values(unit: ScoringUnit) -> Iterator[tuple[str, float]]:
+    for scored in unit.candidates:
+        for name in SCORE_NAMES:
+            yield name, float(getattr(scored.scores, name))
+
+
+class ApplyBoundsFn(beam.DoFn):
+    """``ScoringUnit`` -> the unit with its kept candidates (main, when any), a reject per other candidate, and a
+    ``(scored, decision, failed)`` per candidate on ``decisions``."""
+
+    def __init__(self, config: TargetFilterConfig) -> None:
+        self._config = config
+
+    def process(self, unit: ScoringUnit, bounds: Any) -> Iterator[Any]:
+        bounds = bounds if isinstance(bounds, Bounds) else bounds_from(bounds)
+        kept = []
+        for scored in unit.candidates:
+            c = scored.candidate
+            try:
+                failed = failures(scored, self._config, bounds)
+            except Exception as error:  # noqa: BLE001 -- a malformed score must not end the job
+                yield internal_error(STAGE, error, id=c.candidate_id, cluster_id=c.cluster_id, page_url=c.page_url)
+                yield beam.pvalue.TaggedOutput(DECISIONS, (scored, INTERNAL_ERROR, [INTERNAL_ERROR]))
+                continue
+            reasons = [reason for reason, _ in failed]
+            if failed:
+                yield reject(STAGE, reasons[0], reject_detail(failed), id=c.candidate_id, cluster_id=c.cluster_id,
+                             page_url=c.page_url)
+            else:
+                kept.append(scored)
+                count(STAGE, KEPT)
+            yield beam.pvalue.TaggedOutput(DECISIONS, (scored, reasons[0] if reasons else KEPT, reasons))
+        if kept:
+            yield ScoringUnit(unit.cluster, tuple(kept))
+
+
+def decision_row(decision: tuple[ScoredCandidate, str, list[str]]) -> dict[str, Any]:
+    return target_scores_row(*decision)
+
+
+def write_scores(output_dir: str, config: OutputConfig) -> WriteParquet:
+    """Decisions -> ``OUT/scores/part-*.parquet``."""
+    return WriteParquet(output_dir, "scores", "part", TARGET_SCORES_SCHEMA, decision_row, config)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+class TargetFilter(beam.PTransform):
+    """Scored ``ScoringUnit``s -> units of the kept candidates; with ``output_dir``, also ``scores/`` and the
+    stats file of the phase."""
+
+    def __init__(self, config: TargetFilterConfig, output_dir: str | None = None,
+                 output: OutputConfig | None = None, phase: str = "assemble") -> None:
+        super().__init__()
+        self._config = config
+        self._output_dir = output_dir
+        self._output = output or OutputConfig()
+        self._phase = phase
+
+    def expand(self, units: beam.PCollection) -> StageOutput:
+        config = self._config
+        calibrated = config.target_keep_rate is not None
+        quantiles = n_scored = None
+        if calibrated or self._output_dir is not None:
+            n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
+                        | "CountScored" >> beam.CombineGlobally(sum))
+        if self._output_dir is not None:
+            quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
+                         | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
+                         | "AllScoreQuantiles" >> beam.combiners.ToList())
+        if calibrated:
+            pairs = units | "EligibleScores" >> beam.FlatMap(eligible_scores, config)
+            q_subject = (pairs | "SubjectSims" >> beam.Map(lambda pair: pair[0])
+                         | "SubjectQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES))
+            q_text = (pairs | "TextSims" >> beam.Map(lambda pair: pair[1])
+                      | "TextQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES))
+            calibration = (
+                pairs
+                | "Levels" >> beam.Map(lambda pair, qs, qt: level_of(pair[0], pair[1], qs, qt),
+                                       beam.pvalue.AsSingleton(q_subject), beam.pvalue.AsSingleton(q_text))
+                | "LevelHistogram" >> beam.CombineGlobally(LevelHistogram())
+                | "Calibrate" >> beam.Map(calibrate, beam.pvalue.AsSingleton(q_subject),
+                                          beam.pvalue.AsSingleton(q_text), beam.pvalue.AsSingleton(n_scored),
+                                          config.target_keep_rate)
+            )
+            decided = units | "ApplyBounds" >> beam.ParDo(
+                ApplyBoundsFn(config), beam.pvalue.AsSingleton(calibration)).with_outputs(
+                REJECTS, DECISIONS, main="kept")
+            if quantiles is not None:
+                stats = calibration | "DescribeFilter" >> beam.Map(
+                    lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
+                    beam.pvalue.AsSingleton(n_scored))
+        else:
+            # Fixed bounds are plain arguments: thresholding fuses with scoring, no barrier.
+            fixed = fixed_bounds(config)
+            decided = units | "ApplyBounds" >> beam.ParDo(ApplyBoundsFn(config), fixed).with_outputs(
+                REJECTS, DECISIONS, main="kept")
+            if quantiles is not None:
+                described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
+                stats = n_scored | "DescribeFilter" >> beam.Map(
+                    lambda n, q: filter_stats(described, q, n, config), beam.pvalue.AsSingleton(quantiles))
+        if self._output_dir is not None:
+            decided[DECISIONS] | "WriteScores" >> write_scores(self._output_dir, self._output)
+            stats | "WriteFilterStats" >> WriteStats(self._output_dir, self._phase, STAGE)
+        return StageOutput(decided.kept, decided[REJECTS])
