@@ -45,7 +45,8 @@ def test_demo_profile_fills_captions_subjects_and_prompts(sample_phase1: PhaseOu
         assert cluster["provenance"] == {
             "caption_backend": "alt_text", "subject_backend": "offline", "prompts_backend": "templates",
             "fallbacks": [], "caption_model": None, "caption_prompt": None, "subject_model": None,
-            "subject_prompt": None, "prompts_model": None, "prompts_prompt": grammar_tag}, page
+            "subject_prompt": None, "prompts_model": None, "prompts_prompt": grammar_tag,
+            "embed_model": None}, page  # CLIP is off in these runs
         subject = cluster["subject"]
         for image in cluster["images"]:
             cleaned = clean_alt_text(image["text"])
@@ -135,7 +136,8 @@ def test_vllm_backends_fill_every_field_through_beam(vllm_run) -> None:
         assert cluster["provenance"] == {
             "caption_backend": "vllm", "subject_backend": "vllm", "prompts_backend": "vllm", "fallbacks": [],
             "caption_model": VL_MODEL, "caption_prompt": tags["caption"], "subject_model": TEXT_MODEL,
-            "subject_prompt": tags["subject"], "prompts_model": TEXT_MODEL, "prompts_prompt": tags["prompts"]}, page
+            "subject_prompt": tags["subject"], "prompts_model": TEXT_MODEL, "prompts_prompt": tags["prompts"],
+            "embed_model": None}, page
         assert cluster["subject"] == subject_for(captions) and cluster["class_noun"] == "object"
         assert [im["caption"] for im in cluster["images"]] == [f"A photo of the sample object: {c}" for c in captions]
         assert len(cluster["prompts"]) == 8 and all("beside a" in p["prompt"] for p in cluster["prompts"])
