@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.config import build_config
 from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
+from transforms.embed import model_id
 
 CLIP_STAGES = {"embed", "cluster_filter", "cross_page", "decontaminate"}
 
@@ -24,6 +26,7 @@ def test_demo_run_embeds_scores_and_calibrates(sample_phase1: PhaseOutput) -> No
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)  # stored as float16
         coherence = [image["coherence"] for image in cluster["images"]]
         assert np.mean(coherence) == pytest.approx(stats["mean_sim"], abs=1e-4)
+        assert cluster["provenance"]["embed_model"] == model_id(build_config("demo").embed)  # phase 3 reuses them
 
     calibration = manifest["phases"]["clusters"]["stats"]["cluster_filter"]
     assert calibration["mode"] == "target_keep_rate" and calibration["target_keep_rate"] == 0.75
@@ -77,6 +80,7 @@ def test_embeddings_need_not_be_stored(tmp_path) -> None:
                        "--set", "cluster_filter.target_keep_rate=1.0")
     clusters = out.clusters()
     assert clusters and all(im["embedding"] is None for c in clusters for im in c["images"])
+    assert all(c["provenance"]["embed_model"] is None for c in clusters)  # nothing stored to reuse in phase 3
     assert all(im["coherence"] is not None for c in clusters for im in c["images"])  # the scores stay
     # Every scored cluster is kept at a keep rate of 1; the teapot's second shop is still a duplicate.
     assert not [r for r in out.rejects() if r["reason"] == "incoherent_cluster"]
