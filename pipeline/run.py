@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
@@ -35,17 +34,19 @@ from transforms.embed import Embed, check_model_config, drop_embeddings, model_i
 from transforms.group import GroupByPage
 from transforms.normalize import Normalize
 from transforms.prompts import ScenePrompts
-from transforms.read import InputFile, ReadPairs, expand_inputs, validate_input_file
-from transforms.score import ReadCandidates, Score, check_candidate_file, count_candidates
+from transforms.read import (
+    InputFile,
+    ReadPairs,
+    count_parquet_rows,
+    expand_inputs,
+    expand_phase_inputs,
+    parquet_footer,
+    validate_input_file,
+)
+from transforms.score import ReadCandidates, Score
 from transforms.stats import STATS_FOLDER, read_stats
 from transforms.subject import Subject
-from transforms.synthesize import (
-    ReadClusters,
-    Synthesize,
-    check_cluster_file,
-    count_clusters,
-    default_cache_dir,
-)
+from transforms.synthesize import ReadClusters, Synthesize, default_cache_dir
 from transforms.target_filter import TargetFilter
 from transforms.write import write_candidates, write_clusters, write_rejects
 
@@ -201,7 +202,7 @@ def build_synthesize_pipeline(p: beam.Pipeline, config: PipelineConfig, cluster_
     only feed the progress line of the workers.
     """
     cache_dir = config.synth.cache_dir or default_cache_dir(output_dir)
-    total = count_clusters(cluster_files) if total is None else total
+    total = count_parquet_rows(cluster_files) if total is None else total
     clusters, read_rejects = p | "ReadClusters" >> ReadClusters(cluster_files)
     candidates, synth_rejects = clusters | "Synthesize" >> Synthesize(config.synth, cache_dir, total, workers)
     candidates | "WriteCandidates" >> write_candidates(output_dir, config.output)
@@ -295,23 +296,9 @@ _CLUSTER_LEVEL_REASONS = frozenset({
 def expand_cluster_inputs(patterns: Sequence[str], phase: str = "synthesize") -> list[str]:
     """The clusters files of ``--input`` globs (phase assemble: of ``assemble.clusters``), each checked to be
     a clusters file of our schema version."""
-    from schemas.parquet import SchemaVersionError
-    from transforms.read import InputFormatError
-
-    where = "--input" if phase == "synthesize" else "assemble.clusters"
-    files: list[str] = []
-    for pattern in patterns:
-        matched = mf.matching_files(pattern)
-        if not matched:
-            raise InputFormatError(f"{where} {pattern!r} matches no file (phase {phase} reads the clusters "
-                                   f"phase's OUT/clusters/*.parquet)")
-        files.extend(path for path in matched if path not in files)
-    for path in files:
-        try:
-            check_cluster_file(path)
-        except (SchemaVersionError, ValueError, OSError) as error:
-            raise InputFormatError(f"phase {phase}: {error}") from error
-    return sorted(files)
+    return expand_phase_inputs(list(patterns), "clusters", phase=phase,
+                               where="--input" if phase == "synthesize" else "assemble.clusters",
+                               required=("cluster_id", "images"))
 
 
 def _direct_workers(options: PipelineOptions) -> int:
@@ -369,7 +356,7 @@ def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Seq
     mf.delete_matching([FileSystems.join(out, "candidates", "*.parquet"),
                         FileSystems.join(out, "rejects", "synthesize-*.parquet")])
     started = time.monotonic()
-    n_input = count_clusters(files)
+    n_input = count_parquet_rows(files)
     LOG.info("phase synthesize: %d clusters in %d file(s); model %s", n_input, len(files), config.synth.model.name)
     p = pipeline_factory(options)
     build_synthesize_pipeline(p, config, files, out, total=n_input, workers=_direct_workers(options))
@@ -411,8 +398,7 @@ def examples_summary(output_dir: str) -> dict[str, Any]:
     files = mf.matching_files(FileSystems.join(output_dir, "examples", "*.parquet"))
     rows = groups = size = 0
     for path in files:
-        with FileSystems.open(path) as handle:
-            metadata = pq.ParquetFile(handle).metadata
+        metadata = parquet_footer(path)[0]
         rows += metadata.num_rows
         groups += metadata.num_row_groups
         size += FileSystems.match([path])[0].metadata_list[0].size_in_bytes
@@ -421,22 +407,7 @@ def examples_summary(output_dir: str) -> dict[str, Any]:
 
 def expand_candidate_inputs(patterns: Sequence[str]) -> list[str]:
     """The candidates files of ``--input`` globs, each checked to be a candidates file of our schema version."""
-    from schemas.parquet import SchemaVersionError
-    from transforms.read import InputFormatError
-
-    files: list[str] = []
-    for pattern in patterns:
-        matched = mf.matching_files(pattern)
-        if not matched:
-            raise InputFormatError(f"--input {pattern!r} matches no file (phase assemble reads the synthesize "
-                                   f"phase's OUT/candidates/*.parquet)")
-        files.extend(path for path in matched if path not in files)
-    for path in files:
-        try:
-            check_candidate_file(path)
-        except (SchemaVersionError, ValueError, OSError) as error:
-            raise InputFormatError(f"phase assemble: {error}") from error
-    return sorted(files)
+    return expand_phase_inputs(list(patterns), "candidates", phase="assemble")
 
 
 def assemble_cluster_files(request: RunRequest, config: PipelineConfig) -> list[str]:
@@ -454,7 +425,7 @@ def run_assemble_phase(request: RunRequest, config: PipelineConfig, candidate_fi
                         FileSystems.join(out, "rejects", "assemble-*.parquet"),
                         FileSystems.join(out, STATS_FOLDER, "assemble.*.json")])
     started = time.monotonic()
-    n_input = count_candidates(candidate_files)
+    n_input = count_parquet_rows(candidate_files)
     LOG.info("phase assemble: %d candidates in %d file(s), clusters from %d file(s); CLIP %s", n_input,
              len(candidate_files), len(cluster_files), model_id(config.embed))
     p = pipeline_factory(options)

@@ -199,21 +199,6 @@ class ReadCandidates(beam.PTransform):
         return StageOutput(read.candidates, read[REJECTS])
 
 
-def count_candidates(files: Sequence[str]) -> int:
-    """Rows of ``candidates/*.parquet`` files, from their footers."""
-    total = 0
-    for path in files:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
-
-
-def check_candidate_file(path: str) -> None:
-    """Raise ``SchemaVersionError`` unless ``path`` is a candidates file of the current schema version."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        check_schema_version(pq.ParquetFile(handle).schema_arrow, "candidates", path)
-
-
 # --- the DoFns ------------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,6 @@ from dreambooth_synth.synthesizer import PARTS
 from schemas.ids import stable_id
 from schemas.parquet import (
     CANDIDATES_SCHEMA,
-    CLUSTERS_SCHEMA,
     candidate_from_row,
     candidate_to_row,
     check_schema_version,
@@ -245,25 +244,6 @@ class ReadClusters(beam.PTransform):
                 REJECTS, main="clusters")
         )
         return StageOutput(read.clusters, read[REJECTS])
-
-
-def count_clusters(files: Sequence[str]) -> int:
-    """Rows in ``clusters/*.parquet`` files, from their footers (no data is read)."""
-    total = 0
-    for path in files:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
-    return total
-
-
-def check_cluster_file(path: str) -> None:
-    """Raise ``SchemaVersionError`` unless ``path`` is a clusters file of the current schema version."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        schema = pq.ParquetFile(handle).schema_arrow
-    check_schema_version(schema, "clusters", path)
-    missing = [name for name in ("cluster_id", "images") if name not in schema.names]
-    if missing:
-        raise ValueError(f"{path}: not a clusters file (no {', '.join(missing)}; expected {CLUSTERS_SCHEMA.names})")
 
 
 # --- the synthesis step ----------------------------------------------------------------------------------
