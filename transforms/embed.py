@@ -466,17 +466,26 @@ def image_count(example: ImagePixels) -> int:
 class OpenClipImageHandler(ModelHandler[ImagePixels, PredictionResult, ClipImageEncoder]):
     """``ImagePixels`` -> ``PredictionResult(example, float32 [n, D] unit rows, model_id)``."""
 
+    namespace = STAGE
+    """Beam metrics namespace of the inference step."""
+    with_text = False
+    """Load the tokenizer and text tower too."""
+
     def __init__(self, config: EmbedConfig) -> None:
         super().__init__(
             min_batch_size=config.min_batch_size or config.batch_size,
             max_batch_size=config.batch_size,
-            element_size_fn=image_count,
+            element_size_fn=type(self).batch_weight,
             large_model=config.share_model_across_processes,
         )
         self._config = config
 
+    @staticmethod
+    def batch_weight(example: ImagePixels) -> int:
+        return image_count(example)
+
     def load_model(self) -> ClipImageEncoder:
-        return load_image_encoder(self._config)
+        return load_image_encoder(self._config, text=self.with_text)
 
     def run_inference(self, batch: Sequence[ImagePixels], model: ClipImageEncoder,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
@@ -502,13 +511,13 @@ class OpenClipImageHandler(ModelHandler[ImagePixels, PredictionResult, ClipImage
         return sum(int(image.nbytes) for example in batch for image in example.pixels)
 
     def get_metrics_namespace(self) -> str:
-        return STAGE
+        return self.namespace
 
     def get_resource_hints(self) -> dict[str, Any]:
         return {"accelerator": self._config.accelerator} if self._config.accelerator else {}
 
     def __repr__(self) -> str:
-        return f"OpenClipImageHandler({model_id(self._config)}, batch_size={self._config.batch_size})"
+        return f"{type(self).__name__}({model_id(self._config)}, batch_size={self._config.batch_size})"
 
 
 def embed_inference(config: EmbedConfig) -> RunInference:
@@ -548,24 +557,19 @@ def images_and_texts_count(example: ImagesAndTexts) -> int:
     return max(1, len(example.pixels))
 
 
-class OpenClipImageTextHandler(ModelHandler[ImagesAndTexts, PredictionResult, ClipImageEncoder]):
+class OpenClipImageTextHandler(OpenClipImageHandler):
     """``ImagesAndTexts`` -> ``PredictionResult(example, (float32 [n, D] image rows, float32 [t, D] text rows),
     model_id)``, all unit length; the same model (and settings) as :class:`OpenClipImageHandler`, loaded with
     its tokenizer. A batch is one image forward pass and one text forward pass."""
 
-    def __init__(self, config: EmbedConfig) -> None:
-        super().__init__(
-            min_batch_size=config.min_batch_size or config.batch_size,
-            max_batch_size=config.batch_size,
-            element_size_fn=images_and_texts_count,
-            large_model=config.share_model_across_processes,
-        )
-        self._config = config
+    namespace = "score"
+    with_text = True
 
-    def load_model(self) -> ClipImageEncoder:
-        return load_image_encoder(self._config, text=True)
+    @staticmethod
+    def batch_weight(example: ImagesAndTexts) -> int:  # type: ignore[override]
+        return images_and_texts_count(example)
 
-    def run_inference(self, batch: Sequence[ImagesAndTexts], model: ClipImageEncoder,
+    def run_inference(self, batch: Sequence[ImagesAndTexts], model: ClipImageEncoder,  # type: ignore[override]
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         import torch
 
@@ -581,18 +585,6 @@ class OpenClipImageTextHandler(ModelHandler[ImagesAndTexts, PredictionResult, Cl
             i += n
             t += m
         return results
-
-    def get_num_bytes(self, batch: Sequence[ImagesAndTexts]) -> int:
-        return sum(int(image.nbytes) for example in batch for image in example.pixels)
-
-    def get_metrics_namespace(self) -> str:
-        return "score"
-
-    def get_resource_hints(self) -> dict[str, Any]:
-        return {"accelerator": self._config.accelerator} if self._config.accelerator else {}
-
-    def __repr__(self) -> str:
-        return f"OpenClipImageTextHandler({model_id(self._config)}, batch_size={self._config.batch_size})"
 
 
 # --- the stage ------------------------------------------------------------------------------------------
