@@ -155,11 +155,11 @@ def plain_loop(config: PipelineConfig, candidates_path: str, cluster_files: list
                                                     ids[nearest_image(sims, distances, ids)])))
     filter_config = config.target_filter
     eligible = [s for _, s in scored if not failures(s, filter_config, None)]
-    q_subject = _exact_quantiles([s.scores.subject_sim_mean for s in eligible])
+    q_subject = _exact_quantiles([s.scores.subject_sim for s in eligible])
     q_text = _exact_quantiles([s.scores.text_sim for s in eligible])
     histogram = [0] * 1001
     for s in eligible:
-        histogram[level_of(s.scores.subject_sim_mean, s.scores.text_sim, q_subject, q_text)] += 1
+        histogram[level_of(s.scores.subject_sim, s.scores.text_sim, q_subject, q_text)] += 1
     calibration = calibrate(histogram, q_subject, q_text, len(scored), filter_config.target_keep_rate)
     bounds = Bounds(calibration["min_subject_sim"], calibration["min_text_sim"])
     provenance = RunProvenance("bench", config_hash(config), scoring_model)

@@ -65,7 +65,7 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
             mode = target_filter.get("mode")
             note = f" (calibrated: target_keep_rate {target_filter.get('target_keep_rate')})" \
                 if mode == "target_keep_rate" else ""
-            lines.append(f"  similarity bounds{note}: subject_sim_mean >= {_bound(bounds.get('min_subject_sim'))}, "
+            lines.append(f"  similarity bounds{note}: subject_sim >= {_bound(bounds.get('min_subject_sim'))}, "
                          f"text_sim >= {_bound(bounds.get('min_text_sim'))}")
         examples = summary.get("examples", {})
         if examples.get("files"):

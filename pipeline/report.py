@@ -288,10 +288,10 @@ def quantile_histogram_values(quantiles: dict[str, float]) -> tuple[list[float],
 KEPT_COLOUR, REJECTED_COLOUR = "#2e7d32", "#9e9e9e"
 
 SCORE_BOUNDS = {
-    "subject_sim_mean": (("min_subject_sim", "min"),),
+    "subject_sim": (("min_subject_sim", "min"),),
     "subject_sim_max": (("max_copy_sim", "copy"),),
     "text_sim": (("min_text_sim", "min"),),
-    "copy_phash_distance": (("max_copy_distance", "copy <="),),
+    "copy_distance": (("max_copy_distance", "copy <="),),
     "brightness": (("min_brightness", "min"), ("max_brightness", "max")),
     "contrast": (("min_contrast", "min"),),
     "sharpness": (("min_sharpness", "min"),),

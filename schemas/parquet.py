@@ -138,10 +138,10 @@ TARGET_TYPE = pa.struct([
 ])
 
 SCORES_TYPE = pa.struct([
-    pa.field("subject_sim_mean", pa.float32()),
+    pa.field("subject_sim", pa.float32()),
     pa.field("subject_sim_max", pa.float32()),
     pa.field("text_sim", pa.float32()),
-    pa.field("copy_phash_distance", pa.int32()),
+    pa.field("copy_distance", pa.int32()),
     pa.field("brightness", pa.float32()),
     pa.field("contrast", pa.float32()),
     pa.field("sharpness", pa.float32()),

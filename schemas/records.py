@@ -295,13 +295,13 @@ class TargetScores:
     Similarities are cosine similarities of L2-normalized CLIP embeddings (the ``embed`` section's model).
     """
 
-    subject_sim_mean: float
+    subject_sim: float
     """Mean image-image similarity of the target to the real images of its cluster (subject preservation)."""
     subject_sim_max: float
     """Largest of those similarities: to the target's source image. Too close is a copy (``copy_clip``)."""
     text_sim: float
     """Image-text similarity of the target to its prompt with the subject phrase in place of the identifier."""
-    copy_phash_distance: int
+    copy_distance: int
     """Smallest perceptual-hash (64-bit pHash) Hamming distance to a real image of the cluster."""
     brightness: float
     """Mean luma (ITU-R 601-2) of the target, 0 (black) to 1 (white)."""

@@ -27,7 +27,7 @@ SAMPLE_SETTINGS = SampleSettings(scheduler="dpm++", steps=2, guidance_scale=7.5,
                                  images_per_prompt=1)
 SECONDS = SynthSeconds(load=0.0, latents=0.0, prior=0.0, train=1.0, sample=0.5, cleanup=0.0, total=1.5)
 
-PASSING = TargetScores(subject_sim_mean=0.8, subject_sim_max=0.85, text_sim=0.3, copy_phash_distance=30,
+PASSING = TargetScores(subject_sim=0.8, subject_sim_max=0.85, text_sim=0.3, copy_distance=30,
                        brightness=0.5, contrast=0.2, sharpness=300.0)
 """Scores that pass every default bound of the target filter (fixed mode)."""
 

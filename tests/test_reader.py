@@ -31,7 +31,7 @@ def _row(i: int, photos: list[bytes]) -> dict:
                    "prompt_template": "a {subject} on a beach", "rendered_prompt": "a sks teapot on a beach",
                    "skill": "recontextualization", "seed": i, "k": 0, "width": 288, "height": 288,
                    "source_image_id": "d9"},
-        "scores": {"subject_sim_mean": 0.5, "subject_sim_max": 0.75, "text_sim": 0.25, "copy_phash_distance": 20,
+        "scores": {"subject_sim": 0.5, "subject_sim_max": 0.75, "text_sim": 0.25, "copy_distance": 20,
                    "brightness": 0.5, "contrast": 0.25, "sharpness": 100.0},
         "provenance": {"pipeline_version": "0.1.0", "config_hash": "abc", "clip_model": "tiny-random",
                        "synth_model": "tiny-random", "synth_config_hash": "def", "caption_backend": "alt_text",

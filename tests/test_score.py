@@ -130,7 +130,7 @@ def test_copy_of_a_demo_is_detected_and_named_as_the_source(clusters, encoder, t
 
     copy_scored, other_scored = result[copy.candidate_id], result[other_subject.candidate_id]
     assert copy_scored.source_image_id == copied.image_id
-    assert copy_scored.scores.copy_phash_distance <= 4 and other_scored.scores.copy_phash_distance > 10
+    assert copy_scored.scores.copy_distance <= 4 and other_scored.scores.copy_distance > 10
     assert copy_scored.scores.subject_sim_max > 0.99 > other_scored.scores.subject_sim_max
     config = TargetFilterConfig(target_keep_rate=None)
     assert [r for r, _ in failures(copy_scored, config, fixed_bounds(config))][:2] == ["copy_phash", "copy_clip"]
@@ -163,10 +163,10 @@ def test_text_and_image_similarities_are_the_models(clusters, encoder, tmp_path)
     computed = out["computed"]
     assert computed.prompt == "a white teapot in the snow"
     assert computed.scores.text_sim == pytest.approx(float(image @ text), abs=1e-5)
-    assert computed.scores.subject_sim_mean == pytest.approx(float((real @ image).mean()), abs=1e-5)
+    assert computed.scores.subject_sim == pytest.approx(float((real @ image).mean()), abs=1e-5)
     assert computed.scores.subject_sim_max == pytest.approx(float((real @ image).max()), abs=1e-5)
     assert computed.source_image_id == teapot.images[int((real @ image).argmax())].image_id
-    assert out["stored"].scores.subject_sim_mean == pytest.approx(computed.scores.subject_sim_mean, abs=2e-3)
+    assert out["stored"].scores.subject_sim == pytest.approx(computed.scores.subject_sim, abs=2e-3)
     assert out["stored"].source_image_id == computed.source_image_id
     assert (computed.candidate.width, computed.candidate.height) == (256, 256)
 

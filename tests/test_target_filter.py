@@ -41,9 +41,9 @@ FAILING = {
     "too_dark": {"brightness": 0.02},
     "too_bright": {"brightness": 0.99},
     "blurry": {"sharpness": 10.0},
-    "copy_phash": {"copy_phash_distance": 4},
+    "copy_phash": {"copy_distance": 4},
     "copy_clip": {"subject_sim_max": 0.97},
-    "subject_not_preserved": {"subject_sim_mean": 0.5},
+    "subject_not_preserved": {"subject_sim": 0.5},
     "prompt_not_followed": {"text_sim": 0.1},
 }
 
@@ -63,7 +63,7 @@ def test_a_candidate_failing_several_is_counted_under_the_first_in_the_documente
     everything = {k: v for change in FAILING.values() for k, v in change.items() if k != "brightness"}
     failed = failures(scored(brightness=0.01, **everything), FIXED, BOUNDS)
     assert [r for r, _ in failed] == [r for r in ORDER if r != "too_bright"]  # dark and bright exclude each other
-    two = failures(scored(sharpness=5.0, text_sim=0.0, copy_phash_distance=0), FIXED, BOUNDS)
+    two = failures(scored(sharpness=5.0, text_sim=0.0, copy_distance=0), FIXED, BOUNDS)
     assert [r for r, _ in two] == ["blurry", "copy_phash", "prompt_not_followed"]
     detail = reject_detail(two)
     assert detail.startswith("sharpness 5.0 < min_sharpness 25.0; also fails: copy_phash")
@@ -73,10 +73,10 @@ def test_a_candidate_failing_several_is_counted_under_the_first_in_the_documente
 def test_bounds_at_null_are_not_checked() -> None:
     off = TargetFilterConfig(target_keep_rate=None, max_copy_sim=None, max_copy_distance=None, min_contrast=None,
                              min_brightness=None, max_brightness=None, min_sharpness=None, drop_nsfw=False)
-    worst = scored(nsfw=True, contrast=0.0, brightness=0.0, sharpness=0.0, copy_phash_distance=0,
+    worst = scored(nsfw=True, contrast=0.0, brightness=0.0, sharpness=0.0, copy_distance=0,
                    subject_sim_max=1.0)
     assert failures(worst, off, fixed_bounds(off)) == []
-    assert failures(scored(subject_sim_mean=-1.0, text_sim=-1.0), off, Bounds(None, None)) == []
+    assert failures(scored(subject_sim=-1.0, text_sim=-1.0), off, Bounds(None, None)) == []
     assert [r for r, _ in failures(scored(contrast=0.0), FIXED, None)] == ["blank_image"]  # absolute ones only
 
 
@@ -98,11 +98,11 @@ def _exact_quantiles(values: list[float], m: int = 1001) -> list[float]:
 def _calibrated_kept(candidates: list, keep_rate: float) -> tuple[int, int, dict]:
     config = TargetFilterConfig(target_keep_rate=keep_rate)
     eligible = [c for c in candidates if not failures(c, config, None)]
-    q_subject = _exact_quantiles([c.scores.subject_sim_mean for c in eligible])
+    q_subject = _exact_quantiles([c.scores.subject_sim for c in eligible])
     q_text = _exact_quantiles([c.scores.text_sim for c in eligible])
     histogram = [0] * 1001
     for c in eligible:
-        histogram[level_of(c.scores.subject_sim_mean, c.scores.text_sim, q_subject, q_text)] += 1
+        histogram[level_of(c.scores.subject_sim, c.scores.text_sim, q_subject, q_text)] += 1
     calibration = calibrate(histogram, q_subject, q_text, len(candidates), keep_rate)
     bounds = Bounds(calibration["min_subject_sim"], calibration["min_text_sim"])
     kept = sum(1 for c in candidates if not failures(c, config, bounds))
@@ -118,19 +118,19 @@ def test_calibration_keeps_the_requested_count_within_one(n: int, keep_rate: flo
     for i in range(n):
         a = rng.gauss(0, 1)
         b = correlation * a + (1 - correlation ** 2) ** 0.5 * rng.gauss(0, 1)
-        candidates.append(scored(subject_sim_mean=0.7 + 0.05 * a, text_sim=0.25 + 0.03 * b, tag=str(i)))
+        candidates.append(scored(subject_sim=0.7 + 0.05 * a, text_sim=0.25 + 0.03 * b, tag=str(i)))
     kept, requested, calibration = _calibrated_kept(candidates, keep_rate)
     assert abs(kept - requested) <= 1, (kept, requested, calibration)
     assert kept == calibration["expected_kept"]  # the bounds keep exactly what the calibration counted
 
 
 def test_calibration_cannot_keep_what_the_absolute_criteria_dropped() -> None:
-    candidates = [scored(tag=str(i), subject_sim_mean=0.5 + i / 100, sharpness=5.0 if i % 10 else 300.0)
+    candidates = [scored(tag=str(i), subject_sim=0.5 + i / 100, sharpness=5.0 if i % 10 else 300.0)
                   for i in range(100)]  # 90 blurry
     kept, requested, calibration = _calibrated_kept(candidates, 0.25)
     assert (kept, requested) == (10, 25)
     assert calibration["limited_by_absolute_checks"] and calibration["eligible"] == 10
-    sharp = [c.scores.subject_sim_mean for c in candidates if c.scores.sharpness > 25]
+    sharp = [c.scores.subject_sim for c in candidates if c.scores.sharpness > 25]
     assert calibration["min_subject_sim"] == min(sharp)
 
 
@@ -147,7 +147,7 @@ def _hand_made_units() -> tuple[list, list]:
     criterion."""
     cluster_a = vector_cluster("https://shop.example.com/a", orthonormal(3))
     cluster_b = vector_cluster("https://shop.example.com/b", orthonormal(3, seed=1))
-    similar = [scored(tag=f"s{i}", cluster_id=cluster_a.cluster_id, subject_sim_mean=0.605 + 0.02 * i,
+    similar = [scored(tag=f"s{i}", cluster_id=cluster_a.cluster_id, subject_sim=0.605 + 0.02 * i,
                       text_sim=0.355 - 0.01 * ((i * 5) % 12)) for i in range(12)]
     broken = [scored(tag=f"b{reason}", cluster_id=cluster_b.cluster_id, **FAILING[reason]) for reason in ABSOLUTE]
     return [units_of(similar, cluster_a), units_of(broken, cluster_b)], similar + broken
@@ -183,15 +183,15 @@ def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
     assert stats["bounds"]["min_subject_sim"] == pytest.approx(calibration["min_subject_sim"])
     assert stats["bounds"]["min_text_sim"] == pytest.approx(calibration["min_text_sim"])
     assert stats["bounds"]["max_copy_distance"] == 10 and stats["order"] == list(ORDER)
-    assert set(stats["score_quantiles"]) >= {"subject_sim_mean", "text_sim", "copy_phash_distance", "sharpness"}
-    assert stats["score_quantiles"]["subject_sim_mean"]["p100"] == pytest.approx(0.825, abs=1e-6)
+    assert set(stats["score_quantiles"]) >= {"subject_sim", "text_sim", "copy_distance", "sharpness"}
+    assert stats["score_quantiles"]["subject_sim"]["p100"] == pytest.approx(0.825, abs=1e-6)
 
     table = pq.read_table(tmp_path / "scores")
     check_schema_version(table.schema, "target_scores")
     decisions = collections.Counter(table.column("decision").to_pylist())
     assert decisions["kept"] == n_kept and sum(decisions.values()) == 20
     by_id = {row["candidate_id"]: row for row in table.to_pylist()}
-    copy = next(c for c in candidates if c.scores.copy_phash_distance == 4)
+    copy = next(c for c in candidates if c.scores.copy_distance == 4)
     assert by_id[copy.candidate.candidate_id]["failed"] == ["copy_phash"]
 
 
@@ -203,7 +203,7 @@ def test_stage_with_fixed_bounds(tmp_path, write: bool) -> None:
     expected = [c.candidate.candidate_id for c in candidates if not failures(c, FIXED, BOUNDS)]
     assert_that(kept | beam.FlatMap(lambda u: [c.candidate.candidate_id for c in u.candidates]), equal_to(expected))
     p.run().wait_until_finish()
-    assert len(expected) == 6  # subject_sim_mean >= 0.7 (i >= 5) and text_sim >= 0.25 (all but i = 7)
+    assert len(expected) == 6  # subject_sim >= 0.7 (i >= 5) and text_sim >= 0.25 (all but i = 7)
     if write:
         stats = json.loads((tmp_path / "stats" / "assemble.target_filter.json").read_text())
         assert stats["mode"] == "fixed" and stats["bounds"]["min_subject_sim"] == 0.7

@@ -2,12 +2,12 @@
 
 Per candidate (the :class:`~schemas.records.TargetScores` it gets):
 
-* ``subject_sim_mean`` / ``subject_sim_max`` -- CLIP image-image cosine similarity of the target to the real
+* ``subject_sim`` / ``subject_sim_max`` -- CLIP image-image cosine similarity of the target to the real
   images of its cluster (mean: is the subject preserved; max: to its nearest photo, too close is a copy);
 * ``text_sim`` -- CLIP image-text cosine similarity of the target to its prompt with the identifier token
   replaced by the cluster's subject phrase ("a sks teapot on a beach" -> "a red ceramic teapot on a beach"):
   the text a trainer will pair with the target (:func:`target_prompt`);
-* ``copy_phash_distance`` -- the smallest perceptual-hash distance to a real image of the cluster;
+* ``copy_distance`` -- the smallest perceptual-hash distance to a real image of the cluster;
 * quality heuristics (:func:`image_quality`) -- brightness and contrast of the luma, and sharpness as the
   variance of its Laplacian; the target's size is the decoded image's.
 
@@ -140,10 +140,10 @@ def target_scores(sims: np.ndarray, text_sim: float, quality: Quality, distances
     """Scores of one target from its CLIP similarities to the real images, to its prompt, its heuristics and its
     perceptual-hash distances to the real images."""
     return TargetScores(
-        subject_sim_mean=float(np.mean(sims)),
+        subject_sim=float(np.mean(sims)),
         subject_sim_max=float(np.max(sims)),
         text_sim=float(text_sim),
-        copy_phash_distance=int(min(distances)),
+        copy_distance=int(min(distances)),
         brightness=quality.brightness,
         contrast=quality.contrast,
         sharpness=quality.sharpness,

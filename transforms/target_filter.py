@@ -84,7 +84,7 @@ DECISIONS = "decisions"
 QUANTILES = 1001
 """Quantile resolution of the calibration: 0.1% of rank."""
 
-SCORE_NAMES = ("subject_sim_mean", "subject_sim_max", "text_sim", "copy_phash_distance", "brightness",
+SCORE_NAMES = ("subject_sim", "subject_sim_max", "text_sim", "copy_distance", "brightness",
                "contrast", "sharpness")
 RECORDED_QUANTILES = 21
 """Quantiles of each score written to the manifest: p00, p05, ..., p100."""
@@ -169,15 +169,15 @@ def failures(scored: ScoredCandidate, config: TargetFilterConfig, bounds: Bounds
         out.append((TOO_BRIGHT, f"brightness {s.brightness:.4f} > max_brightness {config.max_brightness}"))
     if config.min_sharpness is not None and s.sharpness < config.min_sharpness:
         out.append((BLURRY, f"sharpness {s.sharpness:.1f} < min_sharpness {config.min_sharpness}"))
-    if config.max_copy_distance is not None and s.copy_phash_distance <= config.max_copy_distance:
-        out.append((COPY_PHASH, f"perceptual-hash distance {s.copy_phash_distance} to a real image <= "
+    if config.max_copy_distance is not None and s.copy_distance <= config.max_copy_distance:
+        out.append((COPY_PHASH, f"perceptual-hash distance {s.copy_distance} to a real image <= "
                                 f"max_copy_distance {config.max_copy_distance}"))
     if config.max_copy_sim is not None and s.subject_sim_max >= config.max_copy_sim:
         out.append((COPY_CLIP, f"CLIP similarity {s.subject_sim_max:.4f} to real image {scored.source_image_id} "
                                f">= max_copy_sim {config.max_copy_sim}"))
     if bounds is not None:
-        if bounds.min_subject_sim is not None and s.subject_sim_mean < bounds.min_subject_sim:
-            out.append((SUBJECT_NOT_PRESERVED, f"subject_sim_mean {s.subject_sim_mean:.4f} < "
+        if bounds.min_subject_sim is not None and s.subject_sim < bounds.min_subject_sim:
+            out.append((SUBJECT_NOT_PRESERVED, f"subject_sim {s.subject_sim:.4f} < "
                                                f"{bounds.min_subject_sim:.4f}"))
         if bounds.min_text_sim is not None and s.text_sim < bounds.min_text_sim:
             out.append((PROMPT_NOT_FOLLOWED, f"text_sim {s.text_sim:.4f} < {bounds.min_text_sim:.4f}"))
@@ -286,10 +286,10 @@ def filter_stats(calibration: dict[str, Any], score_quantiles: list[tuple[str, l
 
 
 def eligible_scores(unit: ScoringUnit, config: TargetFilterConfig) -> Iterator[tuple[float, float]]:
-    """``(subject_sim_mean, text_sim)`` of the unit's candidates that pass the absolute criteria."""
+    """``(subject_sim, text_sim)`` of the unit's candidates that pass the absolute criteria."""
     for scored in unit.candidates:
         if not failures(scored, config, None):
-            yield scored.scores.subject_sim_mean, scored.scores.text_sim
+            yield scored.scores.subject_sim, scored.scores.text_sim
 
 
 def score_values(unit: ScoringUnit) -> Iterator[tuple[str, float]]:
