@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -393,9 +392,14 @@ def _histograms_section(output_dir: str, manifest: dict[str, Any], config: Repor
     if not rows:
         note = "<p class='note'>No scored candidates yet (phase assemble has not run on this output).</p>"
     elif target_filter.get("mode") == "target_keep_rate":
+        calibration = target_filter.get("calibration", {})
+        limited = (" Fewer pass the absolute checks (quality, copies) than that: every one of them is kept."
+                   if calibration.get("limited_by_absolute_checks") else "")
         note = (f"<p class='note'>The similarity bounds were calibrated to keep "
-                f"{100 * target_filter.get('target_keep_rate', 0):.0f}% of the scored candidates "
-                f"(calibration: {_e(json.dumps(target_filter.get('calibration', {})))}).</p>")
+                f"{100 * target_filter.get('target_keep_rate', 0):.0f}% of the scored candidates: "
+                f"{calibration.get('requested', 0):,} requested, {calibration.get('eligible', 0):,} passing the "
+                f"absolute checks, {calibration.get('expected_kept', 0):,} at or above the bounds "
+                f"(quantile level {_e(calibration.get('level'))}).{limited}</p>")
     return _section("histograms", "Score histograms with their bounds",
                     note + "<div class='charts'>" + "".join(charts) + "</div>")
 

@@ -75,6 +75,9 @@ def test_the_report_of_a_demo_run_renders_in_a_browser(demo_run: PhaseOutput, tm
     assert dom.count('class="example"') == min(48, n_examples)
     assert dom.count('class="hist"') == 8  # cluster coherence + the 7 target scores
     assert dom.count('class="bound"') >= 8  # the bounds drawn on them
+    calibration = demo_run.manifest["phases"]["assemble"]["stats"]["target_filter"]["calibration"]
+    assert (f"calibrated to keep 25% of the scored candidates: {calibration['requested']} requested, "
+            f"{calibration['eligible']} passing the absolute checks, {calibration['expected_kept']} at or above") in dom
     for reason in demo_run.manifest["candidates"]["rejected"]:
         assert f'id="reason-{reason}"' in dom
     assert dom.count("data:image/jpeg;base64,") >= 4 * min(48, n_examples)  # self-contained thumbnails
