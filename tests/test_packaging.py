@@ -1,5 +1,5 @@
 """Packaging: setup.py as installed here and as Beam's --setup_file builds it for remote workers, and the GPU
-worker image (Dockerfile), which must agree with it (one Beam version, the SDK image's Python, the Beam boot)."""
+worker image (Dockerfile), which must agree with it (one Beam version, the SDK image and its boot, pinned torch)."""
 
 from __future__ import annotations
 
@@ -54,15 +54,18 @@ def test_dockerfile_beam_version_is_setup_py_beam_version() -> None:
     assert constraint and constraint.group(1) == _setup_constant("BEAM_VERSION")
 
 
-def test_beam_boot_comes_from_the_sdk_image_of_that_version() -> None:
-    stage = re.search(r"^FROM apache/beam_python(\d+\.\d+)_sdk:\$\{BEAM_VERSION\} AS (\w+)$", DOCKERFILE,
-                      flags=re.MULTILINE)
-    assert stage, "the Beam SDK stage must use ${BEAM_VERSION}"
-    python, name = stage.groups()
-    assert f"COPY --from={name} /opt/apache/beam /opt/apache/beam" in DOCKERFILE
+def test_image_is_the_sdk_image_of_that_version_with_its_boot() -> None:
+    bases = re.findall(r"^FROM (\S+)", DOCKERFILE, flags=re.MULTILINE)
+    assert len(bases) == 1 and re.fullmatch(r"apache/beam_python3\.\d+_sdk:\$\{BEAM_VERSION\}", bases[0]), bases
     assert re.search(r'^ENTRYPOINT \["/opt/apache/beam/boot"\]$', DOCKERFILE, flags=re.MULTILINE)
-    # The CUDA base must run the Python the SDK image was built for; the build asserts it.
-    assert f"sys.version_info[:2] == ({python.replace('.', ', ')})" in DOCKERFILE
+
+
+def test_image_installs_the_torch_the_tests_run_with() -> None:
+    # torch, torchvision and the CUDA libraries come from constraints.txt, not from a base image of its own.
+    constraints = (REPO / "constraints.txt").read_text()
+    assert re.search(r"^torch==\S+$", constraints, flags=re.MULTILINE)
+    assert re.search(r"^nvidia-cudnn-\S+==\S+$", constraints, flags=re.MULTILINE)  # CUDA build pinned
+    assert "pip install --no-cache-dir -c constraints.txt " in DOCKERFILE
 
 
 def test_project_and_gpu_extras_install_in_one_layer_ending_in_pip_check() -> None:
