@@ -9,37 +9,40 @@ def _row(label: str, value: Any, note: str = "", indent: int = 2) -> str:
     return f"{' ' * indent}{label:<{34 - indent}}{value:>10,}{('   ' + note) if note else ''}"
 
 
+def _share(label: str, value: int, total: int) -> str:
+    """A row with the value's share of ``total``."""
+    return _row(label, value, f"{100 * value / (total or 1):.1f}%")
+
+
+def _rejected(rejected: dict[str, int], total: int) -> list[str]:
+    """The rejected row and one row per reason, the most frequent first."""
+    return [_share("rejected", sum(rejected.values()), total)] + [
+        _row(reason, n, indent=4) for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _reconciled(block: dict[str, Any], unit: str) -> str:
+    return "  counts reconcile: " + ("yes" if block["reconciled"] else f"NO ({block.get('unaccounted')} {unit} "
+                                                                         f"unaccounted)")
+
+
 def funnel_table(manifest: dict[str, Any], phase: str) -> str:
     """A short text table of one finished phase: input -> kept, rejects by reason, reconciliation."""
     summary = manifest["phases"][phase]
     lines = [f"Phase {phase} finished in {summary['wall_seconds']:.1f} s ({manifest.get('runner')})", ""]
     if phase == "clusters":
         records = summary["records"]
-        n_input = records["input"] or 1
         lines.append(_row("input records", records["input"]))
-        lines.append(_row(f"kept, in {summary['clusters']['written']:,} clusters", records["kept"],
-                          f"{100 * records['kept'] / n_input:.1f}%"))
-        rejected = records["rejected"]
-        lines.append(_row("rejected", sum(rejected.values()),
-                          f"{100 * sum(rejected.values()) / n_input:.1f}%"))
-        for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(_row(reason, n, indent=4))
+        lines.append(_share(f"kept, in {summary['clusters']['written']:,} clusters", records["kept"], records["input"]))
+        lines.extend(_rejected(records["rejected"], records["input"]))
         for reason, n in sorted(summary["clusters"]["rejected"].items()):
             lines.append(f"  clusters dropped as {reason}: {n:,}")
-        lines.append("  counts reconcile: " + ("yes" if records["reconciled"] else
-                                               f"NO ({records.get('unaccounted')} records unaccounted)"))
+        lines.append(_reconciled(records, "records"))
     elif phase == "synthesize":
         clusters = summary["clusters"]
-        n_input = clusters["input"] or 1
         lines.append(_row("input clusters", clusters["input"]))
-        lines.append(_row("synthesized (trained now)", clusters["synthesized"],
-                          f"{100 * clusters['synthesized'] / n_input:.1f}%"))
-        lines.append(_row("reused from the resume cache", clusters["cached"],
-                          f"{100 * clusters['cached'] / n_input:.1f}%"))
-        rejected = clusters["rejected"]
-        lines.append(_row("rejected", sum(rejected.values()), f"{100 * sum(rejected.values()) / n_input:.1f}%"))
-        for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(_row(reason, n, indent=4))
+        lines.append(_share("synthesized (trained now)", clusters["synthesized"], clusters["input"]))
+        lines.append(_share("reused from the resume cache", clusters["cached"], clusters["input"]))
+        lines.extend(_rejected(clusters["rejected"], clusters["input"]))
         lines.append(_row("candidates written", summary["candidates"]))
         seconds = summary.get("seconds_per_cluster", {})
         if seconds.get("total"):
@@ -47,18 +50,12 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
                               if part != "total" and seconds[part])
             lines.append(f"  seconds per cluster: mean {seconds['total']['mean']:.1f}, p90 "
                          f"{seconds['total']['p90']:.1f} ({parts})")
-        lines.append("  counts reconcile: " + ("yes" if clusters["reconciled"] else
-                                               f"NO ({clusters.get('unaccounted')} clusters unaccounted)"))
+        lines.append(_reconciled(clusters, "clusters"))
     elif phase == "assemble":
         candidates = summary["candidates"]
-        n_input = candidates["input"] or 1
         lines.append(_row("input candidates", candidates["input"]))
-        lines.append(_row("examples written", candidates["examples"],
-                          f"{100 * candidates['examples'] / n_input:.1f}%"))
-        rejected = candidates["rejected"]
-        lines.append(_row("rejected", sum(rejected.values()), f"{100 * sum(rejected.values()) / n_input:.1f}%"))
-        for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(_row(reason, n, indent=4))
+        lines.append(_share("examples written", candidates["examples"], candidates["input"]))
+        lines.extend(_rejected(candidates["rejected"], candidates["input"]))
         target_filter = summary.get("stats", {}).get("target_filter", {})
         bounds = target_filter.get("bounds", {})
         if bounds:
@@ -71,8 +68,7 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
         if examples.get("files"):
             lines.append(f"  examples/: {examples['files']} file(s), {examples['row_groups']} row group(s), "
                          f"{examples['bytes'] / 1e6:.1f} MB")
-        lines.append("  counts reconcile: " + ("yes" if candidates["reconciled"] else
-                                               f"NO ({candidates.get('unaccounted')} candidates unaccounted)"))
+        lines.append(_reconciled(candidates, "candidates"))
     return "\n".join(lines)
 
 
