@@ -21,7 +21,6 @@ and could take it under ``group.min_images``.
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import re
 import unicodedata
@@ -29,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.records import Cluster
+from schemas.records import Cluster, ClusterProvenance
 from transforms.common import option
 from transforms.llm_client import (
     ChatClient,
@@ -239,14 +238,13 @@ class CaptionHandler(ClusterModelHandler):
     """RunInference handler: ``Cluster`` -> ``Outcome(value=captions, one per image)``."""
 
     stage = STAGE
+    _config: CaptionConfig
 
-    def __init__(self, config: CaptionConfig, llm: LLMConfig) -> None:
-        super().__init__(config, llm)
-        self._config = config
+    def offline(self, cluster: Cluster) -> tuple[str | None, ...]:
+        return alt_text_captions(cluster, self._config.max_chars)
 
-    def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
-        if client is None:
-            return [Outcome(alt_text_captions(cluster, self._config.max_chars)) for cluster in clusters]
+    def infer_with_model(self, clusters: Sequence[Cluster], client: ChatClient) -> list[Outcome]:
+        # One request per image, all of the batch's images in flight at once; a cluster fails with its first image.
         config, llm = self._config, self._llm
         assert self._prompt is not None
 
@@ -272,25 +270,18 @@ class CaptionHandler(ClusterModelHandler):
 class ApplyCaptionsFn(ResolveFn):
     """Captions into the cluster's images; on failure the cluster's cleaned alt texts, or a reject."""
 
+    offline_backend = "alt_text"
+    _config: CaptionConfig
+
     def __init__(self, config: CaptionConfig, prompt_tag: str | None) -> None:
-        super().__init__(STAGE, CAPTION_FAILED, config.on_failure)
-        self._config = config
-        self._prompt_tag = prompt_tag
+        super().__init__(STAGE, CAPTION_FAILED, config, prompt_tag)
 
-    def _with(self, cluster: Cluster, captions: Sequence[str | None], backend: str, fallback: bool) -> Cluster:
+    def offline(self, cluster: Cluster) -> tuple[str | None, ...]:
+        return alt_text_captions(cluster, self._config.max_chars)
+
+    def with_value(self, cluster: Cluster, captions: Sequence[str | None], provenance: ClusterProvenance) -> Cluster:
         images = tuple(image.replace(caption=caption) for image, caption in zip(cluster.images, captions, strict=True))
-        vllm = backend == "vllm"
-        provenance = dataclasses.replace(
-            cluster.provenance, caption_backend=backend, caption_model=self._config.model if vllm else None,
-            caption_prompt=self._prompt_tag if vllm else None,
-            fallbacks=(*cluster.provenance.fallbacks, STAGE) if fallback else cluster.provenance.fallbacks)
         return cluster.replace(images=images, provenance=provenance)
-
-    def apply(self, cluster: Cluster, value: tuple[str | None, ...]) -> Cluster:
-        return self._with(cluster, value, self._config.backend, fallback=False)
-
-    def fallback(self, cluster: Cluster) -> Cluster:
-        return self._with(cluster, alt_text_captions(cluster, self._config.max_chars), "alt_text", fallback=True)
 
 
 class Caption(ModelStage):

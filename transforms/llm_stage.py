@@ -18,6 +18,7 @@ requests in flight per process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from schemas.records import Cluster
+from schemas.records import Cluster, ClusterProvenance
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
 from transforms.llm_client import ChatClient, LLMConfig, PromptText, connect, load_prompt, report_events
 
@@ -73,10 +74,13 @@ class StageModelConfig(Protocol):
     endpoint: str
     prompt: str
     batch_size: int
+    on_failure: str
 
 
 class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | None]):
-    """RunInference over clusters; subclasses implement :meth:`infer` (one outcome per cluster).
+    """RunInference over clusters, one :class:`Outcome` per cluster. Subclasses implement :meth:`offline` (the
+    offline backend's value) and :meth:`ask` (the model's value for one cluster, asked concurrently), or
+    :meth:`infer_with_model` for another unit of work than the cluster.
 
     ``load_model`` connects to the model (:func:`transforms.llm_client.connect`) for the ``vllm``
     backend and loads nothing for the offline ones. The stage's instruction file is read here, on the
@@ -91,9 +95,7 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
         # A fixed batch size: BatchElements would otherwise start at one cluster and grow slowly, and a
         # batch of one cluster leaves most of the client's concurrency idle while a server answers.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self._backend = config.backend
-        self._model = config.model
-        self._endpoint = config.endpoint
+        self._config = config
         self._llm = llm
         self._prompt: PromptText | None = load_prompt(config.prompt) if uses_model else None
 
@@ -104,19 +106,34 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
 
     @property
     def uses_model(self) -> bool:
-        return self._backend == "vllm"
+        return self._config.backend == "vllm"
 
     @property
     def starts_server(self) -> bool:
-        return self.uses_model and not self._llm.base_url_for(self._endpoint)
+        return self.uses_model and not self._llm.base_url_for(self._config.endpoint)
 
     def load_model(self) -> ChatClient | None:
         if not self.uses_model:
             return None
-        return connect(self._model, self._endpoint, self._llm)
+        return connect(self._config.model, self._config.endpoint, self._llm)
+
+    def offline(self, cluster: Cluster) -> Any:
+        """The offline backend's value for one cluster."""
+        raise NotImplementedError
+
+    def ask(self, client: ChatClient, cluster: Cluster) -> Any:
+        """The model's value for one cluster; raises when the model fails (after the client's retries)."""
+        raise NotImplementedError
 
     def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
-        raise NotImplementedError
+        if client is None:
+            return [Outcome(self.offline(cluster)) for cluster in clusters]
+        return self.infer_with_model(clusters, client)
+
+    def infer_with_model(self, clusters: Sequence[Cluster], client: ChatClient) -> list[Outcome]:
+        """One :meth:`ask` per cluster, all in flight at once (up to the client's concurrency)."""
+        results = client.map_settled(lambda cluster: self.ask(client, cluster), clusters)
+        return [Outcome(error=error_text(r)) if isinstance(r, BaseException) else Outcome(r) for r in results]
 
     def run_inference(self, batch: Sequence[Cluster], model: ChatClient | None,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
@@ -125,7 +142,7 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
             report_events(model, self.stage)
         for outcome in outcomes:
             count(self.stage, "failed_clusters" if outcome.error else "clusters")
-        model_id = self._model if self.uses_model else self._backend
+        model_id = self._config.model if self.uses_model else self._config.backend
         return [PredictionResult(cluster, outcome, model_id) for cluster, outcome in zip(batch, outcomes, strict=True)]
 
     def get_metrics_namespace(self) -> str:
@@ -146,27 +163,51 @@ def error_text(error: BaseException) -> str:
 class ResolveFn(beam.DoFn):
     """``PredictionResult(cluster, Outcome)`` -> the updated cluster, a fallback, or a whole-cluster reject.
 
-    Subclasses implement :meth:`apply` (the model's value into the cluster) and :meth:`fallback` (the
-    offline backend's); this class applies ``on_failure``.
+    Subclasses implement :meth:`with_value` (a value into the cluster) and :meth:`offline` (the offline
+    backend's value, named :attr:`offline_backend`); this class applies ``on_failure`` and records the backend,
+    model and instruction file in the cluster's ``provenance.<stage>_*`` fields.
     """
 
-    def __init__(self, stage: str, reason: str, on_failure: str) -> None:
+    offline_backend = "offline"
+
+    def __init__(self, stage: str, reason: str, config: StageModelConfig, prompt_tag: str | None) -> None:
         self._stage = stage
         self._reason = reason
-        self._on_failure = on_failure
+        self._config = config
+        self._prompt_tag = prompt_tag
+
+    def offline(self, cluster: Cluster) -> Any:
+        raise NotImplementedError
+
+    def offline_prompt_tag(self) -> str | None:
+        """What the offline backend records as its instruction (none by default)."""
+        return None
+
+    def with_value(self, cluster: Cluster, value: Any, provenance: ClusterProvenance) -> Cluster:
+        raise NotImplementedError
+
+    def provenance(self, cluster: Cluster, backend: str, fallback: bool) -> ClusterProvenance:
+        vllm = backend == "vllm"
+        return dataclasses.replace(cluster.provenance, **{
+            f"{self._stage}_backend": backend,
+            f"{self._stage}_model": self._config.model if vllm else None,
+            f"{self._stage}_prompt": self._prompt_tag if vllm else self.offline_prompt_tag(),
+            "fallbacks": (*cluster.provenance.fallbacks, self._stage) if fallback else cluster.provenance.fallbacks,
+        })
 
     def apply(self, cluster: Cluster, value: Any) -> Cluster:
-        raise NotImplementedError
+        return self.with_value(cluster, value, self.provenance(cluster, self._config.backend, fallback=False))
 
     def fallback(self, cluster: Cluster) -> Cluster:
-        raise NotImplementedError
+        return self.with_value(cluster, self.offline(cluster),
+                               self.provenance(cluster, self.offline_backend, fallback=True))
 
     def process(self, result: PredictionResult) -> Iterator[Any]:
         cluster, outcome = result.example, result.inference
         try:
             if outcome.error is None:
                 yield self.apply(cluster, outcome.value)
-            elif self._on_failure == "reject":
+            elif self._config.on_failure == "reject":
                 count(self._stage, f"{self._reason}_clusters")
                 yield reject(self._stage, self._reason, outcome.error, cluster=cluster)
             else:

@@ -24,7 +24,6 @@ Backends (``prompts.backend``):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -35,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.records import Cluster, Prompt
+from schemas.records import Cluster, ClusterProvenance, Prompt
 from transforms.common import option
 from transforms.llm_client import (
     STRUCTURED_OUTPUT_MODES,
@@ -48,7 +47,7 @@ from transforms.llm_client import (
     load_prompt,
     parse_json_object,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, check_stage_config, error_text
+from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn, check_stage_config
 from transforms.subject import STOPWORDS
 
 STAGE = "prompts"
@@ -364,52 +363,40 @@ class PromptsHandler(ClusterModelHandler):
     """RunInference handler: ``Cluster`` -> ``Outcome(value=prompts)``."""
 
     stage = STAGE
+    _config: PromptsConfig
 
-    def __init__(self, config: PromptsConfig, llm: LLMConfig) -> None:
-        super().__init__(config, llm)
-        self._config = config
+    def offline(self, cluster: Cluster) -> tuple[Prompt, ...]:
+        return cluster_template_prompts(cluster, self._config)
 
-    def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
-        config = self._config
-        if client is None:
-            return [Outcome(cluster_template_prompts(cluster, config)) for cluster in clusters]
-        assert self._prompt is not None
-        prompt = self._prompt
-
-        def ask(cluster: Cluster) -> tuple[Prompt, ...]:
-            counts = cluster_counts(cluster, config)
-            is_live = bool(cluster.is_live)
-            return client.chat_validated(
-                config.model, prompts_messages(prompt, cluster, counts, config),
-                lambda response: validate_prompts(response, counts, is_live, config), self._llm.validation_retries,
-                max_tokens=config.max_tokens, temperature=config.temperature, seed=cluster_seed(cluster.cluster_id),
-                **json_schema_params(prompts_schema(counts, config), "scene_prompts", config.structured_output))
-
-        results = client.map_settled(ask, clusters)
-        return [Outcome(error=error_text(r)) if isinstance(r, BaseException) else Outcome(r) for r in results]
+    def ask(self, client: ChatClient, cluster: Cluster) -> tuple[Prompt, ...]:
+        config, prompt = self._config, self._prompt
+        assert prompt is not None
+        counts = cluster_counts(cluster, config)
+        is_live = bool(cluster.is_live)
+        return client.chat_validated(
+            config.model, prompts_messages(prompt, cluster, counts, config),
+            lambda response: validate_prompts(response, counts, is_live, config), self._llm.validation_retries,
+            max_tokens=config.max_tokens, temperature=config.temperature, seed=cluster_seed(cluster.cluster_id),
+            **json_schema_params(prompts_schema(counts, config), "scene_prompts", config.structured_output))
 
 
 class ApplyPromptsFn(ResolveFn):
     """Prompts into the cluster; on failure the templates' or a reject."""
 
+    offline_backend = "templates"
+    _config: PromptsConfig
+
     def __init__(self, config: PromptsConfig, prompt_tag: str | None) -> None:
-        super().__init__(STAGE, PROMPTS_FAILED, config.on_failure)
-        self._config = config
-        self._prompt_tag = prompt_tag
+        super().__init__(STAGE, PROMPTS_FAILED, config, prompt_tag)
 
-    def _with(self, cluster: Cluster, prompts: tuple[Prompt, ...], backend: str, fallback: bool) -> Cluster:
-        vllm = backend == "vllm"
-        provenance = dataclasses.replace(
-            cluster.provenance, prompts_backend=backend, prompts_model=self._config.model if vllm else None,
-            prompts_prompt=self._prompt_tag if vllm else load_grammar()[1],
-            fallbacks=(*cluster.provenance.fallbacks, STAGE) if fallback else cluster.provenance.fallbacks)
+    def offline(self, cluster: Cluster) -> tuple[Prompt, ...]:
+        return cluster_template_prompts(cluster, self._config)
+
+    def offline_prompt_tag(self) -> str:
+        return load_grammar()[1]  # the template grammar's name@hash
+
+    def with_value(self, cluster: Cluster, prompts: tuple[Prompt, ...], provenance: ClusterProvenance) -> Cluster:
         return cluster.replace(prompts=prompts, provenance=provenance)
-
-    def apply(self, cluster: Cluster, value: tuple[Prompt, ...]) -> Cluster:
-        return self._with(cluster, value, self._config.backend, fallback=False)
-
-    def fallback(self, cluster: Cluster) -> Cluster:
-        return self._with(cluster, cluster_template_prompts(cluster, self._config), "templates", fallback=True)
 
 
 class ScenePrompts(ModelStage):

@@ -21,7 +21,6 @@ the scene prompts put ``subject`` in new scenes. Two backends (``subject.backend
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import math
 import re
@@ -30,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.records import Cluster
+from schemas.records import Cluster, ClusterProvenance
 from transforms.caption import clean_alt_text
 from transforms.common import count, option
 from transforms.llm_client import (
@@ -43,7 +42,7 @@ from transforms.llm_client import (
     json_schema_params,
     parse_json_object,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, check_stage_config, error_text
+from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn, check_stage_config
 
 STAGE = "subject"
 
@@ -333,56 +332,39 @@ class SubjectHandler(ClusterModelHandler):
     """RunInference handler: ``Cluster`` -> ``Outcome(value=SubjectResult)``."""
 
     stage = STAGE
+    _config: SubjectConfig
 
-    def __init__(self, config: SubjectConfig, llm: LLMConfig) -> None:
-        super().__init__(config, llm)
-        self._config = config
+    def offline(self, cluster: Cluster) -> SubjectResult:
+        return offline_result(cluster, self._config.min_support)
 
-    def infer(self, clusters: Sequence[Cluster], client: ChatClient | None) -> list[Outcome]:
-        config = self._config
-        if client is None:
-            return [Outcome(offline_result(cluster, config.min_support)) for cluster in clusters]
-        assert self._prompt is not None
-        prompt = self._prompt
-
-        def ask(cluster: Cluster) -> SubjectResult:
-            n = len(cluster.images)
-            return client.chat_validated(
-                config.model, subject_messages(prompt, cluster, config),
-                lambda response: validate_subject(response, n, config), self._llm.validation_retries,
-                max_tokens=config.max_tokens, temperature=config.temperature,
-                **json_schema_params(subject_schema(n, config), "cluster_subject", config.structured_output))
-
-        results = client.map_settled(ask, clusters)
-        return [Outcome(error=error_text(r)) if isinstance(r, BaseException) else Outcome(r) for r in results]
+    def ask(self, client: ChatClient, cluster: Cluster) -> SubjectResult:
+        config, prompt, n = self._config, self._prompt, len(cluster.images)
+        assert prompt is not None
+        return client.chat_validated(
+            config.model, subject_messages(prompt, cluster, config),
+            lambda response: validate_subject(response, n, config), self._llm.validation_retries,
+            max_tokens=config.max_tokens, temperature=config.temperature,
+            **json_schema_params(subject_schema(n, config), "cluster_subject", config.structured_output))
 
 
 class ApplySubjectFn(ResolveFn):
     """Subject, class noun, liveness and captions into the cluster; on failure the offline backend or a reject."""
 
-    def __init__(self, config: SubjectConfig, prompt_tag: str | None) -> None:
-        super().__init__(STAGE, SUBJECT_FAILED, config.on_failure)
-        self._config = config
-        self._prompt_tag = prompt_tag
+    _config: SubjectConfig
 
-    def _with(self, cluster: Cluster, result: SubjectResult, backend: str, fallback: bool) -> Cluster:
+    def __init__(self, config: SubjectConfig, prompt_tag: str | None) -> None:
+        super().__init__(STAGE, SUBJECT_FAILED, config, prompt_tag)
+
+    def offline(self, cluster: Cluster) -> SubjectResult:
+        return offline_result(cluster, self._config.min_support)
+
+    def with_value(self, cluster: Cluster, result: SubjectResult, provenance: ClusterProvenance) -> Cluster:
         if not result.subject:
             count(STAGE, "no_subject_clusters")
         images = tuple(image.replace(caption=caption)
                        for image, caption in zip(cluster.images, result.captions, strict=True))
-        vllm = backend == "vllm"
-        provenance = dataclasses.replace(
-            cluster.provenance, subject_backend=backend, subject_model=self._config.model if vllm else None,
-            subject_prompt=self._prompt_tag if vllm else None,
-            fallbacks=(*cluster.provenance.fallbacks, STAGE) if fallback else cluster.provenance.fallbacks)
         return cluster.replace(images=images, subject=result.subject, class_noun=result.class_noun,
                                is_live=result.is_live, provenance=provenance)
-
-    def apply(self, cluster: Cluster, value: SubjectResult) -> Cluster:
-        return self._with(cluster, value, self._config.backend, fallback=False)
-
-    def fallback(self, cluster: Cluster) -> Cluster:
-        return self._with(cluster, offline_result(cluster, self._config.min_support), "offline", fallback=True)
 
 
 class Subject(ModelStage):
