@@ -188,11 +188,12 @@ def row_groups(rows: Sequence[dict[str, Any]], row_group_bytes: int) -> Iterator
     group: list[dict[str, Any]] = []
     size = 0
     for row in rows:
-        if group and size + row_bytes(row) > row_group_bytes:
+        n = row_bytes(row)
+        if group and size + n > row_group_bytes:
             yield group
             group, size = [], 0
         group.append(row)
-        size += row_bytes(row)
+        size += n
     if group:
         yield group
 
