@@ -36,6 +36,8 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
         lines.extend(_rejected(records["rejected"], records["input"]))
         for reason, n in sorted(summary["clusters"]["rejected"].items()):
             lines.append(f"  clusters dropped as {reason}: {n:,}")
+        for truncated in records.get("truncated_files", []):
+            lines.append(f"  TRUNCATED INPUT {truncated['path']}: {truncated['detail']}")
         lines.append(_reconciled(records, "records"))
     elif phase == "synthesize":
         clusters = summary["clusters"]

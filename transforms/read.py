@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bz2
+import gzip
 import json
 import logging
+import lzma
 import re
 import tarfile
 import zlib
@@ -56,6 +59,9 @@ _WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif
 # Reasons this stage rejects records for (documented in docs/reasons.md).
 MALFORMED_RECORD = "malformed_record"
 IMAGE_UNREADABLE = "image_unreadable"
+TRUNCATED_FILE = "truncated_file"
+"""A file-level reject: a compressed (or tar) input that ends early. Its row accounts for no record (the
+records it held past the cut were never read); the records before the cut go on."""
 
 
 class InputFormatError(ValueError):
@@ -72,6 +78,9 @@ class ReadConfig:
                                            "job starts (the rest are checked when read).")
     reshuffle: bool = option(True, "Redistribute records after reading, so that normalization is not "
                                    "fused to the one worker that read each file.")
+    allow_truncated: bool = option(False, "Let a run whose compressed or tar input ends early finish with exit "
+                                          "status 0 (the file is still reported as truncated_file in rejects/ "
+                                          "and the manifest); by default such a run fails.")
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
@@ -133,9 +142,42 @@ def _lines(handle: Any) -> Iterator[bytes]:
     return iter(handle.readline, b"")
 
 
+class TruncatedInputError(InputFormatError):
+    """A compressed or tar input ends before its end-of-stream (or end-of-archive) marker."""
+
+
+_DECOMPRESSORS = {".gz": gzip.GzipFile, ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
+"""Compressed suffixes read with Python's own decompressors, which raise on a stream that ends early (Beam's
+``CompressedFile`` returns end of file instead, so a truncated file would pass for a shorter whole one)."""
+
+_TRUNCATION_ERRORS = (EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
 def _open(path: str, compressed: bool = False) -> Any:
-    compression = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
-    return FileSystems.open(path, compression_type=compression)
+    """A binary file handle on ``path`` through Beam FileSystems; with ``compressed``, decompressed by suffix."""
+    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    if not compressed:
+        return raw
+    for suffix, opener in _DECOMPRESSORS.items():
+        if path.lower().endswith(suffix):
+            return opener(fileobj=raw, mode="rb")
+    return raw
+
+
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that records on its archive whether the end-of-archive marker (a zero block) was read.
+
+    In stream mode ``tarfile`` ends iteration silently both at that marker and at a stream that stops between
+    or inside member headers; only the first is a whole archive.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.end_marker_seen = True  # type: ignore[attr-defined]
+            raise
 
 
 def parquet_columns(path: str, schema: pa.Schema) -> list[str]:
@@ -290,14 +332,19 @@ def _optional_str(obj: dict[str, Any], key: str) -> str | None:
 
 
 def read_jsonl(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutput]:
+    """Records of a JSONL file (``.jsonl``, or compressed: ``.jsonl.gz``, ``.bz2``, ``.xz``).
+
+    Raises :class:`TruncatedInputError` after the last whole line when a compressed file ends early.
+    """
     with _open(path, compressed=True) as handle:
         line_number = 0
         try:
             for line_number, line in enumerate(_lines(handle), start=1):
                 if line.strip():
                     yield _jsonl_record(path, line_number, line)
-        except (OSError, EOFError, zlib.error) as error:
-            raise InputFormatError(f"{path}: unreadable after line {line_number} ({error})") from error
+        except _TRUNCATION_ERRORS as error:
+            raise TruncatedInputError(f"{path}: the compressed stream ends early, after line {line_number} "
+                                      f"({type(error).__name__}: {error})") from error
 
 
 def _jsonl_record(path: str, line_number: int, line: bytes) -> InputRecord | beam.pvalue.TaggedOutput:
@@ -354,8 +401,8 @@ def read_webdataset(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutpu
     """Samples of an img2dataset tar shard: ``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``."""
     with _open(path, compressed=True) as handle:
         try:
-            tar = tarfile.open(fileobj=handle, mode="r|")
-        except tarfile.TarError as error:
+            tar = tarfile.open(fileobj=handle, mode="r|", tarinfo=_EndMarkedTarInfo)
+        except (tarfile.TarError, *_TRUNCATION_ERRORS) as error:
             raise InputFormatError(f"{path}: not a readable tar (WebDataset) file ({error})") from error
         key: str | None = None
         parts: dict[str, bytes] = {}
@@ -373,8 +420,13 @@ def read_webdataset(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutpu
                     key, parts = member_key, {}
                 extracted = tar.extractfile(member)
                 parts[extension] = extracted.read() if extracted is not None else b""
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise InputFormatError(f"{path}: tar data unreadable after sample {key!r} ({error})") from error
+        except (tarfile.TarError, *_TRUNCATION_ERRORS) as error:
+            # The sample being read when the data stopped may lack parts: it is part of the lost tail.
+            raise TruncatedInputError(f"{path}: the tar data ends early, inside or after sample {key!r} "
+                                      f"({type(error).__name__}: {error})") from error
+        if not getattr(tar, "end_marker_seen", False):
+            raise TruncatedInputError(f"{path}: the tar stream stops without its end-of-archive marker, after "
+                                      f"sample {key!r}; the file was cut")
         if key is not None:
             yield _webdataset_sample(path, key, parts)
 
@@ -398,13 +450,22 @@ class ReadFileFn(beam.DoFn):
         else:
             raise InputFormatError(f"{input_file.path}: unknown format {input_file.format!r}")
         # A bad *file* (InputFormatError) fails the job on purpose; anything else unexpected is a bug
-        # that must not silently lose the rest of the file, so it fails the job too.
+        # that must not silently lose the rest of the file, so it fails the job too. A file that ends early
+        # keeps what was read before the cut and becomes one truncated_file row: the launcher fails the run
+        # unless read.allow_truncated.
         n = 0
-        for item in items:
-            n += 1
-            count(STAGE, "records")
-            self._progress.add()
-            yield item
+        try:
+            for item in items:
+                n += 1
+                count(STAGE, "records")
+                self._progress.add()
+                yield item
+        except TruncatedInputError as error:
+            LOG.error("read: %s (%s records read from it)", error, f"{n:,}")
+            count(STAGE, "truncated_files")
+            yield reject(STAGE, TRUNCATED_FILE, f"{error}; {n} records were read from it, the rest of the file "
+                         f"is missing", id=stable_id("truncated", input_file.path), source=input_file.path,
+                         n_images=0)
         count(STAGE, "files")
         LOG.info("read: %s records from %s", f"{n:,}", input_file.path)
 
@@ -433,8 +494,10 @@ class ReadPairs(beam.PTransform):
 __all__ = [
     "IMAGE_UNREADABLE",
     "MALFORMED_RECORD",
+    "TRUNCATED_FILE",
     "InputFile",
     "InputFormatError",
+    "TruncatedInputError",
     "ReadConfig",
     "ReadPairs",
     "expand_inputs",
