@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,11 @@ SAMPLE = REPO / "sample" / "crawl.parquet"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.portable import bind_loopback_only  # noqa: E402
+
+# The multi-process DirectRunner serves its workers over gRPC; keep those servers (and any other) on loopback.
+bind_loopback_only()
 
 
 def read_rows(output_dir: str | os.PathLike, folder: str, prefix: str = "*") -> list[dict[str, Any]]:
@@ -95,3 +104,57 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
     return run_pipeline([SAMPLE], tmp_path_factory.mktemp("demo_run"), "--profile", "demo",
                         "--phases", "clusters,synthesize,assemble", *SMALL_SYNTH,
                         "--set", "assemble.shard_bytes=400000", "--set", "assemble.row_group_bytes=150000")
+
+
+# --- Beam's portability services (the layout of a Flink cluster), on loopback ---------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"service exited with status {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def portable_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """``(job endpoint, worker pool endpoint)`` of a job service and a worker pool on loopback."""
+    env = dict(os.environ)
+    # The pool starts `python` from PATH: the project's virtualenv must come first.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    logs = tmp_path_factory.mktemp("portable-services")
+    job_port, pool_port = _free_port(), _free_port()
+    processes = []
+    try:
+        for name, port in (("job", job_port), ("pool", pool_port)):
+            log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 -- closed with the process below
+            processes.append((subprocess.Popen([sys.executable, "-m", "tests.portable", name, str(port)], cwd=REPO,
+                                               env=env, stdout=log, stderr=subprocess.STDOUT), log))
+            _wait_for_port(port, processes[-1][0])
+        yield f"localhost:{job_port}", f"localhost:{pool_port}"
+    finally:
+        for process, log in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+
+def portable_args(services: tuple[str, str]) -> tuple[str, ...]:
+    job, pool = services
+    return ("--runner", "PortableRunner", "--job_endpoint", job, "--environment_type", "EXTERNAL",
+            "--environment_config", pool)
