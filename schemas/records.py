@@ -88,9 +88,8 @@ class PageGroup:
     page_url: str
     domain: str
     images: tuple[ImageRecord, ...]
-    """Images kept by the cap, in a deterministic order (by image id, then source)."""
-    boilerplate: tuple[BoilerplateHit, ...] = ()
-    """Hashes of this page's images that appear on too many pages; removed by the dedupe stage."""
+    """Images kept by the cap (boilerplate excluded), in a deterministic order (by image id, then image URL,
+    record id and source)."""
     n_page_images: int = 0
     """How many images of this page reached the grouping stage (before cap and dedupe)."""
 
@@ -189,6 +188,11 @@ class Reject:
     source: str | None = None
     """Input location of a rejected record (``path:row``); empty for clusters."""
     cluster_id: str | None = None
+    image_ids: tuple[str, ...] = ()
+    """A whole-cluster row: the image ids of the cluster's members (what ``clusters/`` would have held)."""
+    record_ids: tuple[str, ...] = ()
+    """A whole-cluster row: the input record ids of its members, in the order of ``image_ids``; with the record
+    rows' ``id`` and the kept images' ``record_id``, every input record can be traced to its fate."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@
   ``dedupe.boilerplate_max_pages`` distinct pages is a logo, badge or banner, and is removed from every
   page. This is a keyed join: ``(phash, page)`` pairs are made distinct and grouped by hash, and the
   pages of each hash over the bound get a flag ``(page_url, BoilerplateHit)`` that the grouping stage
-  joins to the page in the shuffle it does anyway. No worker ever holds the set of all hashes.
+  joins to the page's image keys (no bytes) when it decides the cap; the images flagged leave there
+  (:func:`boilerplate_reject`), so they never take a place under the cap. No worker ever holds the set of
+  all hashes.
 * **Exact duplicates**: the same normalized content (``image_id``) twice on a page.
 * **Near duplicates**: perceptual-hash Hamming distance at most ``dedupe.near_duplicate_max_distance``
   to an image already kept on the page (re-encodes, resizes, small crops).
@@ -111,6 +113,13 @@ class FindBoilerplate(beam.PTransform):
 # --- within a page ----------------------------------------------------------------------------------
 
 
+def boilerplate_reject(image: ImageRecord, hit: BoilerplateHit, max_pages: int) -> beam.pvalue.TaggedOutput:
+    """The ``boilerplate`` dead letter of an image whose hash is on too many pages (emitted where pages are
+    grouped, see :mod:`transforms.group`)."""
+    return reject(STAGE, BOILERPLATE, f"perceptual hash {image.phash} is on {hit.n_pages} distinct pages > "
+                                      f"boilerplate_max_pages {max_pages}", record=image)
+
+
 def _quality_order(image: ImageRecord) -> tuple[int, str, str, str, str]:
     return (-(image.source_width * image.source_height), image.image_id, image.image_url or "",
             image.record_id, image.source)
@@ -118,16 +127,10 @@ def _quality_order(image: ImageRecord) -> tuple[int, str, str, str, str]:
 
 def dedupe_page(group: PageGroup, config: DedupeConfig) -> tuple[list[ImageRecord], list[tuple[ImageRecord, str, str]]]:
     """Split a page's images into kept ones (sorted by id) and ``(image, reason, detail)`` removals."""
-    hits = {hit.phash: hit for hit in group.boilerplate}
     removed: list[tuple[ImageRecord, str, str]] = []
     kept: list[ImageRecord] = []
     kept_by_id: dict[str, ImageRecord] = {}
     for image in sorted(group.images, key=_quality_order):
-        hit = hits.get(image.phash)
-        if hit is not None:
-            removed.append((image, BOILERPLATE, f"perceptual hash {image.phash} is on {hit.n_pages} distinct "
-                                                f"pages > boilerplate_max_pages {config.boilerplate_max_pages}"))
-            continue
         same = kept_by_id.get(image.image_id)
         if same is not None:
             removed.append((image, DUPLICATE_EXACT, f"same content as image {same.image_id} ({same.source})"))
@@ -166,7 +169,7 @@ class DedupePageFn(beam.DoFn):
         if len(kept) < self._min_images:
             yield reject(STAGE, CLUSTER_TOO_SMALL,
                          f"{len(kept)} images left after dedupe < min_images {self._min_images}",
-                         id=cid, cluster_id=cid, page_url=group.page_url, n_images=len(kept))
+                         id=cid, cluster_id=cid, page_url=group.page_url, n_images=len(kept), members=kept)
             count(STAGE, f"{CLUSTER_TOO_SMALL}_clusters")
             return
         count(STAGE, "clusters")
@@ -181,7 +184,7 @@ class DedupePageFn(beam.DoFn):
 
 
 class Dedupe(beam.PTransform):
-    """``PageGroup``s -> ``Cluster``s without boilerplate, duplicates or too-small pages."""
+    """``PageGroup``s -> ``Cluster``s without duplicates or too-small pages (boilerplate left at grouping)."""
 
     def __init__(self, config: DedupeConfig, min_images: int) -> None:
         super().__init__()
