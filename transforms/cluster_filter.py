@@ -22,8 +22,11 @@ The threshold used, the mode, and the quantiles of ``mean_sim`` are written with
 :class:`transforms.stats.WriteStats` and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
 so a run records the numbers it filtered with and thresholds can be retuned from them.
 
-A calibrated threshold is a global decision: the runner holds the scored clusters until every cluster's
-score is known (the side input). With a fixed threshold, scoring and thresholding fuse with embedding.
+A calibrated threshold is a global decision, and it carries only ids and scores: each scored cluster sends
+``(cluster_id, mean_sim)`` to the quantiles and to a light decision step (the threshold a singleton side
+input); the decisions are then joined back to the clusters by ``cluster_id`` (``CoGroupByKey``, one cluster
+and one decision per key). No step waits on a global value while holding clusters and their image bytes.
+With a fixed threshold, scoring and thresholding fuse with embedding.
 """
 
 from __future__ import annotations
@@ -200,18 +203,64 @@ class ScoreClustersFn(beam.DoFn):
 
 
 class ApplyThresholdFn(beam.DoFn):
-    """Scored ``Cluster`` -> kept, or an ``incoherent_cluster`` reject; the threshold may be a side input."""
+    """Scored ``Cluster`` -> kept, or an ``incoherent_cluster`` reject (a fixed threshold)."""
 
     def process(self, cluster: Cluster, threshold: float | None) -> Iterator[Any]:
-        mean_sim = cluster.stats.mean_sim
-        if threshold is not None and mean_sim is not None and mean_sim < threshold:
-            count(STAGE, f"{INCOHERENT_CLUSTER}_clusters")
-            yield reject(STAGE, INCOHERENT_CLUSTER, f"mean pairwise cosine similarity {mean_sim:.4f} < coherence "
-                         f"threshold {threshold:.4f} (min {cluster.stats.min_sim:.4f})", cluster=cluster)
+        yield from apply_verdict(cluster, incoherence(cluster.cluster_id, cluster.stats.mean_sim,
+                                                      cluster.stats.min_sim, threshold))
+
+
+def incoherence(cluster_id: str, mean_sim: float | None, min_sim: float | None,
+                threshold: float | None) -> str | None:
+    """Why a cluster scoring ``mean_sim`` is incoherent under ``threshold`` (the reject detail), or ``None``."""
+    if threshold is not None and mean_sim is not None and mean_sim < threshold:
+        return (f"mean pairwise cosine similarity {mean_sim:.4f} < coherence threshold {threshold:.4f} "
+                f"(min {min_sim:.4f})")
+    return None
+
+
+def apply_verdict(cluster: Cluster, why: str | None) -> Iterator[Any]:
+    """The cluster, counted as kept, or its ``incoherent_cluster`` dead letter."""
+    if why is not None:
+        count(STAGE, f"{INCOHERENT_CLUSTER}_clusters")
+        yield reject(STAGE, INCOHERENT_CLUSTER, why, cluster=cluster)
+        return
+    count(STAGE, "clusters")
+    count(STAGE, "images_kept", len(cluster.images))
+    yield cluster
+
+
+class ClusterScore(NamedTuple):
+    """What the calibrated threshold needs of a cluster: no images."""
+
+    cluster_id: str
+    mean_sim: float | None
+    min_sim: float | None
+
+
+def cluster_score(cluster: Cluster) -> ClusterScore:
+    return ClusterScore(cluster.cluster_id, cluster.stats.mean_sim, cluster.stats.min_sim)
+
+
+def decide(score: ClusterScore, threshold: float | None) -> tuple[str, str | None]:
+    """``(cluster_id, reject detail or None)`` of one cluster under the calibrated threshold."""
+    return score.cluster_id, incoherence(score.cluster_id, score.mean_sim, score.min_sim, threshold)
+
+
+class JoinVerdictFn(beam.DoFn):
+    """``(cluster_id, {"cluster": [cluster], "verdict": [detail or None]})`` -> kept cluster or reject."""
+
+    def process(self, element: tuple[str, dict[str, Any]]) -> Iterator[Any]:
+        cluster_id, joined = element
+        clusters, verdicts = list(joined["cluster"]), list(joined["verdict"])
+        if len(verdicts) != 1:
+            error = RuntimeError(f"{len(verdicts)} coherence verdicts for cluster {cluster_id}")
+            for cluster in clusters:
+                for image in cluster.images:
+                    yield internal_error(STAGE, error, record=image, cluster_id=cluster_id)
             return
-        count(STAGE, "clusters")
-        count(STAGE, "images_kept", len(cluster.images))
-        yield cluster
+        for cluster in clusters:
+            yield from apply_verdict(cluster, verdicts[0])
 
 
 # --- the stage ------------------------------------------------------------------------------------------
@@ -232,28 +281,34 @@ class ClusterFilter(beam.PTransform):
         config = self._config
         scored = clusters | "ScoreCoherence" >> beam.ParDo(ScoreClustersFn(config, self._min_images)).with_outputs(
             REJECTS, main="scored")
-        if config.target_keep_rate is None and self._output_dir is None:
+        if config.target_keep_rate is None:
+            # A fixed threshold is a plain argument: thresholding fuses with scoring, no barrier.
             kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
                 ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
-        else:
-            scores = scored.scored | "MeanSimilarities" >> beam.Map(lambda cluster: cluster.stats.mean_sim)
-            quantiles = scores | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
-            n_scored = scores | "CountScored" >> beam.combiners.Count.Globally()
-            if config.target_keep_rate is not None:
-                threshold = quantiles | "CalibrateThreshold" >> beam.Map(
-                    threshold_for_keep_rate, config.target_keep_rate, beam.pvalue.AsSingleton(n_scored))
-                kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
-                    ApplyThresholdFn(), beam.pvalue.AsSingleton(threshold)).with_outputs(REJECTS, main="kept")
-            else:
+            threshold = None
+        if config.target_keep_rate is not None or self._output_dir is not None:
+            scores = scored.scored | "ClusterScores" >> beam.Map(cluster_score)
+            values = scores | "MeanSimilarities" >> beam.Map(lambda score: score.mean_sim)
+            quantiles = values | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
+            n_scored = values | "CountScored" >> beam.combiners.Count.Globally()
+        if config.target_keep_rate is not None:
+            threshold = quantiles | "CalibrateThreshold" >> beam.Map(
+                threshold_for_keep_rate, config.target_keep_rate, beam.pvalue.AsSingleton(n_scored))
+            verdicts = scores | "Decide" >> beam.Map(decide, beam.pvalue.AsSingleton(threshold))
+            keyed = scored.scored | "KeyById" >> beam.Map(lambda cluster: (cluster.cluster_id, cluster))
+            kept = (
+                {"cluster": keyed, "verdict": verdicts}
+                | "JoinVerdicts" >> beam.CoGroupByKey()
+                | "ApplyThreshold" >> beam.ParDo(JoinVerdictFn()).with_outputs(REJECTS, main="kept")
+            )
+        if self._output_dir is not None:
+            if threshold is None:
                 threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
-                kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
-                    ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
-            if self._output_dir is not None:
-                _ = (
-                    quantiles
-                    | "DescribeCalibration" >> beam.Map(calibration_stats, beam.pvalue.AsSingleton(n_scored),
-                                                        beam.pvalue.AsSingleton(threshold), config)
-                    | "WriteCalibration" >> WriteStats(self._output_dir, self._phase, STAGE)
-                )
+            _ = (
+                quantiles
+                | "DescribeCalibration" >> beam.Map(calibration_stats, beam.pvalue.AsSingleton(n_scored),
+                                                    beam.pvalue.AsSingleton(threshold), config)
+                | "WriteCalibration" >> WriteStats(self._output_dir, self._phase, STAGE)
+            )
         rejects = (scored[REJECTS], kept[REJECTS]) | "FilterRejects" >> beam.Flatten()
         return StageOutput(kept.kept, rejects)

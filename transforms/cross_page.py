@@ -19,8 +19,8 @@ Finding the pairs without comparing every pair of clusters (a keyed join, as for
    bands (see docs/defaults.md);
 2. sketches meeting in a band bucket form candidate pairs, made distinct, and each candidate is verified
    exactly (all image pairs of the two clusters, at most ``max_images_per_page``²);
-3. the losers form a small side input ``{cluster_id: detail}`` against which the clusters are filtered
-   where they are, so no cluster (and no image byte) is shuffled.
+3. the losers' verdicts ``(cluster_id, detail)`` are joined back to the clusters by id (``CoGroupByKey``):
+   every global step before it carries sketches and ids only, never image bytes.
 
 A band bucket holding more than ``cross_page.max_bucket_clusters`` clusters (a hash band shared by
 thousands of pages: flat or near-blank images) is skipped and counted (``cross_page/hot_buckets``)
@@ -175,16 +175,19 @@ def best_winner(verdicts: Iterable[tuple[Any, str]]) -> tuple[Any, str]:
 
 
 class DropDuplicatesFn(beam.DoFn):
-    """``Cluster`` -> kept, or a ``duplicate_cluster`` reject when it lost a duplicate pair."""
+    """``(cluster_id, {"cluster": [cluster], "lost": [verdict...]})`` -> the cluster, kept, or a
+    ``duplicate_cluster`` reject when it lost a duplicate pair (at most one verdict per loser)."""
 
-    def process(self, cluster: Cluster, losers: dict[str, tuple[Any, str]]) -> Iterator[Any]:
-        verdict = losers.get(cluster.cluster_id)
-        if verdict is not None:
-            count(STAGE, f"{DUPLICATE_CLUSTER}_clusters")
-            yield reject(STAGE, DUPLICATE_CLUSTER, verdict[1], cluster=cluster)
-            return
-        count(STAGE, "clusters")
-        yield cluster
+    def process(self, element: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
+        _, joined = element
+        verdicts = list(joined["lost"])
+        for cluster in joined["cluster"]:
+            if verdicts:
+                count(STAGE, f"{DUPLICATE_CLUSTER}_clusters")
+                yield reject(STAGE, DUPLICATE_CLUSTER, best_winner(verdicts)[1], cluster=cluster)
+                continue
+            count(STAGE, "clusters")
+            yield cluster
 
 
 class CrossPageDedupe(beam.PTransform):
@@ -206,6 +209,10 @@ class CrossPageDedupe(beam.PTransform):
             | "VerifyPairs" >> beam.ParDo(VerifyPairFn(self._config))
             | "BestWinnerPerLoser" >> beam.CombinePerKey(best_winner)
         )
-        result = clusters | "DropDuplicateClusters" >> beam.ParDo(
-            DropDuplicatesFn(), beam.pvalue.AsDict(losers)).with_outputs(REJECTS, main="kept")
+        keyed = clusters | "KeyById" >> beam.Map(lambda cluster: (cluster.cluster_id, cluster))
+        result = (
+            {"cluster": keyed, "lost": losers}
+            | "JoinVerdicts" >> beam.CoGroupByKey()
+            | "DropDuplicateClusters" >> beam.ParDo(DropDuplicatesFn()).with_outputs(REJECTS, main="kept")
+        )
         return StageOutput(result.kept, result[REJECTS])
