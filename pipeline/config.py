@@ -40,13 +40,13 @@ from transforms.embed import EmbedConfig
 from transforms.group import GroupConfig
 from transforms.llm_client import LLMConfig
 from transforms.normalize import NormalizeConfig
+from transforms.outputs import OutputConfig
 from transforms.prompts import PromptsConfig
 from transforms.read import ReadConfig
 from transforms.score import ScoreConfig
 from transforms.subject import SubjectConfig
 from transforms.synthesize import SynthConfig
 from transforms.target_filter import TargetFilterConfig
-from transforms.write import OutputConfig
 
 PROFILES = ("demo", "local", "dataflow")
 

@@ -24,11 +24,11 @@ from transforms.assemble import (
     Assemble,
     AssembleConfig,
     RunProvenance,
-    WriteExamples,
     choose_demos,
+    examples_output,
     make_example,
-    row_bytes,
 )
+from transforms.outputs import row_bytes, write_examples
 
 RUN = RunProvenance("0.1.0", "cafe", "open_clip:tiny-random/random(seed=0)")
 
@@ -118,14 +118,15 @@ def test_shards_are_sized_by_bytes_and_read_back_whole(clusters, tmp_path, shard
     config = AssembleConfig(shard_bytes=shard_kb * 1024, row_group_bytes=group_kb * 1024)
     out = tmp_path / "out"
     p = TestPipeline()
-    written = p | beam.Create(examples) | WriteExamples(str(out), config)
+    written = p | beam.Create(examples) | write_examples(str(out), examples_output(config, "zstd"))
     assert_that(written | beam.Map(lambda w: w["rows"]) | beam.CombineGlobally(sum), equal_to([24]))
     p.run().wait_until_finish()
 
     files = sorted(glob.glob(str(out / "examples" / "*.parquet")))
     n_shards = math.ceil(total / config.shard_bytes)
     assert len(files) <= n_shards and os.path.basename(files[0]).endswith(f"-of-{n_shards:05d}.parquet")
-    assert not glob.glob(str(out / "examples" / "*.tmp-*"))  # temporaries renamed into place
+    # Temporaries renamed into place and deleted; their folder is left empty for the launcher to remove.
+    assert not [p for p in glob.glob(str(out / "examples" / ".tmp-*" / "*"))]
     rows_per_file = []
     for path in files:
         parquet = pq.ParquetFile(path)

@@ -16,33 +16,23 @@ One example per kept target (:class:`~schemas.records.Example`, written as ``exa
   rendered prompt, skill, seed, k, and the source image id; **scores**; **provenance** (models, prompt files,
   settings hashes, the pipeline version).
 
-**Shards sized for streaming** (:class:`WriteExamples`): Beam's ``WriteToParquet`` can fix a number of files
-but not their size, so the examples are counted in bytes first (a global sum), the number of shards is
-``ceil(total bytes / assemble.shard_bytes)``, each example goes to the shard its id hashes to, and each shard
-is written by one worker with pyarrow through Beam ``FileSystems`` (so ``gs://`` works): rows sorted by example
-id, row groups cut at ``assemble.row_group_bytes`` (what a reader holds in memory at a time), written to a
-temporary name and renamed into place (a retried bundle never leaves half a file). Shard sizes vary with the
-hash by about one example per hundred.
+**Shards sized for streaming**: ``examples/`` is written by :class:`transforms.outputs.WriteShards`, like every
+phase output: files of about ``assemble.shard_bytes``, rows in example-id order, row groups of about
+``assemble.row_group_bytes`` (what a reader holds in memory at a time); see :func:`examples_output`.
 """
 
 from __future__ import annotations
 
-import math
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import pyarrow as pa
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
 from schemas.ids import stable_id
-from schemas.parquet import EXAMPLES_SCHEMA, example_to_row
 from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate
 from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.outputs import OutputConfig
 from transforms.score import ScoringUnit
 
 STAGE = "assemble"
@@ -162,101 +152,6 @@ class Assemble(beam.PTransform):
         return StageOutput(out.examples, out[REJECTS])
 
 
-# --- sharded writing ---------------------------------------------------------------------------------------
-
-
-def row_bytes(row: dict[str, Any]) -> int:
-    """Approximate stored size of an example row: its images (already compressed) plus a little for the rest."""
-    images = sum(len(demo["image"]) for demo in row["demos"]) + len(row["target"]["image"])
-    return images + 2048
-
-
-def shard_count(total_bytes: int, shard_bytes: int) -> int:
-    return max(1, math.ceil(total_bytes / shard_bytes))
-
-
-def shard_of(example_id: str, n_shards: int) -> int:
-    return int(example_id[:16], 16) % n_shards
-
-
-def shard_path(folder: str, shard: int, n_shards: int) -> str:
-    return FileSystems.join(folder, f"part-{shard:05d}-of-{n_shards:05d}.parquet")
-
-
-def row_groups(rows: Sequence[dict[str, Any]], row_group_bytes: int) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive runs of rows of about ``row_group_bytes`` (at least one row each)."""
-    group: list[dict[str, Any]] = []
-    size = 0
-    for row in rows:
-        n = row_bytes(row)
-        if group and size + n > row_group_bytes:
-            yield group
-            group, size = [], 0
-        group.append(row)
-        size += n
-    if group:
-        yield group
-
-
-def write_shard(path: str, rows: Sequence[dict[str, Any]], row_group_bytes: int, codec: str) -> dict[str, Any]:
-    """Write ``rows`` (sorted by example id) to ``path`` in row groups of about ``row_group_bytes``, atomically."""
-    rows = sorted(rows, key=lambda row: row["example_id"])
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    n_groups = 0
-    with FileSystems.create(temporary, mime_type="application/octet-stream",
-                            compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        with pq.ParquetWriter(handle, EXAMPLES_SCHEMA, compression=codec) as writer:
-            for group in row_groups(rows, row_group_bytes):
-                writer.write_table(pa.Table.from_pylist(group, schema=EXAMPLES_SCHEMA), row_group_size=len(group))
-                n_groups += 1
-    try:
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-        FileSystems.rename([temporary], [path])
-    except Exception:
-        FileSystems.delete([temporary])
-        raise
-    return {"path": path, "rows": len(rows), "row_groups": n_groups}
-
-
-class WriteShardFn(beam.DoFn):
-    """``((shard, n_shards), rows)`` -> the shard's file; yields ``{path, rows, row_groups}``."""
-
-    def __init__(self, folder: str, config: AssembleConfig, codec: str) -> None:
-        self._folder = folder
-        self._config = config
-        self._codec = codec
-
-    def process(self, element: tuple[tuple[int, int], Iterable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
-        (shard, n_shards), rows = element
-        written = write_shard(shard_path(self._folder, shard, n_shards), list(rows), self._config.row_group_bytes,
-                              self._codec)
-        count(STAGE, "shards_written")
-        count(STAGE, "row_groups_written", written["row_groups"])
-        yield written
-
-
-class WriteExamples(beam.PTransform):
-    """``Example``s -> ``OUT/examples/part-SSSSS-of-NNNNN.parquet``, sized by bytes (see the module docstring)."""
-
-    def __init__(self, output_dir: str, config: AssembleConfig, codec: str = "zstd") -> None:
-        super().__init__()
-        self._folder = FileSystems.join(output_dir, "examples")
-        self._config = config
-        self._codec = codec
-
-    def expand(self, examples: beam.PCollection) -> beam.PCollection:
-        rows = examples | "ToRows" >> beam.Map(example_to_row)
-        n_shards = (
-            rows
-            | "RowBytes" >> beam.Map(row_bytes)
-            | "TotalBytes" >> beam.CombineGlobally(sum)
-            | "ShardCount" >> beam.Map(shard_count, self._config.shard_bytes)
-        )
-        return (
-            rows
-            | "AssignShards" >> beam.Map(lambda row, n: ((shard_of(row["example_id"], n), n), row),
-                                         beam.pvalue.AsSingleton(n_shards))
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(WriteShardFn(self._folder, self._config, self._codec))
-        )
+def examples_output(config: AssembleConfig, codec: str) -> OutputConfig:
+    """How ``examples/`` is written: files of ``assemble.shard_bytes``, row groups of ``assemble.row_group_bytes``."""
+    return OutputConfig(shard_bytes=config.shard_bytes, row_group_bytes=config.row_group_bytes, codec=codec)

@@ -50,12 +50,11 @@ from typing import Any
 
 import apache_beam as beam
 
-from schemas.parquet import TARGET_SCORES_SCHEMA, target_scores_row
 from schemas.records import ScoredCandidate
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.outputs import OutputConfig, write_scores
 from transforms.score import ScoringUnit
 from transforms.stats import WriteStats
-from transforms.write import OutputConfig, WriteParquet
 
 STAGE = "target_filter"
 
@@ -285,11 +284,10 @@ def filter_stats(calibration: dict[str, Any], score_quantiles: list[tuple[str, l
 # --- the DoFns ---------------------------------------------------------------------------------------------
 
 
-def eligible_scores(unit: ScoringUnit, config: TargetFilterConfig) -> Iterator[tuple[float, float]]:
-    """``(subject_sim, text_sim)`` of the unit's candidates that pass the absolute criteria."""
-    for scored in unit.candidates:
-        if not failures(scored, config, None):
-            yield scored.scores.subject_sim, scored.scores.text_sim
+def eligible_scores(scored: ScoredCandidate, config: TargetFilterConfig) -> Iterator[tuple[float, float]]:
+    """``(subject_sim, text_sim)`` of the candidate when it passes the absolute criteria."""
+    if not failures(scored, config, None):
+        yield scored.scores.subject_sim, scored.scores.text_sim
 
 
 def score_values(unit: ScoringUnit) -> Iterator[tuple[str, float]]:
@@ -298,43 +296,76 @@ def score_values(unit: ScoringUnit) -> Iterator[tuple[str, float]]:
             yield name, float(getattr(scored.scores, name))
 
 
+def light(scored: ScoredCandidate) -> ScoredCandidate:
+    """The candidate with its scores and without its image bytes: what a decision needs, and all a global step
+    may carry."""
+    return dataclasses.replace(scored, candidate=dataclasses.replace(scored.candidate, image=b""))
+
+
+def decide_candidate(scored: ScoredCandidate, config: TargetFilterConfig, bounds: Bounds) -> Iterator[Any]:
+    """The filter's decision about one scored candidate: its reject (when it fails a criterion) and its
+    ``(scored, decision, failed)`` on :data:`DECISIONS`; returns nothing else. Kept candidates are counted."""
+    c = scored.candidate
+    try:
+        failed = failures(scored, config, bounds)
+    except Exception as error:  # noqa: BLE001 -- a malformed score must not end the job
+        yield internal_error(STAGE, error, id=c.candidate_id, cluster_id=c.cluster_id, page_url=c.page_url)
+        yield beam.pvalue.TaggedOutput(DECISIONS, (light(scored), INTERNAL_ERROR, [INTERNAL_ERROR]))
+        return
+    reasons = [reason for reason, _ in failed]
+    if failed:
+        yield reject(STAGE, reasons[0], reject_detail(failed), id=c.candidate_id, cluster_id=c.cluster_id,
+                     page_url=c.page_url)
+    else:
+        count(STAGE, KEPT)
+    yield beam.pvalue.TaggedOutput(DECISIONS, (light(scored), reasons[0] if reasons else KEPT, reasons))
+
+
 class ApplyBoundsFn(beam.DoFn):
     """``ScoringUnit`` -> the unit with its kept candidates (main, when any), a reject per other candidate, and a
-    ``(scored, decision, failed)`` per candidate on ``decisions``."""
+    ``(scored, decision, failed)`` per candidate on ``decisions`` (fixed bounds: the filter fuses with scoring)."""
 
     def __init__(self, config: TargetFilterConfig) -> None:
         self._config = config
 
-    def process(self, unit: ScoringUnit, bounds: Any) -> Iterator[Any]:
-        bounds = bounds if isinstance(bounds, Bounds) else bounds_from(bounds)
+    def process(self, unit: ScoringUnit, bounds: Bounds) -> Iterator[Any]:
         kept = []
         for scored in unit.candidates:
-            c = scored.candidate
-            try:
-                failed = failures(scored, self._config, bounds)
-            except Exception as error:  # noqa: BLE001 -- a malformed score must not end the job
-                yield internal_error(STAGE, error, id=c.candidate_id, cluster_id=c.cluster_id, page_url=c.page_url)
-                yield beam.pvalue.TaggedOutput(DECISIONS, (scored, INTERNAL_ERROR, [INTERNAL_ERROR]))
-                continue
-            reasons = [reason for reason, _ in failed]
-            if failed:
-                yield reject(STAGE, reasons[0], reject_detail(failed), id=c.candidate_id, cluster_id=c.cluster_id,
-                             page_url=c.page_url)
-            else:
+            outputs = list(decide_candidate(scored, self._config, bounds))
+            yield from outputs
+            if not any(o.tag == REJECTS for o in outputs):
                 kept.append(scored)
-                count(STAGE, KEPT)
-            yield beam.pvalue.TaggedOutput(DECISIONS, (scored, reasons[0] if reasons else KEPT, reasons))
         if kept:
             yield ScoringUnit(unit.cluster, tuple(kept))
 
 
-def decision_row(decision: tuple[ScoredCandidate, str, list[str]]) -> dict[str, Any]:
-    return target_scores_row(*decision)
+class DecideFn(beam.DoFn):
+    """``(cluster_id, light scored candidate)`` -> its reject and decision, and ``(cluster_id, candidate_id)`` of
+    a kept candidate (main), under the calibrated bounds (a singleton side input)."""
+
+    def __init__(self, config: TargetFilterConfig) -> None:
+        self._config = config
+
+    def process(self, element: tuple[str, ScoredCandidate], calibration: dict[str, Any]) -> Iterator[Any]:
+        cluster_id, scored = element
+        outputs = list(decide_candidate(scored, self._config, bounds_from(calibration)))
+        yield from outputs
+        if not any(o.tag == REJECTS for o in outputs):
+            yield cluster_id, scored.candidate.candidate_id
 
 
-def write_scores(output_dir: str, config: OutputConfig) -> WriteParquet:
-    """Decisions -> ``OUT/scores/part-*.parquet``."""
-    return WriteParquet(output_dir, "scores", "part", TARGET_SCORES_SCHEMA, decision_row, config)
+class KeepDecidedFn(beam.DoFn):
+    """``(cluster_id, {"unit": [unit], "kept": [candidate ids]})`` -> the unit with only its kept candidates."""
+
+    def process(self, element: tuple[str, dict[str, Any]]) -> Iterator[ScoringUnit]:
+        _, joined = element
+        kept_ids = set(joined["kept"])
+        if not kept_ids:
+            return
+        for unit in joined["unit"]:
+            kept = tuple(scored for scored in unit.candidates if scored.candidate.candidate_id in kept_ids)
+            if kept:
+                yield ScoringUnit(unit.cluster, kept)
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -364,7 +395,12 @@ class TargetFilter(beam.PTransform):
                          | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
                          | "AllScoreQuantiles" >> beam.combiners.ToList())
         if calibrated:
-            pairs = units | "EligibleScores" >> beam.FlatMap(eligible_scores, config)
+            # A global decision on ids and scores only: the bounds come from the light candidates, each light
+            # candidate is decided under them, and the decisions are joined back to the units (their images)
+            # by cluster id.
+            candidates = units | "LightCandidates" >> beam.FlatMap(
+                lambda unit: ((unit.cluster.cluster_id, light(scored)) for scored in unit.candidates))
+            pairs = candidates | "EligibleScores" >> beam.FlatMap(lambda element: eligible_scores(element[1], config))
             q_subject = (pairs | "SubjectSims" >> beam.Map(lambda pair: pair[0])
                          | "SubjectQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES))
             q_text = (pairs | "TextSims" >> beam.Map(lambda pair: pair[1])
@@ -378,9 +414,14 @@ class TargetFilter(beam.PTransform):
                                           beam.pvalue.AsSingleton(q_text), beam.pvalue.AsSingleton(n_scored),
                                           config.target_keep_rate)
             )
-            decided = units | "ApplyBounds" >> beam.ParDo(
-                ApplyBoundsFn(config), beam.pvalue.AsSingleton(calibration)).with_outputs(
-                REJECTS, DECISIONS, main="kept")
+            decided = candidates | "Decide" >> beam.ParDo(
+                DecideFn(config), beam.pvalue.AsSingleton(calibration)).with_outputs(REJECTS, DECISIONS, main="kept")
+            keyed = units | "KeyByCluster" >> beam.Map(lambda unit: (unit.cluster.cluster_id, unit))
+            kept = (
+                {"unit": keyed, "kept": decided.kept}
+                | "JoinDecisions" >> beam.CoGroupByKey()
+                | "ApplyBounds" >> beam.ParDo(KeepDecidedFn())
+            )
             if quantiles is not None:
                 stats = calibration | "DescribeFilter" >> beam.Map(
                     lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
@@ -390,6 +431,7 @@ class TargetFilter(beam.PTransform):
             fixed = fixed_bounds(config)
             decided = units | "ApplyBounds" >> beam.ParDo(ApplyBoundsFn(config), fixed).with_outputs(
                 REJECTS, DECISIONS, main="kept")
+            kept = decided.kept
             if quantiles is not None:
                 described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
                 stats = n_scored | "DescribeFilter" >> beam.Map(
@@ -397,4 +439,4 @@ class TargetFilter(beam.PTransform):
         if self._output_dir is not None:
             decided[DECISIONS] | "WriteScores" >> write_scores(self._output_dir, self._output)
             stats | "WriteFilterStats" >> WriteStats(self._output_dir, self._phase, STAGE)
-        return StageOutput(decided.kept, decided[REJECTS])
+        return StageOutput(kept, decided[REJECTS])
