@@ -107,6 +107,8 @@ REJECTS_SCHEMA = _with_metadata("rejects", [
     pa.field("n_images", pa.int32(), nullable=False),
     pa.field("source", pa.string()),
     pa.field("cluster_id", pa.string()),
+    pa.field("image_ids", pa.list_(pa.string())),
+    pa.field("record_ids", pa.list_(pa.string())),
 ])
 
 
@@ -329,6 +331,8 @@ def reject_to_row(reject: Reject) -> dict[str, Any]:
         "n_images": reject.n_images,
         "source": reject.source,
         "cluster_id": reject.cluster_id,
+        "image_ids": list(reject.image_ids),
+        "record_ids": list(reject.record_ids),
     }
 
 

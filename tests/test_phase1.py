@@ -77,6 +77,25 @@ def test_every_record_meets_its_planted_fate(phase1: PhaseOutput, sample_rows: l
     assert max(kept_ids) < min(capped_ids)
 
 
+def test_every_input_record_is_traced_to_one_fate(phase1: PhaseOutput) -> None:
+    """Not only counted: every input record id is a kept image, a record reject, or a member of one whole-cluster
+    reject row -- exactly once (identical rows share an id, so ids are compared as a multiset)."""
+    from transforms.read import read_parquet
+
+    inputs = collections.Counter(record.record_id for record in read_parquet(str(SAMPLE), batch_rows=64))
+    fates: collections.Counter[str] = collections.Counter()
+    for cluster in phase1.clusters():
+        fates.update(im["record_id"] for im in cluster["images"])
+    for row in phase1.rejects():
+        if row["record_ids"]:  # a whole-cluster row: its members
+            assert len(row["record_ids"]) == len(row["image_ids"]) == row["n_images"], row
+            fates.update(row["record_ids"])
+        else:
+            assert row["n_images"] == 1
+            fates[row["id"]] += 1
+    assert fates == inputs
+
+
 def test_exact_expected_clusters(phase1: PhaseOutput, sample_rows: list[dict]) -> None:
     clusters = phase1.clusters()
     expected: dict[str, list[str]] = collections.defaultdict(list)

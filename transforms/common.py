@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -56,11 +57,12 @@ def count(stage: str, name: str, n: int = 1) -> None:
 def reject(stage: str, reason: str, detail: str, *, record: InputRecord | ImageRecord | None = None,
            cluster: Cluster | None = None, id: str | None = None, page_url: str | None = None,
            image_url: str | None = None, n_images: int | None = None, source: str | None = None,
-           cluster_id: str | None = None) -> beam.pvalue.TaggedOutput:
+           cluster_id: str | None = None, members: Iterable[ImageRecord] | None = None) -> beam.pvalue.TaggedOutput:
     """A dead letter on the :data:`REJECTS` tag, counted under ``stage/reason`` (in images).
 
     Pass the ``record`` (one input record or image) or the ``cluster`` (a whole-cluster drop) to
-    take the ids and URLs from it; explicit keyword arguments win.
+    take the ids and URLs from it; explicit keyword arguments win. A whole-cluster row lists its ``members``
+    (the cluster's images by default) by image id and record id.
     """
     if record is not None:
         id = id or record.record_id
@@ -72,13 +74,16 @@ def reject(stage: str, reason: str, detail: str, *, record: InputRecord | ImageR
         cluster_id = cluster_id or cluster.cluster_id
         page_url = page_url or cluster.page_url
         n_images = len(cluster.images) if n_images is None else n_images
+        members = cluster.images if members is None else members
+    members = tuple(members or ())
     if id is None:
         raise ValueError("a reject needs an id, a record or a cluster")
     n = 1 if n_images is None else n_images
     count(stage, reason, n)
     return beam.pvalue.TaggedOutput(REJECTS, Reject(
         id=id, stage=stage, reason=reason, detail=detail[:2000], page_url=page_url, image_url=image_url,
-        n_images=n, source=source, cluster_id=cluster_id))
+        n_images=n, source=source, cluster_id=cluster_id, image_ids=tuple(m.image_id for m in members),
+        record_ids=tuple(m.record_id for m in members)))
 
 
 def internal_error(stage: str, error: BaseException, **kwargs: Any) -> beam.pvalue.TaggedOutput:
