@@ -91,6 +91,15 @@ def reject_summary(output_dir: str, phase: str) -> dict[str, Any]:
     }
 
 
+def reject_rows(output_dir: str, phase: str, reason: str, columns: list[str]) -> list[dict[str, Any]]:
+    """The ``columns`` of the rows of ``OUT/rejects/<phase>-*.parquet`` with ``reason``, sorted by the first column."""
+    table = read_columns(FileSystems.join(output_dir, "rejects", f"{phase}-*.parquet"), ["reason", *columns])
+    if table is None:
+        return []
+    rows = [row for row in table.to_pylist() if row.pop("reason") == reason]
+    return sorted(rows, key=lambda row: str(row[columns[0]]))
+
+
 def cluster_summary(output_dir: str) -> dict[str, int]:
     """Clusters and images in ``OUT/clusters/*.parquet``."""
     table = read_columns(FileSystems.join(output_dir, "clusters", "*.parquet"), ["stats"])
@@ -136,20 +145,28 @@ def delete_matching(patterns: Iterable[str]) -> int:
     return len(paths)
 
 
-def remove_empty_temp_dirs(output_dir: str, folders: Iterable[str]) -> None:
-    """Remove empty ``beam-temp-*`` directories that some runners leave beside finished shards."""
-    import os
+TEMP_PREFIXES = ("beam-temp-", ".tmp-")
+"""Names of the temporary folders writers make beside their output (Beam's file sinks, our sharded writer)."""
 
-    if "://" in output_dir:
-        return  # object stores have no empty directories
+
+def remove_temp_dirs(output_dir: str, folders: Iterable[str], *, only_empty: bool = True) -> list[str]:
+    """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>``: the empty ones a finished
+    phase leaves, or, after a failed phase (``only_empty=False``), all of them with their files. Returns them."""
+    removed = []
     for folder in folders:
-        base = os.path.join(output_dir, folder)
-        if not os.path.isdir(base):
-            continue
-        for name in os.listdir(base):
-            path = os.path.join(base, name)
-            if name.startswith("beam-temp-") and os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
+        base = FileSystems.join(output_dir, folder)
+        for prefix in TEMP_PREFIXES:
+            for match in FileSystems.match([FileSystems.join(base, f"{prefix}*")])[0].metadata_list:
+                path = match.path.rstrip("/")
+                if only_empty and _has_files(path):
+                    continue
+                FileSystems.delete([path])
+                removed.append(path)
+    return removed
+
+
+def _has_files(path: str) -> bool:
+    return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
 
 
 def command_line() -> list[str]:

@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config, config_hash, to_dict
 from schemas.parquet import SCHEMA_VERSION
-from transforms.assemble import Assemble, RunProvenance, WriteExamples
+from transforms.assemble import Assemble, RunProvenance, examples_output
 from transforms.caption import Caption
 from transforms.cluster_filter import ClusterFilter
 from transforms.cross_page import CrossPageDedupe
@@ -33,8 +33,10 @@ from transforms.dedupe import Dedupe, FindBoilerplate
 from transforms.embed import Embed, check_model_config, drop_embeddings, model_id
 from transforms.group import GroupByPage
 from transforms.normalize import Normalize
+from transforms.outputs import write_candidates, write_clusters, write_examples, write_rejects
 from transforms.prompts import ScenePrompts
 from transforms.read import (
+    TRUNCATED_FILE,
     InputFile,
     ReadPairs,
     count_parquet_rows,
@@ -48,7 +50,6 @@ from transforms.stats import STATS_FOLDER, read_stats
 from transforms.subject import Subject
 from transforms.synthesize import ReadClusters, Synthesize, default_cache_dir
 from transforms.target_filter import TargetFilter
-from transforms.write import write_candidates, write_clusters, write_rejects
 
 LOG = logging.getLogger(__name__)
 
@@ -58,6 +59,21 @@ PHASES = ("clusters", "synthesize", "assemble")
 IMPLEMENTED_PHASES = ("clusters", "synthesize", "assemble")
 
 DEFAULT_PHASES = ",".join(PHASES)
+
+PHASE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "clusters": ("clusters/*.parquet", "rejects/clusters-*.parquet", "stats/clusters.*.json"),
+    "synthesize": ("candidates/*.parquet", "rejects/synthesize-*.parquet"),
+    "assemble": ("examples/*.parquet", "scores/*.parquet", "rejects/assemble-*.parquet", "stats/assemble.*.json",
+                 "README.md", "report/index.html"),
+}
+"""What each phase writes under OUT (relative globs). ``cache/synthesize/`` is not listed: it is keyed by the
+synthesis settings and each cluster's inputs, so it never describes another run's data wrongly."""
+
+PHASE_FOLDERS: dict[str, tuple[str, ...]] = {
+    "clusters": ("clusters", "rejects"), "synthesize": ("candidates", "rejects"),
+    "assemble": ("examples", "scores", "rejects"),
+}
+"""The folders whose temporary sub-folders a phase's writers may leave."""
 
 PipelineFactory = Callable[[PipelineOptions], beam.Pipeline]
 
@@ -80,6 +96,7 @@ class RunRequest:
     config_file: str | None
     overrides: tuple[str, ...]
     phases: tuple[str, ...]
+    overwrite: bool = False
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +120,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Override one config key (repeatable), value parsed as YAML, e.g. "
                              "--set group.min_images=4. List keys: icl-pipeline config --list.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Remove the outputs of later phases that this run would leave stale (for example "
+                             "examples/ of an earlier run when only --phases clusters runs again). Without it, "
+                             "such a run stops before it starts and names them.")
     parser.add_argument("--phases", default=DEFAULT_PHASES, metavar="PHASE[,PHASE...]",
                         help=f"Consecutive phases to run, in order: {', '.join(PHASES)}; each persists its "
                              f"output, so a later phase can start from an earlier run's files. Default: all "
@@ -136,7 +157,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
     if phases[0] == "assemble" and not args.input:
         args.input = [FileSystems.join(args.output, "candidates", "*.parquet")]  # the synthesize phase's output
     return RunRequest(tuple(args.input), args.output, args.profile, args.config_file,
-                      tuple(args.overrides), phases)
+                      tuple(args.overrides), phases, bool(getattr(args, "overwrite", False)))
 
 
 # --- graphs ---------------------------------------------------------------------------------------------
@@ -158,7 +179,8 @@ def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Seq
     records, read_rejects = p | "Read" >> ReadPairs(list(files), config.read)
     images, normalize_rejects = records | "Normalize" >> Normalize(config.normalize)
     boilerplate = images | "FindBoilerplate" >> FindBoilerplate(config.dedupe)
-    pages, group_rejects = (images, boilerplate) | "GroupByPage" >> GroupByPage(config.group)
+    pages, group_rejects = (images, boilerplate) | "GroupByPage" >> GroupByPage(
+        config.group, config.dedupe.boilerplate_max_pages)
     clusters, dedupe_rejects = pages | "Dedupe" >> Dedupe(config.dedupe, config.group.min_images)
     stage_rejects = [read_rejects, normalize_rejects, group_rejects, dedupe_rejects]
 
@@ -227,7 +249,8 @@ def build_assemble_pipeline(p: beam.Pipeline, config: PipelineConfig, candidate_
     run_provenance = RunProvenance(mf.package_versions().get("icl-cluster-pipeline"), config_hash(config),
                                    model_id(config.embed))
     examples, assemble_rejects = kept | "Assemble" >> Assemble(config.assemble, run_provenance)
-    shards = examples | "WriteExamples" >> WriteExamples(output_dir, config.assemble, config.output.codec)
+    shards = examples | "WriteExamples" >> write_examples(output_dir, examples_output(config.assemble,
+                                                                                       config.output.codec))
     rejects = (read_rejects, score_rejects, filter_rejects, assemble_rejects) | "CollectRejects" >> beam.Flatten()
     rejects | "WriteRejects" >> write_rejects(output_dir, "assemble", config.output)
     return {"examples": examples, "shards": shards, "rejects": rejects}
@@ -265,16 +288,22 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
     p = pipeline_factory(options)
     build_clusters_pipeline(p, config, files, out)
     result = _run_pipeline(p, "clusters")
-    mf.remove_empty_temp_dirs(out, ["clusters", "rejects"])
+    mf.remove_temp_dirs(out, ["clusters", "rejects"])
     counters = mf.beam_counters(result)
     written = mf.cluster_summary(out)
     rejects = mf.reject_summary(out, "clusters")
     n_input = counters.get("read", {}).get("records", 0)
     cluster_rejects = {reason: rows for reason, rows in rejects["rows"].items()
                        if reason in _CLUSTER_LEVEL_REASONS}
+    # File-level rows account for no record: they are listed apart from the record funnel.
+    rejected_records = {reason: n for reason, n in rejects["images"].items() if reason != TRUNCATED_FILE}
+    records = mf.reconcile(n_input, written["images"], rejected_records)
+    truncated = mf.reject_rows(out, "clusters", TRUNCATED_FILE, ["source", "detail"])
+    if truncated:
+        records["truncated_files"] = [{"path": row["source"], "detail": row["detail"]} for row in truncated]
     return {
         "wall_seconds": round(time.monotonic() - started, 3),
-        "records": mf.reconcile(n_input, written["images"], rejects["images"]),
+        "records": records,
         "clusters": {"written": written["clusters"], "rejected": cluster_rejects},
         "rejects_by_stage": rejects["by_stage"],
         "counters": counters,
@@ -361,7 +390,7 @@ def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Seq
     p = pipeline_factory(options)
     build_synthesize_pipeline(p, config, files, out, total=n_input, workers=_direct_workers(options))
     result = _run_pipeline(p, "synthesize")
-    mf.remove_empty_temp_dirs(out, ["candidates", "rejects"])
+    mf.remove_temp_dirs(out, ["candidates", "rejects"])
     counters = mf.beam_counters(result)
     written = synthesis_summary(out)
     rejects = mf.reject_summary(out, "synthesize")
@@ -431,7 +460,7 @@ def run_assemble_phase(request: RunRequest, config: PipelineConfig, candidate_fi
     p = pipeline_factory(options)
     build_assemble_pipeline(p, config, candidate_files, cluster_files, out)
     result = _run_pipeline(p, "assemble")
-    mf.remove_empty_temp_dirs(out, ["examples", "scores", "rejects"])
+    mf.remove_temp_dirs(out, ["examples", "scores", "rejects"])
     counters = mf.beam_counters(result)
     examples = examples_summary(out)
     rejects = mf.reject_summary(out, "assemble")
@@ -488,6 +517,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     config = build_config(request.profile, request.config_file, request.overrides)
     _check_stage_resources(config)
     options = PipelineOptions(beam_args)
+    _check_runner(options)
     factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))
 
     files: list[InputFile] = []
@@ -505,8 +535,13 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
         LOG.info("%d input file(s): %s", len(files),
                  ", ".join(f"{n} {fmt}" for fmt, n in _format_counts(files).items()))
 
+    removed = check_stale_outputs(request)
     _local_mkdirs(request.output)
     manifest: dict[str, Any] = {} if request.phases[0] == "clusters" else mf.load_manifest(request.output)
+    for phase in PHASES[PHASES.index(request.phases[-1]) + 1:]:
+        manifest.get("phases", {}).pop(phase, None)  # removed above: the manifest no longer describes them
+    if removed:
+        manifest["overwritten"] = {"at": mf.now(), "files": len(removed)}
     manifest.update({
         "pipeline": "icl-cluster-pipeline",
         "version": mf.package_versions().get("icl-cluster-pipeline"),
@@ -524,38 +559,112 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
                               "formats": _format_counts(files)}
     manifest.setdefault("phases", {})
     for phase in request.phases:
-        if phase == "clusters":
-            summary = run_clusters_phase(request, config, files, options, factory)
-            manifest["records"] = summary["records"]
-            manifest["clusters"] = summary["clusters"]
-        elif phase == "synthesize":
-            if not cluster_files:  # chained after the clusters phase: read what it wrote
-                cluster_files = expand_cluster_inputs([FileSystems.join(request.output, "clusters", "*.parquet")])
-            summary = run_synthesize_phase(request, config, cluster_files, options, factory)
-        elif phase == "assemble":
-            if request.phases[0] != "assemble":  # chained: what the earlier phases wrote (maybe nothing)
-                candidate_files = mf.matching_files(FileSystems.join(request.output, "candidates", "*.parquet"))
-                cluster_files = assemble_cluster_files(request, config)
-            summary = run_assemble_phase(request, config, candidate_files, cluster_files, options, factory)
-            manifest["candidates"] = summary["candidates"]
-        else:  # pragma: no cover -- guarded by request_from_args
-            raise RunError(f"phase {phase} is not available")
-        manifest["phases"][phase] = {"finished": mf.now(), **summary}
-        manifest["funnel"] = mf.funnel(manifest)
-        if phase == "assemble":
-            mf.write_manifest(request.output, manifest)  # the card and the report read it
-            manifest.update(write_card_and_report(request.output, config, manifest))
-        mf.write_manifest(request.output, manifest)
-        if phase == "clusters" and not summary["records"]["reconciled"]:
-            raise RunError(f"counts do not reconcile: {summary['records']} -- some records were lost; "
-                           f"this is a bug, please report it with {mf.MANIFEST}")
-        if phase == "synthesize" and not summary["clusters"]["reconciled"]:
-            raise RunError(f"synthesis counts do not reconcile: {summary['clusters']} -- some clusters were "
-                           f"lost; this is a bug, please report it with {mf.MANIFEST}")
-        if phase == "assemble" and not summary["candidates"]["reconciled"]:
-            raise RunError(f"candidate counts do not reconcile: {summary['candidates']} -- some candidates were "
-                           f"lost; this is a bug, please report it with {mf.MANIFEST}")
+        try:
+            _run_phase(phase, request, config, options, factory, manifest, files, cluster_files, candidate_files)
+        except BaseException:
+            # A failed phase leaves no temporary folders behind (its writers' half-written shards).
+            removed_temp = mf.remove_temp_dirs(request.output, PHASE_FOLDERS[phase], only_empty=False)
+            if removed_temp:
+                LOG.warning("phase %s failed; removed its temporary folders: %s", phase, ", ".join(removed_temp))
+            raise
     return manifest
+
+
+def _run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: PipelineOptions,
+               factory: PipelineFactory, manifest: dict[str, Any], files: list[InputFile],
+               cluster_files: list[str], candidate_files: list[str]) -> None:
+    """Run one phase, record it in ``manifest`` (written to OUT), and raise :class:`RunError` when its counts do
+    not reconcile or its input was truncated."""
+    if phase == "clusters":
+        summary = run_clusters_phase(request, config, files, options, factory)
+        manifest["records"] = summary["records"]
+        manifest["clusters"] = summary["clusters"]
+    elif phase == "synthesize":
+        if not cluster_files:  # chained after the clusters phase: read what it wrote
+            cluster_files = expand_cluster_inputs([FileSystems.join(request.output, "clusters", "*.parquet")])
+        summary = run_synthesize_phase(request, config, cluster_files, options, factory)
+    elif phase == "assemble":
+        if request.phases[0] != "assemble":  # chained: what the earlier phases wrote (maybe nothing)
+            candidate_files = mf.matching_files(FileSystems.join(request.output, "candidates", "*.parquet"))
+            cluster_files = assemble_cluster_files(request, config)
+        summary = run_assemble_phase(request, config, candidate_files, cluster_files, options, factory)
+        manifest["candidates"] = summary["candidates"]
+    else:  # pragma: no cover -- guarded by request_from_args
+        raise RunError(f"phase {phase} is not available")
+    manifest["phases"][phase] = {"finished": mf.now(), **summary}
+    manifest["funnel"] = mf.funnel(manifest)
+    if phase == "assemble":
+        mf.write_manifest(request.output, manifest)  # the card and the report read it
+        manifest.update(write_card_and_report(request.output, config, manifest))
+    mf.write_manifest(request.output, manifest)
+    if phase == "clusters" and not summary["records"]["reconciled"]:
+        raise RunError(f"counts do not reconcile: {summary['records']} -- some records were lost; "
+                       f"this is a bug, please report it with {mf.MANIFEST}")
+    truncated = summary["records"].get("truncated_files", []) if phase == "clusters" else []
+    if truncated and not config.read.allow_truncated:
+        listing = "; ".join(f"{t['path']}: {t['detail']}" for t in truncated)
+        raise RunError(f"{len(truncated)} input file(s) end early, so this run covers only part of them: "
+                       f"{listing}. Every output is written and consistent for the records that were read; "
+                       f"re-fetch the file(s), or accept the shortened input with --set read.allow_truncated=true")
+    if phase == "synthesize" and not summary["clusters"]["reconciled"]:
+        raise RunError(f"synthesis counts do not reconcile: {summary['clusters']} -- some clusters were "
+                       f"lost; this is a bug, please report it with {mf.MANIFEST}")
+    if phase == "assemble" and not summary["candidates"]["reconciled"]:
+        raise RunError(f"candidate counts do not reconcile: {summary['candidates']} -- some candidates were "
+                       f"lost; this is a bug, please report it with {mf.MANIFEST}")
+
+
+def stale_outputs(output_dir: str, phases: Sequence[str]) -> dict[str, list[str]]:
+    """The files under ``output_dir`` that a run of ``phases`` would leave describing another run: everything
+    written by the phases after the last one of ``phases`` (their inputs are about to change), by phase."""
+    later = PHASES[PHASES.index(phases[-1]) + 1:]
+    stale: dict[str, list[str]] = {}
+    for phase in later:
+        files = [path for pattern in PHASE_OUTPUTS[phase]
+                 for path in mf.matching_files(FileSystems.join(output_dir, *pattern.split("/")))]
+        if files:
+            stale[phase] = files
+    return stale
+
+
+def _folders_of(output_dir: str, files: Sequence[str]) -> list[str]:
+    """The top-level folders (or files) under ``output_dir`` that ``files`` are in, for messages."""
+    prefix = output_dir.rstrip("/") + "/"
+    return sorted({path[len(prefix):].split("/", 1)[0] + ("/" if "/" in path[len(prefix):] else "")
+                   for path in files if path.startswith(prefix)})
+
+
+def check_stale_outputs(request: RunRequest) -> list[str]:
+    """Stop a run that would leave later phases' outputs beside its own (they would no longer match the
+    manifest), or with ``--overwrite`` remove exactly those; returns the files removed."""
+    stale = stale_outputs(request.output, request.phases)
+    if not stale:
+        return []
+    files = [path for paths in stale.values() for path in paths]
+    if not request.overwrite:
+        raise UsageError(
+            f"{request.output} holds the output of phase(s) {', '.join(stale)} of an earlier run "
+            f"({', '.join(_folders_of(request.output, files))}), which this run (--phases {','.join(request.phases)}) "
+            f"would leave stale: they would no longer match manifest.json. Add --overwrite to remove them, run the "
+            f"later phases too, or choose another --output")
+    FileSystems.delete(files)
+    LOG.info("--overwrite: removed %d file(s) of phase(s) %s that this run makes stale", len(files), ", ".join(stale))
+    return files
+
+
+UNSUPPORTED_RUNNERS = {
+    "DaskRunner": "Beam 2.77's DaskRunner hands every output of a multi-output step to every consumer and computes "
+                  "only the last branch of a pipeline, so dead letters and side outputs would be mixed and lost "
+                  "(docs/runners.md, with minimal reproductions); use the portable runner (Flink, Spark) or "
+                  "Dataflow",
+}
+
+
+def _check_runner(options: PipelineOptions) -> None:
+    runner = options.view_as(StandardOptions).runner
+    name = runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__ if runner else ""
+    if name in UNSUPPORTED_RUNNERS:
+        raise UsageError(f"--runner {name} is not supported: {UNSUPPORTED_RUNNERS[name]}")
 
 
 def _check_stage_resources(config: PipelineConfig) -> None:
