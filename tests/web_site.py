@@ -190,7 +190,7 @@ class WebSite:
     def __init__(self, photos: dict[str, bytes] | None = None, *, latency: float = 0.0, slow_s: float = 2.0,
                  huge_bytes: int = 3 * 1024 * 1024, robots_txt: str = DEFAULT_ROBOTS, robots_status: int = 200,
                  pages: dict[str, str] | None = None) -> None:
-        self.photos = photos if photos is not None else sample_photos(8)
+        self.photos = photos if photos is not None else sample_photos()
         self.latency = latency
         self.slow_s = slow_s
         self.huge_bytes = huge_bytes

@@ -180,6 +180,17 @@ def _clean(text: str | None) -> str | None:
     return text or None
 
 
+def _window(text: str, offset: int, window: int) -> str | None:
+    """Up to ``window`` characters of ``text`` on each side of ``offset``, without words cut at the edges."""
+    start, end = max(0, offset - window), min(len(text), offset + window)
+    before, after = text[start:offset], text[offset:end]
+    if start > 0 and not text[start - 1].isspace() and not before[:1].isspace():
+        before = before.partition(" ")[2]
+    if end < len(text) and not text[end].isspace() and not after[-1:].isspace():
+        after = after.rpartition(" ")[0]
+    return _clean(f"{before} {after}")
+
+
 def _declared_pixels(value: str | None) -> float | None:
     if value is None:
         return None
@@ -321,7 +332,9 @@ def extract_images(html: str | bytes, page_url: str, *, content_type: str | None
     regions = frozenset(r.lower() for r in skip_regions)
     pixel_hosts = tuple(pixel_hosts)
 
-    chunks: list[str] = []  # visible text in document order
+    # Visible text in document order, whitespace collapsed and text nodes joined by one space (block boundaries
+    # carry no whitespace of their own); offsets of the images are positions in this text.
+    chunks: list[str] = []
     length = 0
     found: list[tuple[int, int, LexborNode]] = []  # (img index, text offset, node)
     body = tree.body
@@ -331,8 +344,10 @@ def extract_images(html: str | bytes, page_url: str, *, content_type: str | None
                 parent = node.parent
                 if parent is not None and parent.tag in _SKIP_TEXT_PARENTS:
                     continue
-                text = node.text_content or ""
+                text = _WHITESPACE.sub(" ", node.text_content or "").strip()
                 if text:
+                    if chunks:
+                        text = " " + text
                     chunks.append(text)
                     length += len(text)
             elif node.tag == "img":
@@ -364,9 +379,7 @@ def extract_images(html: str | bytes, page_url: str, *, content_type: str | None
             skipped.append(SkippedImage(reason, detail, url, index))
             continue
         seen.add(url)
-        before = _clean(text[max(0, offset - window):offset])
-        after = _clean(text[offset:offset + window])
-        nearby = _clean(" ".join(part for part in (before, after) if part))
+        nearby = _window(text, offset, window)
         images.append(ImageCandidate(url, _clean(attributes.get("alt")), _clean(attributes.get("title")), nearby,
                                      index))
     return PageImages(base_url, tuple(images), tuple(skipped), opt_out)
