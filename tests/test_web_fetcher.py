@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import email.utils
 import hashlib
+import itertools
 import time
 
 import pytest
@@ -121,7 +122,7 @@ def test_per_host_concurrency_and_rate_hold_as_the_server_sees_them() -> None:
         assert all(r.ok for r in results)
         assert site.max_in_flight <= 2
         starts = site.starts("/img/")
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         assert len(starts) == 12 and min(gaps) >= 1 / 20 - 0.01  # 20 starts/s at most
         # robots.txt: once for the host, although 12 requests wanted it at the same moment
         assert site.count("/robots.txt") == 1 and fetcher.robots_requests == 1
@@ -167,7 +168,7 @@ def test_a_crawl_delay_within_the_limit_spaces_the_requests() -> None:
         results, _ = fetch_all(policy(), [site.url(f"/img/{name}") for name in NAMES[:3]])
         assert all(r.ok for r in results)
         starts = site.starts("/img/")
-        assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.29
+        assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.29
 
 
 def test_private_addresses_are_refused_by_default(site: WebSite) -> None:
