@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
 
 HTML, IMAGE, OTHER = "html", "image", "other"
 WARC_SUFFIXES = (".warc", ".warc.gz")
@@ -91,17 +92,20 @@ def iter_responses(path: str, max_bytes: int) -> Iterator[WarcResponse]:
     """The ``response`` and ``resource`` records of one WARC file, streamed (one record in memory at a time).
 
     Raises:
-        warcio.exceptions.ArchiveLoadFailed: the file is not a WARC (or is cut off mid-header).
+        warcio.exceptions.ArchiveLoadFailed: the file is not a WARC file (ARC files are not read either), or is cut
+            off mid-header.
     """
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        records = ArchiveIterator(handle, arc2warc=True)
+        records = ArchiveIterator(handle)
         for record in records:
+            if record.format != "warc":
+                # warcio reads anything that is not WARC as the old ARC format; we take WARC only
+                raise ArchiveLoadFailed(f"record at offset {records.offset} is not a WARC record ({record.format})")
             if record.rec_type not in ("response", "resource"):
                 continue
             url = record.rec_headers.get_header("WARC-Target-URI")
             if not url:
                 continue
-            offset = records.get_record_offset()
             if record.rec_type == "response" and record.http_headers is not None:
                 status_line = record.http_headers.get_statuscode()
                 status = int(status_line) if status_line and status_line.isdigit() else None
@@ -116,6 +120,12 @@ def iter_responses(path: str, max_bytes: int) -> Iterator[WarcResponse]:
             stream = record.content_stream()
             body = stream.read(max_bytes + 1)
             too_large = len(body) > max_bytes
+            if not too_large:
+                stream.read(1)  # reach the end of the record, so that a cut-off record shows
+                remaining = getattr(record.raw_stream, "limit", 0)
+                if remaining > 0:
+                    raise ArchiveLoadFailed(f"record for {url} is cut off ({remaining} bytes missing): truncated file")
+            offset = records.get_record_offset()  # after reading: asking before the body is read skips the body
             kind = sniff_kind(content_type, body[:512])
             yield WarcResponse(url=url, kind=kind, status=status, content_type=content_type, x_robots_tag=robots,
                                body=None if too_large else body, offset=offset, too_large=too_large)
