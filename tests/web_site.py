@@ -86,6 +86,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body leave in two writes: without TCP_NODELAY, Nagle and the client's delayed ACK add ~40 ms to
+    # every keep-alive response
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base class's name
@@ -310,3 +313,32 @@ def write_warc(path: str | Path, captures: Iterable[Capture]) -> str:
                                                http_headers=http_headers)
             writer.write_record(record)
     return path
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """``python -m tests.web_site --hosts 4 --latency 0.05``: start sites in this process, print their base URLs
+    as one JSON line, serve until stdin closes or ``--max-seconds`` pass (the benchmark runs the server in its
+    own process so that it does not share the client's interpreter)."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=serve.__doc__)
+    parser.add_argument("--hosts", type=int, default=1)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    photos = sample_photos()
+    sites = [WebSite(photos, latency=args.latency).start() for _ in range(args.hosts)]
+    try:
+        print(json.dumps([site.base for site in sites]), flush=True)
+        done = threading.Event()
+        threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+        done.wait(args.max_seconds)
+    finally:
+        for site in sites:
+            site.stop()
+
+
+if __name__ == "__main__":
+    serve()
