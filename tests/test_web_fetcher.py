@@ -133,6 +133,8 @@ def test_total_concurrency_caps_all_hosts_together() -> None:
         urls = [s.url(f"/img/{NAMES[i % 3]}?n={i}") for i in range(6) for s in (a, b)]
         results, _ = fetch_all(policy(total_concurrency=3, per_host_concurrency=3), urls)
         assert all(r.ok for r in results)
+        a.settle()
+        b.settle()
         events = sorted([(r.start, 1) for s in (a, b) for r in s.requests if r.path.startswith("/img/")]
                         + [(r.end, -1) for s in (a, b) for r in s.requests if r.path.startswith("/img/")])
         level = peak = 0
@@ -145,6 +147,7 @@ def test_total_concurrency_caps_all_hosts_together() -> None:
 
 def test_the_user_agent_names_the_project(site: WebSite) -> None:
     fetch_all(policy(), [site.url(f"/img/{NAMES[0]}")])
+    site.settle()
     agents = {r.user_agent for r in site.requests}
     assert agents == {FetchConfig().user_agent} and "icl-cluster-pipeline" in FetchConfig().user_agent
 
@@ -177,6 +180,7 @@ def test_private_addresses_are_refused_by_default(site: WebSite) -> None:
                                      f"http://[::1]:{site.port}/img/x.jpg", "http://169.254.169.254/latest/meta-data",
                                      "ftp://example.org/a.jpg", "not a url"])
     assert [r.reason for r in results] == [FETCH_PRIVATE_ADDRESS] * 4 + [FETCH_INVALID_URL] * 2
+    site.settle()
     assert site.requests == []  # nothing reached the server, not even robots.txt
 
     async def resolve() -> None:

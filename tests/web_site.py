@@ -205,6 +205,7 @@ class WebSite:
         self._in_flight = 0
         self._busy_seen: set[str] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -247,13 +248,23 @@ class WebSite:
     def url(self, path: str) -> str:
         return self.base + path
 
+    def settle(self, timeout: float = 3.0) -> None:
+        """Wait until no request is being answered (a client has the last byte of a response a moment before the
+        server thread that sent it records the request)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+
     def count(self, path: str) -> int:
         """How many requests asked for ``path``."""
+        self.settle()
         with self._lock:
             return sum(1 for r in self.requests if r.path.split("?", 1)[0] == path)
 
     def starts(self, prefix: str = "/") -> list[float]:
         """Start times of the requests whose path starts with ``prefix``, sorted."""
+        self.settle()
         with self._lock:
             return sorted(r.start for r in self.requests if r.path.startswith(prefix))
 
@@ -272,6 +283,8 @@ class WebSite:
         with self._lock:
             self._in_flight -= 1
             self.requests.append(request)
+            if not self._in_flight:
+                self._idle.notify_all()
 
 
 # --- WARC files ----------------------------------------------------------------------------------------
