@@ -113,12 +113,16 @@ def test_warc_pages_become_pairs_with_captured_or_fetched_bytes(tmp_path: Path) 
     with WebSite(PHOTOS) as site:
         warc = build_warc(site, tmp_path / "crawl.warc.gz")
         validate_warc(warc)
-        counters = run_stages(warc, expect=expected(site))
+        expect = expected(site)
+        counters = run_stages(warc, expect=expect)
         # one request per fetched URL, robots.txt once
         assert site.count("/robots.txt") == 1
         assert site.count("/img/backpack-02.jpg") == 1 and site.count("/img/backpack-00.jpg") == 0
         assert site.count("/private/backpack-03.jpg") == 0
     assert counters["extract/pages"] == 3 and counters["extract/pages_not_ok"] == 1
+    # every <img> found is counted once, and ends as one record or one dead letter
+    records, rejects = expect
+    assert counters["extract/records"] == len(records) + len(rejects) == 13
     assert counters["extract/images_captured"] == 3 and counters["extract/images_unreferenced"] == 1
     assert counters["fetch/fetched"] == 1 and counters["fetch/passed_through"] == 2
 

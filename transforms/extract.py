@@ -179,8 +179,12 @@ class ReadWarcFn(beam.DoFn):
         try:
             items = list(page_pairs(url, body, content_type, x_robots_tag, source, self._config))
         except Exception as error:  # noqa: BLE001 -- one bad page must not lose the rest of the file
+            count(STAGE, "records")
             yield internal_error(STAGE, error, id=stable_id(STAGE, source), page_url=url, source=source)
             return
+        # `extract/records` is this stage's input count, as `read/records` is read's: every <img> found, pair or
+        # dead letter; each pair then ends as exactly one record or reject downstream.
+        count(STAGE, "records", len(items))
         for item in items:
             if isinstance(item, InputRecord):
                 count(STAGE, "pairs")
