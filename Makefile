@@ -9,7 +9,7 @@ OUT ?= out/demo
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench sample clean
+.PHONY: demo demo-web test install lint bench sample clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(STAMP)
 		--phases clusters,synthesize,assemble
 	@echo "Open the report in a browser: file://$(abspath $(OUT))/report/index.html"
 
+# WARC pages -> extract -> fetch -> the three phases, against a loopback web site the script starts and stops
+# (127.0.0.1 only; real photos of the bundled sample).
+demo-web: $(STAMP)
+	$(BIN)/python scripts/demo_web.py --output $(OUT)-web
+	@echo "Open the report in a browser: file://$(abspath $(OUT))-web/report/index.html"
+
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -37,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
 	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
+	$(BIN)/python benchmarks/bench_fetch.py --output benchmarks/results/fetch.json
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)
