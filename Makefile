@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
 	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
+	$(BIN)/python benchmarks/bench_naming.py --output benchmarks/results/naming.json --doc docs/subject-naming.md
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)
