@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
 	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
 	$(BIN)/python benchmarks/bench_fetch.py --output benchmarks/results/fetch.json
+	$(BIN)/python benchmarks/bench_naming.py --output benchmarks/results/naming.json --doc docs/subject-naming.md
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)

@@ -64,6 +64,10 @@ def test_fixture_covers_every_kind_of_noise() -> None:
     ("100% cotton t-shirt", "100% cotton t-shirt"),
     ("Blue mug (image 2 of 5)", "Blue mug"),
     ("IMG_20190101_123456", None),
+    ("pink sunglasses 04.jpg", "pink sunglasses"),  # a file name's words stay
+    ("wolf-plushie-photo-3.jpg", "wolf plushie"),
+    ("Handmade wolf plushie IMG_2231.JPG", "Handmade wolf plushie"),
+    ("The wolf plushie on a shelf, wolf-plushie-8.jpg", "The wolf plushie on a shelf, wolf plushie"),
     ("P1010023", None),
     ("Screenshot 2020-01-01 at 10.00.00.png", None),
     ("https://example.com/x.jpg", None),

@@ -1,7 +1,9 @@
-"""Stage *subject*: the offline noun-phrase backend on real texts, validation, and the stage with both backends."""
+"""Stage *subject*: the offline backend on the bundled sample and real web pages, validation of the model's
+answer, and the stage with both backends. The naming rule itself is tested in tests/test_naming.py."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -17,91 +19,51 @@ from tests.fake_openai_server import subject_for
 from tests.llm_server import TEXT_MODEL, FakeOpenAIServer
 from transforms.caption import clean_alt_text
 from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid, load_prompt
+from transforms.naming import name_subject
 from transforms.subject import (
     Subject,
     SubjectConfig,
     SubjectResult,
-    candidate_phrases,
-    is_live_noun,
     offline_result,
-    offline_subject,
-    singular,
     subject_messages,
     subject_schema,
     validate_subject,
 )
 
-WEB_PAGES = json.loads((Path(__file__).parent / "data" / "web_pages.json").read_text(encoding="utf-8"))
+DATA = Path(__file__).parent / "data"
+WEB_PAGES = json.loads((DATA / "web_pages.json").read_text(encoding="utf-8"))
 
-# DreamBench's own class names and live/object split (dataset/prompts_and_classes.txt of google/dreambooth):
-# the sample's alt texts name each subject by its class, so the offline backend must find exactly these.
-DREAMBENCH_CLASSES = {
-    "backpack": "backpack", "backpack_dog": "backpack", "bear_plushie": "stuffed animal", "berry_bowl": "bowl",
-    "can": "can", "candle": "candle", "cat": "cat", "cat2": "cat", "clock": "clock", "colorful_sneaker": "sneaker",
-    "dog": "dog", "dog2": "dog", "dog3": "dog", "dog5": "dog", "dog6": "dog", "dog7": "dog", "dog8": "dog",
-    "duck_toy": "toy", "fancy_boot": "boot", "grey_sloth_plushie": "stuffed animal", "monster_toy": "toy",
-    "pink_sunglasses": "glasses", "poop_emoji": "toy", "rc_car": "toy", "red_cartoon": "cartoon",
-    "robot_toy": "toy", "shiny_sneaker": "sneaker", "teapot": "teapot", "vase": "vase",
-    "wolf_plushie": "stuffed animal"}
-DREAMBENCH_LIVE = {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
+# DreamBench's own class names and live/object split (copied from google/dreambooth, see data/ATTRIBUTION.md):
+# the sample shows each subject on its own page, so the offline backend must find exactly these.
+with (DATA / "dreambench_subjects.csv").open(newline="", encoding="utf-8") as _f:
+    DREAMBENCH = {row["subject"]: (row["class_name"], row["prompt_set"] == "live") for row in csv.DictReader(_f)}
 
 FAST_LLM = LLMConfig(max_retries=1, backoff_s=0.01, backoff_max_s=0.1, request_timeout_s=5, validation_retries=1)
 
 
 # --- the offline backend -------------------------------------------------------------------------------------
 
-def test_candidate_phrases_are_suffixes_of_content_runs() -> None:
-    assert candidate_phrases("A red ceramic teapot, for tea.") == [
-        ("teapot",), ("ceramic", "teapot"), ("red", "ceramic", "teapot"), ("tea",)]
-    # "can" in the middle of a run is not a head noun; at the end of one it is.
-    assert ("can",) not in candidate_phrases("You can find awesome new fonts here")
-    assert ("can",) in candidate_phrases("Buy the can - today")
-
-
-def test_singular() -> None:
-    assert [singular(w) for w in ("teapots", "puppies", "boxes", "glass", "bus", "dog", "sneakers")] == [
-        "teapot", "puppy", "box", "glass", "bus", "dog", "sneaker"]
-
-
-def test_offline_backend_finds_every_dreambench_class_in_the_sample(sample_rows) -> None:
-    subjects = {}
+def test_offline_backend_names_every_dreambench_subject_of_the_sample(sample_rows) -> None:
+    named = {}
     for cluster in sample_clusters(sample_rows):
         notes = {row["note"] for row in sample_rows if row["expected_page"] == cluster.page_url
                  and row["expected"] == "kept"}
         dreambench = {m.group(1) for note in notes if (m := re.search(r"DreamBench (\w+)/\d+", note))}
         result = offline_result(cluster, min_support=2)
-        if len(dreambench) != 1:  # the blog post mixing a backpack and a clock has no single subject
+        if len(dreambench) != 1:  # the blog post mixing a backpack, a clock, a bowl and a dog has no single subject
             assert (result.subject, result.class_noun, result.is_live) == (None, None, None)
             continue
         (name,) = dreambench
-        subjects[name] = (result.class_noun, result.is_live)
-    assert subjects == {name: (cls, name in DREAMBENCH_LIVE) for name, cls in DREAMBENCH_CLASSES.items()}
+        named[name] = (result.class_noun, result.is_live)
+        assert result.subject and all(caption for caption in result.captions), name
+    assert named == DREAMBENCH
 
 
 @pytest.mark.parametrize("page", WEB_PAGES["pages"], ids=lambda p: p["page_url"][:50])
 def test_offline_backend_on_real_web_pages(page: dict[str, Any]) -> None:
     texts = [(clean_alt_text(caption),) for caption in page["captions"]]
-    subject, class_noun, is_live = offline_subject(texts)
-    assert {"subject": subject, "class_noun": class_noun, "is_live": is_live} == page["expected"]
-
-
-def test_offline_subject_prefers_the_longest_shared_phrase() -> None:
-    texts = [["A red ceramic teapot on a table"], ["red ceramic teapot with lid"], ["Teapots for sale"],
-             ["the red ceramic teapot"]]
-    assert offline_subject(texts) == ("red ceramic teapot", "teapot", False)
-    # Only one image says "red": the shared phrase is just the noun.
-    assert offline_subject([["red teapot"], ["teapot"], ["a teapot"]]) == ("teapot", "teapot", False)
-    # Each image counts once, however often it repeats the word; one image is not enough.
-    assert offline_subject([["teapot teapot teapot"], ["a mug"]]) == (None, None, None)
-    assert offline_subject([["teapot"]], min_support=1) == ("teapot", "teapot", False)
-
-
-@pytest.mark.parametrize("subject, class_noun, live", [
-    ("golden retriever", "retriever", True), ("cat", "cat", True), ("toy dog", "dog", False),
-    ("plush bear", "bear", False), ("stuffed animal", "stuffed animal", False), ("rubber duck", "duck", False),
-    ("dog bowl", "bowl", False), ("little girl", "girl", True), ("wooden horse", "horse", False)])
-def test_is_live(subject: str, class_noun: str, live: bool) -> None:
-    assert is_live_noun(subject, class_noun) is live
+    name = name_subject(page["page_url"], texts)
+    assert {"subject": name.subject, "class_noun": name.class_noun, "is_live": name.is_live} == page["expected"]
 
 
 def test_offline_fills_only_empty_captions(sample_rows) -> None:

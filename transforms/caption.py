@@ -38,6 +38,7 @@ from transforms.llm_client import (
     image_data_url,
 )
 from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, check_stage_config, error_text
+from transforms.naming import file_name_words
 
 STAGE = "caption"
 
@@ -176,13 +177,14 @@ def _cut(text: str, max_chars: int) -> str:
 def clean_alt_text(text: str | None, max_chars: int = 400) -> str | None:
     """Crawled alt text without its noise, or ``None`` when nothing useful is left.
 
-    Removes HTML tags and entities, URLs, image file names (``IMG_1234.JPG``, ``DSC_0137``), gallery
-    numbering ("(view 3)", "image 2 of 5"), shop boilerplate ("buy now", "free shipping on orders over
-    $50", "sale", "best-selling", coupon codes), prices with their lead-in ("for only $19.99"; a bare price
-    only from a short text, not from inside a sentence where it carries meaning), discounts
-    ("-30%", "up to 25% off"), emoji and symbols, and what follows the first useful ``|``-separated part
-    (titles put the site name last: "Teapot | Example Shop"). Percentages that describe the thing
-    ("100% cotton") stay.
+    Removes HTML tags and entities, URLs, image file names but not their words (``IMG_1234.JPG`` and
+    ``DSC_0137`` go, ``pink sunglasses 04.jpg`` becomes ``pink sunglasses``:
+    :func:`transforms.naming.file_name_words`), gallery numbering ("(view 3)", "image 2 of 5"), shop
+    boilerplate ("buy now", "free shipping on orders over $50", "sale", "best-selling", coupon codes), prices
+    with their lead-in ("for only $19.99"; a bare price only from a short text, not from inside a sentence
+    where it carries meaning), discounts ("-30%", "up to 25% off"), emoji and symbols, and what follows the
+    first useful ``|``-separated part (titles put the site name last: "Teapot | Example Shop"). Percentages
+    that describe the thing ("100% cotton") stay.
     """
     if not text:
         return None
@@ -190,9 +192,13 @@ def clean_alt_text(text: str | None, max_chars: int = 400) -> str | None:
     text = _TAG.sub(" ", text)
     text = unicodedata.normalize("NFC", _strip_symbols(text))
     text = _SPACES.sub(" ", text).strip()
-    if _WHOLE_FILE_NAME.match(text) or _CAMERA_NAME.fullmatch(text):
+    if _CAMERA_NAME.fullmatch(text):
         return None
-    for pattern in (_URL, _FILE_NAME, _CAMERA_NAME, _GALLERY, _DISCOUNT, _PROMO_PRICE, _BOILERPLATE, _AND_MORE):
+    text = _URL.sub(" ", text).strip()
+    if _WHOLE_FILE_NAME.match(text):  # "pink sunglasses 04.jpg": the words stay
+        text = file_name_words(text)
+    text = _FILE_NAME.sub(lambda match: f" {file_name_words(match.group())} ", text)
+    for pattern in (_CAMERA_NAME, _GALLERY, _DISCOUNT, _PROMO_PRICE, _BOILERPLATE, _AND_MORE):
         text = pattern.sub(" ", text)
     if len(text.split()) <= _SHORT_WORDS:
         text = _PRICE.sub(" ", text)

@@ -48,7 +48,7 @@ from transforms.llm_client import (
     parse_json_object,
 )
 from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn, check_stage_config
-from transforms.subject import STOPWORDS
+from transforms.naming import STOPWORDS
 
 STAGE = "prompts"
 

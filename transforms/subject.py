@@ -10,22 +10,18 @@ the scene prompts put ``subject`` in new scenes. Two backends (``subject.backend
   lengths, one caption per image, each caption naming the class noun); an invalid one is asked for again
   with the error fed back, then the cluster fails (``subject_failed``: rejected, or the offline backend
   with ``subject`` in ``provenance.fallbacks``).
-* ``offline``: no model. :func:`offline_subject` picks the most frequent content noun phrase of the
-  cleaned texts (the phrase that ends a run of content words, counted once per image, in at least
-  ``min_support`` images); ``class_noun`` is its head noun (or a known compound such as "stuffed
-  animal"), ``is_live`` comes from a list of living-being nouns unless a modifier says otherwise ("toy
-  dog"). It may leave the subject empty -- downstream stages handle that -- and only fills captions that
-  are empty, with the subject phrase.
+* ``offline``: no model. :func:`transforms.naming.name_subject` weighs the page's URL slug and the
+  phrases its cleaned alt texts and captions repeat against a class lexicon (torchvision's ImageNet-1k names
+  plus a short extension), which gives the class noun and whether it is alive (docs/subject-naming.md). It
+  leaves the subject empty when the evidence is too weak or contradicts itself -- downstream stages handle
+  that -- and only fills captions that are empty, with the subject phrase.
 """
 
 from __future__ import annotations
 
-import collections
 import json
-import math
 import re
 import string
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +39,7 @@ from transforms.llm_client import (
     parse_json_object,
 )
 from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn, check_stage_config
+from transforms.naming import MIN_SHARE, name_subject, singular
 
 STAGE = "subject"
 
@@ -59,7 +56,7 @@ class SubjectConfig:
 
     enabled: bool = option(True, "Run the stage (off: subject, class_noun and is_live stay empty).")
     backend: str = option("vllm", "vllm: a text model through vLLM's OpenAI-compatible API, JSON output; offline: "
-                                  "the most frequent noun phrase of the cleaned texts, no model.")
+                                  "the URL slug and the cleaned texts' phrases against a class lexicon, no model.")
     on_failure: str = option("fallback", "When the model's answer stays invalid or the calls fail: fallback (the "
                                          "offline backend, recorded in provenance.fallbacks) or reject "
                                          "(subject_failed).")
@@ -77,8 +74,9 @@ class SubjectConfig:
     max_class_noun_words: int = option(3, "Longest valid class noun, in words (\"stuffed animal\": 2).")
     max_caption_chars: int = option(400, "Longest valid rewritten caption, in characters.")
     require_class_noun: bool = option(True, "A rewritten caption must name the class noun (consistent naming).")
-    min_support: int = option(2, "Offline backend: a phrase must occur in the texts of at least this many images "
-                                 "of the cluster to become its subject.")
+    min_support: int = option(2, "Offline backend: a class the URL slug does not name must be named in the texts of "
+                                 "at least this many images of the cluster.")
+    min_share: float = option(MIN_SHARE, "Offline backend: ... and in at least this share of its images with text.")
     batch_size: int = option(16, "Clusters per RunInference batch (their requests run concurrently).")
 
     def __post_init__(self) -> None:
@@ -91,6 +89,8 @@ class SubjectConfig:
                self.max_tokens) < 1:
             raise ValueError("max_subject_words, max_class_noun_words, max_caption_chars, min_support and "
                              "max_tokens must be positive")
+        if not 0 <= self.min_share <= 1:
+            raise ValueError(f"min_share must be within 0..1, got {self.min_share}")
 
 
 @dataclass(frozen=True)
@@ -105,145 +105,17 @@ class SubjectResult:
 
 # --- the offline backend ----------------------------------------------------------------------------------
 
-STOPWORDS = frozenset("""a about above after again against all also am an and any are as at be because been before
-being below between both but by could did do does doing down during each few for from further had has have having
-he her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
-now of off on once only or other our ours ourselves out over own same she should so some such than that the their
-theirs them themselves then there these they this those through to too under until up very was we were what when
-where which while who whom why will with would you your yours yourself yourselves via per plus x including featuring
-using""".split())
-# Verbs that end many web sentences ("... it comes", "... to get"): never a subject's head noun.
-_VERBS = frozenset("""get gets got make makes made use uses used come comes came see sees saw find finds found buy
-buys bought add adds added take takes took give gives gave go goes went know knows need needs want wants like likes
-love loves help helps keep keeps let lets put puts say says show shows try tries call calls click read learn check
-start starts started starting design designed include includes feature features featured provide provides
-provided available enjoy enjoys""".split())
-# Nouns that are never the subject of a product or blog photo: how it is shown, sold or laid out.
-_GENERIC = frozenset("""photo photograph image picture pic img view shot closeup close-up detail details product
-products item items shop store logo brand sale deal deals offer price set pack piece pieces pcs style styles design
-designs color colour colors colours size sizes quality gift gifts idea ideas collection range selection model
-models version type types kind thing things stuff page website site blog post home homepage category categories
-thumbnail banner icon badge edition series number part parts today year time way look looks one ones review
-reviews overview guide tips free new best top great good""".split())
-# Two-word class names a head noun alone would misname ("stuffed animal" is not an "animal").
-_COMPOUNDS = frozenset({
-    "stuffed animal", "teddy bear", "action figure", "rc car", "race car", "toy car", "sports car", "alarm clock",
-    "wall clock", "wrist watch", "coffee mug", "tea cup", "coffee cup", "rubber duck", "t-shirt", "sun glasses",
-    "rain boots", "ankle boots", "running shoes", "high heels", "hot dog", "guinea pig", "polar bear"})
-# Living beings (singular); anything else, or a living noun with an object modifier, is an object.
-_LIVE = frozenset("""dog puppy pup cat kitten kitty bird parrot budgie canary horse pony donkey rabbit bunny
-hamster ferret guinea-pig fish goldfish turtle tortoise lizard gecko snake frog cow calf sheep lamb goat pig
-piglet chicken hen rooster duckling owl fox wolf bear lion tiger leopard cheetah elephant giraffe zebra monkey
-gorilla panda koala kangaroo deer squirrel hedgehog otter seal dolphin whale penguin camel alpaca llama
-person man woman boy girl child kid baby toddler lady gentleman bride groom dachshund retriever labrador poodle
-terrier bulldog corgi husky beagle pug chihuahua spaniel shepherd collie""".split()) | {"guinea pig", "polar bear"}
-_OBJECT_MODIFIERS = frozenset("""toy toys plush plushie stuffed figurine figure statue sculpture ceramic porcelain
-wooden plastic metal glass print printed poster painting drawing cartoon sticker pillow cushion costume mask
-ornament model robot lego rubber inflatable balloon cookie cake candle lamp mug shirt""".split())
-
-_PLURALIA = frozenset("""glasses sunglasses eyeglasses goggles scissors jeans pants trousers shorts leggings tights
-pajamas pyjamas headphones earphones earbuds binoculars tongs pliers tweezers clothes""".split())
-
-_WORD = re.compile(r"[^\W\d_][\w'\u2019-]*|\d+|[^\w\s]")
-
-
-def singular(word: str) -> str:
-    """A plural noun's singular, well enough to count "teapots" and "teapot" together."""
-    if len(word) <= 3 or word.endswith(("ss", "us", "is", "ous")):
-        return word
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "xes", "zes", "sses")):
-        return word[:-2]
-    if word.endswith("s"):
-        return word[:-1]
-    return word
-
-
-def candidate_phrases(text: str, max_words: int = 3) -> list[tuple[str, ...]]:
-    """Noun-phrase candidates of a text: the last 1..``max_words`` words of each run of content words.
-
-    A run ends at a stop word, punctuation, a number or the end of the text; English noun phrases end in
-    their head noun, so the suffixes of a run are its noun phrases ("red ceramic teapot", "ceramic teapot",
-    "teapot"), while a word in the middle of a run ("can" in "you can find ...") is not a candidate.
-    """
-    phrases: list[tuple[str, ...]] = []
-    run: list[str] = []
-    for token in [*_WORD.findall(text.lower()), "."]:
-        if token[0].isalpha() and token not in STOPWORDS and len(token) > 1:
-            run.append(token.strip("'\u2019-"))
-            continue
-        for k in range(1, min(max_words, len(run)) + 1):
-            phrases.append(tuple(run[-k:]))
-        run = []
-    return phrases
-
-
-def _key(phrase: tuple[str, ...]) -> tuple[str, ...]:
-    return (*phrase[:-1], singular(phrase[-1]))
-
-
-def offline_subject(texts_per_image: Sequence[Iterable[str | None]], min_support: int = 2
-                    ) -> tuple[str | None, str | None, bool | None]:
-    """``(subject, class_noun, is_live)`` from each image's texts, or ``(None, None, None)``.
-
-    Each image counts a phrase once, however many of its texts contain it. The class noun is the
-    non-generic head noun found in the most images (at least ``min_support``; ties: more occurrences,
-    then alphabetical); the subject is the longest phrase ending in it that at least half of those images
-    share (so "red teapot" wins over "teapot" only when most images say "red").
-    """
-    image_support: collections.Counter[tuple[str, ...]] = collections.Counter()
-    occurrences: collections.Counter[tuple[str, ...]] = collections.Counter()
-    surface: dict[tuple[str, ...], collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for texts in texts_per_image:
-        seen: set[tuple[str, ...]] = set()
-        for text in texts:
-            if not text:
-                continue
-            for phrase in candidate_phrases(text):
-                key = _key(phrase)
-                if key[-1] in _GENERIC or phrase[-1] in _GENERIC or phrase[-1] in _VERBS:
-                    continue
-                occurrences[key] += 1
-                surface[key][" ".join(phrase)] += 1
-                seen.add(key)
-        image_support.update(seen)
-    heads = [(key, n) for key, n in image_support.items() if len(key) == 1 and n >= min_support]
-    if not heads:
-        return None, None, None
-    head, head_support = min(heads, key=lambda item: (-item[1], -occurrences[item[0]], item[0]))
-    needed = max(min_support, math.ceil(head_support / 2))
-    longer = [key for key, n in image_support.items() if key[-1] == head[0] and len(key) > 1 and n >= needed]
-    best = min([head, *longer], key=lambda key: (-len(key), -image_support[key], key))
-    subject = surface[best].most_common(1)[0][0]
-    # The class is named in the singular ("a photo of a cover"), except for nouns that have none ("glasses").
-    plural = surface[head].most_common(1)[0][0]
-    class_noun = plural if plural in _PLURALIA else head[0]
-    pair = " ".join(best[-2:]) if len(best) >= 2 else ""
-    if pair in _COMPOUNDS or pair.replace(" ", "-") in _COMPOUNDS:
-        class_noun = " ".join(subject.split()[-2:])
-    return subject, class_noun, is_live_noun(subject, class_noun)
-
-
-def is_live_noun(subject: str, class_noun: str) -> bool:
-    """Whether a subject phrase names a living being: its class noun is one, and no modifier makes it a thing."""
-    words = [singular(w) for w in re.findall(r"[a-z'-]+", subject.lower())]
-    noun = " ".join(singular(w) for w in class_noun.lower().split())
-    if noun not in _LIVE and (not words or words[-1] not in _LIVE):
-        return False
-    return not any(w in _OBJECT_MODIFIERS for w in words)
-
-
 def with_article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def offline_result(cluster: Cluster, min_support: int) -> SubjectResult:
-    """The offline backend on a cluster: each image's caption and cleaned alt text vote."""
+def offline_result(cluster: Cluster, min_support: int, min_share: float = MIN_SHARE) -> SubjectResult:
+    """The offline backend on a cluster: its page URL, and each image's caption and cleaned alt text."""
     texts = [(image.caption, clean_alt_text(image.text)) for image in cluster.images]
-    subject, class_noun, is_live = offline_subject(texts, min_support)
-    captions = tuple(image.caption or (with_article(subject) if subject else None) for image in cluster.images)
-    return SubjectResult(subject, class_noun, is_live, captions)
+    name = name_subject(cluster.page_url, texts, min_support=min_support, min_share=min_share)
+    captions = tuple(image.caption or (with_article(name.subject) if name.subject else None)
+                     for image in cluster.images)
+    return SubjectResult(name.subject, name.class_noun, name.is_live, captions)
 
 
 # --- the LLM backend -------------------------------------------------------------------------------------------
@@ -335,7 +207,7 @@ class SubjectHandler(ClusterModelHandler):
     _config: SubjectConfig
 
     def offline(self, cluster: Cluster) -> SubjectResult:
-        return offline_result(cluster, self._config.min_support)
+        return offline_result(cluster, self._config.min_support, self._config.min_share)
 
     def ask(self, client: ChatClient, cluster: Cluster) -> SubjectResult:
         config, prompt, n = self._config, self._prompt, len(cluster.images)
@@ -356,7 +228,7 @@ class ApplySubjectFn(ResolveFn):
         super().__init__(STAGE, SUBJECT_FAILED, config, prompt_tag)
 
     def offline(self, cluster: Cluster) -> SubjectResult:
-        return offline_result(cluster, self._config.min_support)
+        return offline_result(cluster, self._config.min_support, self._config.min_share)
 
     def with_value(self, cluster: Cluster, result: SubjectResult, provenance: ClusterProvenance) -> Cluster:
         if not result.subject:
