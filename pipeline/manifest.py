@@ -58,6 +58,33 @@ def beam_counters(result: Any) -> dict[str, dict[str, int]]:
     return {ns: dict(sorted(values.items())) for ns, values in sorted(counters.items())}
 
 
+def largest_elements(result: Any, pipeline: Any = None, top: int = 3) -> dict[str, Any]:
+    """The largest element Beam sampled in any PCollection (its ``sampled_byte_size`` monitoring info), with the
+    ``top`` PCollections holding the largest; empty where the runner does not report it (the portable runner's
+    results carry user metrics only). Beam's data plane warns at 512 MB per element and fails at 2 GB."""
+    infos = getattr(result, "monitoring_infos", None)
+    if infos is None:
+        return {}
+    from apache_beam.metrics import monitoring_infos as mi
+
+    largest: dict[str, int] = {}
+    for info in infos():
+        if info.urn != mi.SAMPLED_BYTE_SIZE_URN:
+            continue
+        _, _, _, maximum = mi.extract_distribution(info)
+        pcollection = info.labels.get(mi.PCOLLECTION_LABEL, "?")
+        largest[pcollection] = max(largest.get(pcollection, 0), int(maximum))
+    if not largest:
+        return {}
+    names: dict[str, str] = {}
+    if pipeline is not None:  # PCollection ids -> the labels a data engineer knows ("Normalize/Normalize.None")
+        names = {pid: pc.unique_name.lstrip("0123456789")
+                 for pid, pc in pipeline.to_runner_api().components.pcollections.items()}
+    ranked = sorted(largest.items(), key=lambda kv: -kv[1])[:top]
+    return {"max_bytes": ranked[0][1],
+            "largest": [{"pcollection": names.get(p, p), "max_bytes": b} for p, b in ranked]}
+
+
 def matching_files(pattern: str) -> list[str]:
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 

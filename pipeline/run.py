@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config, config_hash, to_dict
+from pipeline.runners import UnsupportedRunnerError, check_runner, fnapi_data_plane_fix
 from schemas.parquet import SCHEMA_VERSION
 from transforms.assemble import Assemble, RunProvenance, examples_output
 from transforms.caption import Caption
@@ -266,8 +267,9 @@ def _log_unreadable_cluster(reject: Any) -> None:
 
 def _run_pipeline(p: beam.Pipeline, phase: str) -> Any:
     LOG.info("phase %s: running", phase)
-    result = p.run()
-    state = result.wait_until_finish()
+    with fnapi_data_plane_fix():  # Beam 2.77's multi-process and local portable runners lose data otherwise
+        result = p.run()
+        state = result.wait_until_finish()
     if state is not None and str(state) not in ("DONE", "PipelineState.DONE"):
         raise RunError(f"phase {phase}: pipeline ended in state {state}")
     return result
@@ -307,6 +309,7 @@ def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Seque
         "clusters": {"written": written["clusters"], "rejected": cluster_rejects},
         "rejects_by_stage": rejects["by_stage"],
         "counters": counters,
+        "largest_element": mf.largest_elements(result, p),
         "stats": read_stats(out, "clusters"),
     }
 
@@ -416,6 +419,7 @@ def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Seq
         "candidates": written["candidates"],
         "seconds_per_cluster": written["seconds"],
         "counters": counters,
+        "largest_element": mf.largest_elements(result, p),
     }
     if "per_cluster_seconds" in written:
         summary["per_cluster_seconds"] = written["per_cluster_seconds"]
@@ -487,6 +491,7 @@ def run_assemble_phase(request: RunRequest, config: PipelineConfig, candidate_fi
         "rejects_by_stage": rejects["by_stage"],
         "examples": examples,
         "counters": counters,
+        "largest_element": mf.largest_elements(result, p),
         "stats": read_stats(out, "assemble"),
     }
 
@@ -517,7 +522,10 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     config = build_config(request.profile, request.config_file, request.overrides)
     _check_stage_resources(config)
     options = PipelineOptions(beam_args)
-    _check_runner(options)
+    try:
+        check_runner(options)
+    except UnsupportedRunnerError as error:
+        raise UsageError(str(error)) from error
     factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))
 
     files: list[InputFile] = []
@@ -650,21 +658,6 @@ def check_stale_outputs(request: RunRequest) -> list[str]:
     FileSystems.delete(files)
     LOG.info("--overwrite: removed %d file(s) of phase(s) %s that this run makes stale", len(files), ", ".join(stale))
     return files
-
-
-UNSUPPORTED_RUNNERS = {
-    "DaskRunner": "Beam 2.77's DaskRunner hands every output of a multi-output step to every consumer and computes "
-                  "only the last branch of a pipeline, so dead letters and side outputs would be mixed and lost "
-                  "(docs/runners.md, with minimal reproductions); use the portable runner (Flink, Spark) or "
-                  "Dataflow",
-}
-
-
-def _check_runner(options: PipelineOptions) -> None:
-    runner = options.view_as(StandardOptions).runner
-    name = runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__ if runner else ""
-    if name in UNSUPPORTED_RUNNERS:
-        raise UsageError(f"--runner {name} is not supported: {UNSUPPORTED_RUNNERS[name]}")
 
 
 def _check_stage_resources(config: PipelineConfig) -> None:

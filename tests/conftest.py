@@ -25,10 +25,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.portable import bind_loopback_only  # noqa: E402
+from pipeline.runners import bind_loopback_only, fnapi_data_plane_fix  # noqa: E402
 
 # The multi-process DirectRunner serves its workers over gRPC; keep those servers (and any other) on loopback.
 bind_loopback_only()
+# Pipelines that tests run directly (TestPipeline) get the FnApiRunner fix that pipeline.run applies to its runs.
+fnapi_data_plane_fix().__enter__()
 
 
 def read_rows(output_dir: str | os.PathLike, folder: str, prefix: str = "*") -> list[dict[str, Any]]:
@@ -140,7 +142,7 @@ def portable_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
     try:
         for name, port in (("job", job_port), ("pool", pool_port)):
             log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 -- closed with the process below
-            processes.append((subprocess.Popen([sys.executable, "-m", "tests.portable", name, str(port)], cwd=REPO,
+            processes.append((subprocess.Popen([sys.executable, "-m", "pipeline.runners", name, str(port)], cwd=REPO,
                                                env=env, stdout=log, stderr=subprocess.STDOUT), log))
             _wait_for_port(port, processes[-1][0])
         yield f"localhost:{job_port}", f"localhost:{pool_port}"

@@ -1,6 +1,6 @@
 """The portable path that Flink, Spark and Dataflow's runner v2 use: all three phases through ``PortableRunner``.
 
-Beam's own job service and a Beam worker pool run as separate processes on loopback (``tests/portable.py``),
+Beam's own job service and a Beam worker pool run as separate processes on loopback (``pipeline/runners.py``),
 as on a Flink cluster (docs/runners.md): the pipeline is handed over gRPC, and our DoFns run in SDK harness
 processes the pool starts -- so whatever does not pickle, relies on process state, or builds elements too big
 for the data plane fails here. The outputs must equal the in-process DirectRunner's run of the same settings:

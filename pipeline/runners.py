@@ -1,0 +1,100 @@
+"""What the pipeline needs of the Beam runners it is launched on, and Beam's local portability services.
+
+* :func:`check_runner` refuses runners that cannot run the pipeline (Beam 2.77's ``DaskRunner``; see
+  docs/runners.md).
+* :func:`fnapi_data_plane_fix` works around a data-loss bug of Beam 2.77's ``FnApiRunner`` -- the engine of the
+  multi-process DirectRunner and of Beam's local job service (the portable path on one machine). The runner
+  sends each stage's input to its SDK harness processes through a ``TimeBasedBufferingClosableOutputStream``
+  (``worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 1000``); that stream's periodic flush thread calls ``get()``
+  and then ``_clear()`` on the buffer without holding any lock against the ``write()`` calls of the sending
+  thread, so a chunk written between the two is discarded without a trace. It happens whenever writing one
+  stage input takes longer than the flush period: whole ~10 MB chunks of records vanish (about 140 crawled
+  images each), in a different stage on every run. Setting the period to 0 makes the runner use Beam's
+  size-based stream, which has no flush thread. ``tests/test_runners.py`` reproduces the bug with Beam's own
+  classes and checks the fix.
+* ``python -m pipeline.runners job PORT`` / ``pool PORT`` run Beam's job service and worker pool (the layout of
+  a Flink cluster, on one machine) with that fix, every gRPC server bound to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+UNSUPPORTED_RUNNERS = {
+    "DaskRunner": "Beam 2.77's DaskRunner hands every output of a multi-output step to every consumer and computes "
+                  "only the last branch of a pipeline, so dead letters and side outputs would be mixed and lost "
+                  "(docs/runners.md, with minimal reproductions); use the portable runner (Flink, Spark) or "
+                  "Dataflow",
+}
+
+
+class UnsupportedRunnerError(ValueError):
+    """The pipeline cannot run on the requested runner."""
+
+
+def check_runner(options: Any) -> None:
+    """Raise :class:`UnsupportedRunnerError` for a runner that cannot run the pipeline (``options``: Beam's)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__ if runner else ""
+    if name in UNSUPPORTED_RUNNERS:
+        raise UnsupportedRunnerError(f"--runner {name} is not supported: {UNSUPPORTED_RUNNERS[name]}")
+
+
+@contextlib.contextmanager
+def fnapi_data_plane_fix() -> Iterator[None]:
+    """While active, the FnApiRunner's data plane uses size-based buffering (no racing flush thread).
+
+    The value is read when the runner starts its gRPC servers, inside ``Pipeline.run()``: wrap the run with this
+    (it restores Beam's default afterwards).
+    """
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    previous = worker_handlers.DATA_BUFFER_TIME_LIMIT_MS
+    worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
+    try:
+        yield
+    finally:
+        worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = previous
+
+
+def bind_loopback_only() -> None:
+    """Make every gRPC server of this process bind 127.0.0.1 (Beam's services bind ``[::]:PORT``, every interface)."""
+    import grpc._server
+
+    if getattr(grpc._server._Server.add_insecure_port, "__name__", "") == "add_insecure_port_loopback":
+        return
+    original = grpc._server._Server.add_insecure_port
+
+    def add_insecure_port_loopback(self: Any, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):
+            address = f"127.0.0.1:{port}"
+        return original(self, address)
+
+    grpc._server._Server.add_insecure_port = add_insecure_port_loopback
+
+
+def main(argv: list[str]) -> None:
+    """``job PORT [beam args]``: Beam's local job service; ``pool PORT [beam args]``: a Beam worker pool."""
+    if len(argv) < 2 or argv[0] not in ("job", "pool"):
+        raise SystemExit("usage: python -m pipeline.runners job|pool PORT [Beam's own arguments]")
+    service, port = argv[0], argv[1]
+    bind_loopback_only()
+    if service == "job":
+        from apache_beam.runners.portability import local_job_service_main
+
+        with fnapi_data_plane_fix():  # the job service runs pipelines with the FnApiRunner
+            local_job_service_main.run(["--port", port, *argv[2:]])
+    else:
+        from apache_beam.runners.worker import worker_pool_main
+
+        worker_pool_main.main(["--service_port", port, *argv[2:]])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
