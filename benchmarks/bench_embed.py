@@ -233,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--gpu-batch-sizes", default="32,64,128,256,512,1024")
+    parser.add_argument("--sweep-images", type=int, default=4096, help="Images per batch size of the sweep.")
+    parser.add_argument("--sweep", action="store_true",
+                        help="Run the GPU variant (batch-size sweep, then the stage at the best size) on --device; "
+                             "with --device cpu and --model tiny-random --precision fp32: a smoke test of that code.")
+    parser.add_argument("--model", default="ViT-L-14", help="Model of the GPU variant.")
+    parser.add_argument("--precision", default="bf16", help="Precision of the GPU variant.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -240,18 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as folder:
-        if args.device == "cpu":
+        if args.device == "cpu" and not args.sweep:
             for model, n in (("tiny-random", args.tiny_images), ("ViT-B-32", args.vit_images)):
                 config = EmbedConfig(model=model, pretrained=None, device="cpu", precision="fp32",
                                      batch_size=args.batch_size)
                 results.append(bench_model(config, n, args.images_per_element, folder, args.repeats))
         else:
-            if not torch.cuda.is_available():
+            if args.device == "cuda" and not torch.cuda.is_available():
                 parser.error("--device cuda: no CUDA device is visible")
-            config = EmbedConfig(model="ViT-L-14", pretrained=None, device="cuda", precision="bf16")
+            config = EmbedConfig(model=args.model, pretrained=None, device=args.device, precision=args.precision)
             pool = photo_pool(config, folder)
             sizes = [int(s) for s in args.gpu_batch_sizes.split(",")]
-            best, rates = best_batch_size(config, pool, sizes, 4096)
+            best, rates = best_batch_size(config, pool, sizes, args.sweep_images)
             extra["batch_size_sweep_images_per_s"] = rates
             results.append(bench_model(dataclasses.replace(config, batch_size=best), 16 * best,
                                        args.images_per_element, folder, args.repeats))

@@ -12,7 +12,8 @@ This is ``examples/dreambooth/train_dreambooth_lora.py`` (diffusers 0.31+) with 
   encoder, noises the latents, runs the UNet, MSE to the noise, ``loss.detach().item()`` (the progress
   bar), backward, ``clip_grad_norm_(1.0)``, optimizer and constant-rate scheduler steps;
 * the final inference: the DPM-Solver++ scheduler, ``num_inference_steps=25``, one image per pipeline
-  call under ``torch.cuda.amp.autocast()`` (float16 autocast on a GPU, nothing on a CPU).
+  call under ``torch.cuda.amp.autocast()`` (float16 autocast on a GPU, nothing on a CPU), at the training
+  resolution (the script renders at the model's native size, which is that resolution: 512 px for SD 1.5).
 
 Left out, because they are I/O rather than compute: accelerate's wrappers (one process, no gradient
 accumulation), checkpoints every 100 steps, intermediate validation, saving the LoRA weights and reloading
@@ -149,7 +150,7 @@ def plain_dreambooth_lora(pipe: Any, photos: Sequence[Any], instance_prompt: str
                 generator.manual_seed(int(image_seed))
                 with fp16:
                     images.append(pipe(prompt, num_inference_steps=sample_steps, guidance_scale=guidance_scale,
-                                       generator=generator).images[0])
+                                       height=resolution, width=resolution, generator=generator).images[0])
         _synchronize(device)
         finished = time.perf_counter()
     finally:

@@ -286,3 +286,20 @@ def test_stage_trains_clusters_in_batches_and_rejects_the_broken_one(tiny_sd_dir
     counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
                 if c.key.metric.namespace == "synthesize"}
     assert counters["clusters_trained"] == 2 and counters["candidates"] == 2
+
+
+# --- on a GPU (skipped without CUDA) ------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fast_switches_match_the_plain_path_in_bf16(tiny_sd_dir: str, subjects) -> None:
+    """On CUDA, in bf16: flash/memory-efficient SDPA kernels, fused AdamW, two subjects per batch and all renders
+    in one call against the plain path. Both sides round every op to bfloat16 (about 2e-3 relative), in other
+    orders: the CPU's bf16-against-fp32 bounds, with room for other kernels (losses 2%, 4 levels on average)."""
+    model = load_model(ModelConfig(name=tiny_sd_dir, device="cuda", mixed_precision="bf16"))
+    plain = _synthesize(model, subjects[:2])
+    fast = _synthesize(model, subjects[:3], SpeedConfig(optimizer="fused", clusters_per_batch=2),
+                       sample=dataclasses.replace(PLAIN_SAMPLE, batch_size=0))
+    _compare(plain, fast[:2], loss_rtol=2e-2, max_pixel=None, mean_pixel=4.0)
+    # Two batches (two subjects, then one): every byte of the first is given back before the second.
+    assert fast[0].after.cuda_allocated == fast[2].after.cuda_allocated
