@@ -199,6 +199,10 @@ class SpeedConfig:
     optimizer: Literal["auto", "for-loop", "foreach", "fused"] = field(
         "auto", "AdamW implementation: fused (one kernel for all parameters), foreach (one kernel per operation over "
                 "all parameters), for-loop (one parameter at a time) or auto (torch's choice: foreach on a GPU).")
+    loss_check_every: int = field(
+        1, "Read the training loss back from the device every this many steps (each read waits until the GPU "
+           "has done all queued work, which leaves it idle while the next step is queued); a subject whose loss "
+           "turned non-finite stops at the next read. 1: every step, as the scripts' progress bar does.")
     compile_unet: bool = field(
         False, "torch.compile the UNet once per worker and reuse it for every subject. LoRA adapters then stay on "
                "the UNet for the worker's life (re-initialized for each subject, zero between subjects), so the "
@@ -216,6 +220,8 @@ class SpeedConfig:
         if self.optimizer not in OPTIMIZER_IMPLEMENTATIONS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_IMPLEMENTATIONS)}, "
                              f"got {self.optimizer!r}")
+        if self.loss_check_every < 1:
+            raise ValueError(f"loss_check_every must be at least 1, got {self.loss_check_every}")
         if self.clusters_per_batch < 1:
             raise ValueError(f"clusters_per_batch must be at least 1, got {self.clusters_per_batch}")
         if not self.compile_backend.strip():

@@ -93,6 +93,7 @@ class LoRASlots:
     def __init__(self, unet: nn.Module, targets: Sequence[str], slots: int, rank: int, alpha: float) -> None:
         self.unet = unet
         self.routing = _Routing()
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.layers: list[tuple[str, SlotLoRALinear]] = []
         names = [name for name, module in unet.named_modules()
                  if isinstance(module, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets)]
@@ -140,12 +141,22 @@ class LoRASlots:
     def route(self, slots: Sequence[int] | None) -> Iterator[None]:
         """Rows of the next UNet calls go through ``slots`` (one per row); ``None``: every row through slot 0."""
         previous = self.routing.index
-        device = self.layers[0][1].lora_A.device
-        self.routing.index = None if slots is None else torch.tensor(list(slots), dtype=torch.long, device=device)
+        self.routing.index = None if slots is None else self._index(tuple(slots))
         try:
             yield
         finally:
             self.routing.index = previous
+
+    def _index(self, slots: tuple[int, ...]) -> torch.Tensor:
+        # A training step's routing is the same at every step: copy it to the device once, not at every step
+        # (a host-to-device copy of a Python list waits for the device).
+        index = self._indices.get(slots)
+        if index is None:
+            if len(self._indices) >= 64:
+                self._indices.clear()
+            index = torch.tensor(slots, dtype=torch.long, device=self.layers[0][1].lora_A.device)
+            self._indices[slots] = index
+        return index
 
     def remove(self) -> None:
         """Put the original ``nn.Linear`` modules back (the base weights were never touched)."""

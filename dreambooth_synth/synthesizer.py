@@ -128,9 +128,10 @@ def _detached(error: BaseException) -> Any:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    def __init__(self, device: Any = None) -> None:
         self.seconds = dict.fromkeys(PARTS, 0.0)
         self._started = time.monotonic()
+        self._cuda = device is not None and getattr(device, "type", None) == "cuda"
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -138,6 +139,11 @@ class _Timer:
         try:
             yield
         finally:
+            if self._cuda:
+                # GPU work is queued: without waiting for it, a part's time would show up in the next part.
+                import torch
+
+                torch.cuda.synchronize()
             self.seconds[name] += time.monotonic() - started
 
     def result(self) -> dict[str, float]:
@@ -234,7 +240,7 @@ class Synthesizer:
             if isinstance(outcome, SynthesisError):
                 raise outcome
             return outcome
-        timer = _Timer()
+        timer = _Timer(self.model.device)
         memory.reset_peak(self.model.device)
         failure: SynthesisError | None = None
         try:
@@ -303,7 +309,8 @@ class Synthesizer:
         with fine_tuning(model, config, self._snapshot, seed=prepared["seed"]) as params:
             with timer.part("train"):
                 (trained,) = train_many(model, config, params, [job], resolution=self.resolution,
-                                        optimizer=self.speed.optimizer, cache_text=self.speed.cache_encodings)
+                                        optimizer=self.speed.optimizer, cache_text=self.speed.cache_encodings,
+                                        check_every=self.speed.loss_check_every)
                 if isinstance(trained, SynthesisError):
                     raise trained
             with timer.part("sample"):
@@ -340,7 +347,7 @@ class Synthesizer:
         assert self.slots is not None
         model, config, slots = self.model, self.train_config, self.slots
         memory.reset_peak(model.device)
-        timers = [_Timer() for _ in subjects]
+        timers = [_Timer(model.device) for _ in subjects]
         failures: dict[int, SynthesisError] = {}
         prepared: dict[int, dict[str, Any]] = {}
         for i, subject in enumerate(subjects):
@@ -348,7 +355,7 @@ class Synthesizer:
                 prepared[i] = self._prepare(subject, timers[i])
             except Exception as error:  # noqa: BLE001 -- the subject's own failure
                 failures[i] = _failure(error, subject.key)
-        shared = _Timer()
+        shared = _Timer(model.device)
         results: dict[int, dict[str, Any]] = {}
         members = list(prepared)  # the subjects that share the batch (and its time)
         try:
@@ -361,7 +368,8 @@ class Synthesizer:
                     with shared.part("train"):
                         trained = train_many(model, config, params, jobs, resolution=self.resolution,
                                              slots=slots if routed else None, optimizer=self.speed.optimizer,
-                                             cache_text=self.speed.cache_encodings)
+                                             cache_text=self.speed.cache_encodings,
+                                             check_every=self.speed.loss_check_every)
                     done = []
                     for i, outcome in zip(members, trained, strict=True):
                         if isinstance(outcome, SynthesisError):

@@ -418,7 +418,7 @@ class _Stream:
 
 def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Sequence[TrainJob], *,
                resolution: int, slots: LoRASlots | None = None, optimizer: str = "auto",
-               cache_text: bool = True) -> list[TrainResult | NonFiniteLossError]:
+               cache_text: bool = True, check_every: int = 1) -> list[TrainResult | NonFiniteLossError]:
     """Run ``config.steps`` optimizer steps on each subject of ``jobs`` (inside :func:`fine_tuning` or
     :func:`slot_fine_tuning`), all subjects in one UNet batch.
 
@@ -431,6 +431,8 @@ def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Seq
         slots: the adapter slots the subjects train in (``None``: the model's own trainable weights).
         optimizer: AdamW implementation (:attr:`~dreambooth_synth.config.SpeedConfig.optimizer`).
         cache_text: encode the prompts once (frozen text encoders), not at every step.
+        check_every: read the losses back from the device (and stop subjects whose loss is no longer
+            finite) every this many steps; 1: every step, before the update.
 
     Returns:
         Per subject, in order: its :class:`TrainResult`, or the :class:`NonFiniteLossError` that stopped it
@@ -443,6 +445,8 @@ def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Seq
 
     if not jobs:
         return []
+    if check_every < 1:
+        raise ValueError(f"check_every must be at least 1, got {check_every}")
     many = len(jobs) > 1 or (slots is not None and slots.slots > 1)
     if many and slots is None:
         raise ValueError("training several subjects at once needs adapter slots")
@@ -475,6 +479,25 @@ def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Seq
     started = last_log = time.monotonic()
     last_step = 0
     label = jobs[0].label if len(jobs) == 1 else f"{len(jobs)} subjects: "
+    pending: list[tuple[int, list[int], Any]] = []  # (step, subjects, their losses on the device)
+
+    def settle() -> None:
+        """Read the pending losses back (one device sync), record them, fail the subjects gone non-finite."""
+        if not pending:
+            return
+        values = torch.cat([on_device for _, _, on_device in pending]).tolist()
+        at = 0
+        for at_step, subjects, _ in pending:
+            for i, value in zip(subjects, values[at:at + len(subjects)], strict=True):
+                if i in failures:
+                    continue
+                if math.isfinite(value):
+                    streams[i].losses.append(value)
+                else:
+                    failures[i] = NonFiniteLossError(at_step, value)
+            at += len(subjects)
+        pending.clear()
+
     for step in range(1, config.steps + 1):
         active = [i for i in range(len(jobs)) if i not in failures]
         if not active:
@@ -515,14 +538,16 @@ def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Seq
                               + config.prior_loss_weight * F.mse_loss(pred_prior, target_prior))
             else:
                 losses.append(F.mse_loss(pred_i, target_i))
-        values = torch.stack(losses).detach().tolist()  # one device sync for all subjects
-        finite = []
-        for i, loss, value in zip(active, losses, values, strict=True):
-            if math.isfinite(value):
-                streams[i].losses.append(value)
-                finite.append(loss)
-            else:
-                failures[i] = NonFiniteLossError(step, value)
+        pending.append((step, active, torch.stack(losses).detach()))
+        if check_every == 1:
+            # Read now, before the update: a non-finite loss never reaches the weights.
+            settle()
+            finite = [loss for i, loss in zip(active, losses, strict=True) if i not in failures]
+        else:
+            # Read every few steps: each read waits for the device to finish all queued work, which stalls a
+            # GPU at batch 1. A subject whose loss went non-finite in between only updated its own adapter
+            # (its own slot, clipped on its own) and is dropped at the read.
+            finite = losses
         if not finite:
             break
         # The sum, not the mean: each subject's adapter gets the gradient of its own loss, as when alone.
@@ -535,13 +560,17 @@ def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Seq
         opt.step()
         scheduler.step()
         opt.zero_grad(set_to_none=True)
-        if step % config.log_every_steps == 0 or step == config.steps:
+        log = step % config.log_every_steps == 0 or step == config.steps
+        if step % check_every == 0 or log:
+            settle()
+        if log:
             now = time.monotonic()
             window = [v for i in active if i not in failures for v in streams[i].losses[-config.log_every_steps:]]
             LOG.info("%strain step %d/%d: loss %.4f (mean of the last %d), %.2f steps/s", label, step,
                      config.steps, sum(window) / max(len(window), 1), config.log_every_steps,
                      (step - last_step) / max(now - last_log, 1e-9))
             last_log, last_step = now, step
+    settle()
     del opt, scheduler, cond
     LOG.debug("%strained %d parameters for %d steps in %.1f s", label, n_params, config.steps,
               time.monotonic() - started)
@@ -553,7 +582,7 @@ def train_many(model: Any, config: TrainConfig, params: Sequence[Any], jobs: Seq
 def train(model: Any, config: TrainConfig, params: Sequence[Any], instance: LatentDistribution,
           instance_prompt: str, *, seed: int, resolution: int, prior: LatentDistribution | None = None,
           class_prompt: str | None = None, label: str = "", optimizer: str = "auto",
-          cache_text: bool = True) -> TrainResult:
+          cache_text: bool = True, check_every: int = 1) -> TrainResult:
     """Run ``config.steps`` optimizer steps on one subject (inside :func:`fine_tuning`): :func:`train_many`
     with one job.
 
@@ -570,6 +599,7 @@ def train(model: Any, config: TrainConfig, params: Sequence[Any], instance: Late
         label: how log lines name the subject.
         optimizer: AdamW implementation.
         cache_text: encode the prompts once, not at every step.
+        check_every: read the loss back every this many steps.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite.
@@ -579,7 +609,7 @@ def train(model: Any, config: TrainConfig, params: Sequence[Any], instance: Late
     job = TrainJob(instance=instance, instance_prompt=instance_prompt, seed=seed, prior=prior,
                    class_prompt=class_prompt, label=label)
     (result,) = train_many(model, config, params, [job], resolution=resolution, optimizer=optimizer,
-                           cache_text=cache_text)
+                           cache_text=cache_text, check_every=check_every)
     if isinstance(result, NonFiniteLossError):
         raise result
     return result

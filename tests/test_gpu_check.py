@@ -14,7 +14,7 @@ import torch
 from benchmarks import gpu_check
 from tests.conftest import REPO
 
-SWITCHES = {"bf16", "sdpa", "cached_encodings", "fused_adamw", "batched_sampling"}
+SWITCHES = {"bf16", "sdpa", "cached_encodings", "fused_adamw", "batched_sampling", "deferred_loss_check"}
 PARTS = ("latents", "train", "sample", "other", "total")
 
 

@@ -127,7 +127,7 @@ def _compare(expected: Sequence[SynthesisResult], actual: Sequence, *, loss_rtol
 # --- configuration ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [{"attention": "flash"}, {"optimizer": "sgd"}, {"clusters_per_batch": 0},
-                                    {"compile_backend": " "}])
+                                    {"compile_backend": " "}, {"loss_check_every": 0}])
 def test_speed_config_validation(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         SpeedConfig(**kwargs)
@@ -203,6 +203,17 @@ def test_optimizer_implementations_match_the_for_loop(model, subjects, plain, op
 def test_all_renders_of_a_subject_in_one_call_match_one_by_one(model, subjects, plain) -> None:
     _compare(plain, _synthesize(model, subjects[:2], sample=dataclasses.replace(PLAIN_SAMPLE, batch_size=0)),
              loss_rtol=1e-6, max_pixel=2, mean_pixel=0.1)
+
+
+def test_reading_the_loss_every_few_steps_changes_only_when_it_is_read(model, subjects, plain) -> None:
+    _compare(plain, _synthesize(model, subjects[:2], dataclasses.replace(PLAIN_SPEED, loss_check_every=4)),
+             loss_rtol=0, max_pixel=0, mean_pixel=0)
+    diverging = TrainConfig(steps=30, learning_rate=1e30)
+    (every_step,) = _synthesize(model, subjects[:1], train=diverging)
+    (every_8,) = _synthesize(model, subjects[:1], dataclasses.replace(PLAIN_SPEED, loss_check_every=8),
+                             train=diverging)
+    assert isinstance(every_step, NonFiniteLossError) and isinstance(every_8, NonFiniteLossError)
+    assert every_8.step == every_step.step and 1 < every_step.step < 30  # the step it happened, not when read
 
 
 @pytest.mark.slow
