@@ -9,7 +9,7 @@ OUT ?= out/demo
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint bench sample clean
+.PHONY: demo test install lint bench gpu-check sample clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
 	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
+
+# On a GPU machine, at most 8 minutes: the CUDA tests, the CLIP embed benchmark and the SD-1.5-sized synthesis
+# benchmark (every speed switch against the plain diffusers loop) -> benchmarks/results/gpu.json.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)
