@@ -73,7 +73,7 @@ def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, flo
     return code, round(time.monotonic() - started, 2)
 
 
-def _tail(log: Path, lines: int = 25) -> str:
+def _tail(log: Path, lines: int = 60) -> str:
     return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         # Caps per part (seconds): the synthesis figures matter most, and the compiled UNet goes last in a
         # process of its own, with what is left (at least its reserve).
         caps = {"cuda_tests": 60.0, "embed": 60.0, "compiled_reserve": 70.0} if smoke else \
-            {"cuda_tests": 75.0, "embed": 70.0, "compiled_reserve": 160.0}
+            {"cuda_tests": 75.0, "embed": 90.0, "compiled_reserve": 160.0}
         report["parts"]["cuda_tests"] = cuda_tests(args.python, min(caps["cuda_tests"], left()), work)
         save()
         report["parts"]["embed"] = embed(args.python, smoke, min(caps["embed"], left()), work)

@@ -38,9 +38,11 @@ import json
 import logging
 import multiprocessing
 import os
+import queue as queue_module
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -398,10 +400,15 @@ def run_processes(model_dir: str, variant: Variant, subjects: Sequence[Any], rec
     deadline = time.monotonic() + timeout
     try:
         while len(reports) < len(workers):
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"{variant.name}: the worker processes did not finish in {timeout:.0f} s")
-            reports.append(queue.get(timeout=left))
+            try:
+                reports.append(queue.get(timeout=1.0))
+            except queue_module.Empty:
+                if not any(worker.is_alive() for worker in workers) and queue.empty():
+                    codes = [worker.exitcode for worker in workers]
+                    raise RuntimeError(f"{variant.name}: worker processes ended without a report (exit codes "
+                                       f"{codes})") from None
     finally:
         for worker in workers:
             worker.join(timeout=5)
@@ -504,6 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             LOG.info("running %s", variant.name)
             started = time.perf_counter()
+            resident = torch.cuda.memory_allocated() / MIB if device == "cuda" else None
             try:
                 if variant.precision == "no" and fp32 is None:
                     fp32 = load_model(ModelConfig(name=model_dir, mixed_precision="no"))
@@ -517,10 +525,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as error:  # noqa: BLE001 -- one variant's failure is recorded, the others run
                 LOG.exception("%s failed", variant.name)
                 out["variants"][variant.name] = {"description": variant.description,
-                                                 "error": f"{type(error).__name__}: {error}"}
+                                                 "error": f"{type(error).__name__}: {error}",
+                                                 "traceback": traceback.format_exc()[-4000:]}
                 save()
                 continue
             result["wall_seconds"] = round(time.perf_counter() - started, 2)
+            # The models already on the device when the variant started (bf16, and float32 once loaded): the
+            # variant's own working memory is its peak minus this.
+            result["gpu_resident_before_mib"] = None if resident is None else round(resident, 1)
             out["variants"][variant.name] = result
             if variant.name == "fast":
                 budget.cluster_seconds = result["wall_seconds"] / (1 + variant.timed)
