@@ -387,7 +387,7 @@ class Synthesizer:
             failure = _failure(error, ", ".join(subjects[i].key for i in members))
             for i in members:
                 if i not in failures:
-                    failures[i] = type(failure)(str(failure))
+                    failures[i] = _clone(failure)  # each subject's own (its own seconds)
             results.clear()
         finally:
             with shared.part("cleanup"):
@@ -456,6 +456,14 @@ def set_attention(model: LoadedModel, attention: str) -> None:
                         type(module).__name__, ", ".join(sorted(processors)))
             continue
         module.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def _clone(error: SynthesisError) -> SynthesisError:
+    """A copy of ``error`` (errors such as :class:`NonFiniteLossError` take other arguments than their message)."""
+    clone = type(error).__new__(type(error))
+    clone.__dict__.update(error.__dict__)
+    clone.args = error.args
+    return clone
 
 
 def _failure(error: BaseException, key: str) -> SynthesisError:
