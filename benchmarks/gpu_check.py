@@ -56,11 +56,18 @@ def gpu_test_files() -> list[str]:
                   if "pytest.mark.gpu" in p.read_text(encoding="utf-8"))
 
 
+SMOKE_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""On CPU, tiny models gain nothing from more threads, and on a busy machine threads that lose their cores stall
+each other (the tiny CLIP model ran 50x slower with two threads on two busy cores)."""
+ENV: dict[str, str] = {}
+
+
 def _run(command: list[str], timeout: float, log: Path) -> tuple[int | None, float]:
     """Run ``command`` in the repository root with its output in ``log``; ``(exit code or None on timeout,
     seconds)``."""
     started = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, **ENV,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     with open(log, "w", encoding="utf-8") as handle:
         process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
@@ -103,7 +110,7 @@ def embed(python: str, smoke: bool, timeout: float, work: Path) -> dict[str, Any
     output, log = work / "embed.json", work / "embed.log"
     if smoke:
         options = ["--device", "cpu", "--sweep", "--model", "tiny-random", "--precision", "fp32",
-                   "--gpu-batch-sizes", "16", "--sweep-images", "64", "--repeats", "1"]
+                   "--gpu-batch-sizes", "8", "--sweep-images", "32", "--pool-images", "16", "--repeats", "1"]
     else:
         # Two sizes around the known optimum of ViT-L-14 bf16 on a large GPU, one repeat: the window is short.
         options = ["--device", "cuda", "--gpu-batch-sizes", "256,1024", "--sweep-images", "4096", "--repeats", "1"]
@@ -145,6 +152,8 @@ def summary(report: dict[str, Any]) -> str:
     """The check's results as the lines a person reads first."""
     lines = [f"GPU check ({report['mode']}) on {report['machine'].get('cuda') or 'CPU'}: "
              f"{report.get('wall_seconds', 0):.0f} s of {report['budget_s']:.0f} s"]
+    if report["mode"] == "cpu-smoke":
+        lines.append("  (tiny shapes on CPU: these figures check that the code runs, they say nothing of a GPU)")
     tests = report["parts"].get("cuda_tests")
     if tests:
         lines.append(f"  CUDA tests: {tests['status']} -- {tests.get('passed', 0)} passed, "
@@ -172,9 +181,10 @@ def summary(report: dict[str, Any]) -> str:
                 lines.append(f"    {name:32} ERROR {v['error'][:80]}")
                 continue
             s = v["seconds_per_cluster"]
+            peak, growth = v.get("gpu_peak_mib"), v.get("gpu_growth_mib")
             lines.append(f"    {name:32} {s['latents']:8.2f} {s['train']:8.2f} {s['sample']:8.2f} {s['other']:7.2f} "
                          f"{s['total']:8.2f} {v['clusters_per_gpu_hour']:10.0f} {v.get('speedup_vs_plain') or 0:7.2f} "
-                         f"{v.get('gpu_peak_mib') or 0:9.0f} {v.get('gpu_growth_mib') or 0:6.1f}")
+                         f"{'-' if peak is None else f'{peak:.0f}':>9} {'-' if growth is None else f'{growth:.1f}':>6}")
         for name, why in part.get("skipped", {}).items():
             lines.append(f"    {name:32} skipped: {why}")
         several, best = part.get("several_clusters_per_gpu"), part.get("best")
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if not smoke and not torch.cuda.is_available():
         parser.error("no CUDA device is visible; --cpu-smoke checks this script on a CPU")
     budget = args.budget or (SMOKE_BUDGET if smoke else GPU_BUDGET)
+    if smoke:
+        ENV.update(SMOKE_ENV)
     started = time.time()
     deadline = started + budget
     report: dict[str, Any] = {**header("gpu"), "mode": "cpu-smoke" if smoke else "gpu", "budget_s": budget,
