@@ -10,7 +10,7 @@ Training is measured on ``--measure-steps`` steps after a warm-up subject and sc
 (a step costs the same at step 40 and at step 400; the per-subject set-up inside the training part is
 scaled with it, so the figure errs high); sampling always runs in full. Per cluster the seconds are split
 into ``latents`` (VAE encoding of the photos), ``train``, ``sample`` and ``other`` (decoding the photos,
-releasing memory).
+putting the adapters on and off, releasing memory).
 
 Variants, in the order they run (each one is skipped, and says so, when the time left would not hold it):
 
@@ -234,11 +234,12 @@ def _configs(variant: Variant, recipe: Recipe) -> tuple[Any, Any, Any]:
 
 
 def scaled(seconds: dict[str, float], recipe: Recipe) -> dict[str, float]:
-    """A cluster's measured seconds as the recipe's: training scaled to its steps; parts latents, train,
-    sample, other."""
-    parts = {"latents": seconds.get("latents", 0.0), "train": seconds["train"] * recipe.scale,
-             "sample": seconds["sample"],
-             "other": sum(seconds.get(k, 0.0) for k in ("load", "prior", "cleanup"))}
+    """A cluster's measured seconds as the recipe's: the training part scaled to its steps; ``other`` is the
+    rest of the cluster's time (decoding photos, putting adapters on and off, releasing memory)."""
+    latents = seconds.get("latents", 0.0)
+    other = max(seconds["total"] - latents - seconds["train"] - seconds["sample"], 0.0)
+    parts = {"latents": latents, "train": seconds["train"] * recipe.scale, "sample": seconds["sample"],
+             "other": other}
     return {**{k: round(v, 3) for k, v in parts.items()}, "total": round(sum(parts.values()), 3)}
 
 
@@ -345,8 +346,7 @@ def run_plain(model: Any, subjects: Sequence[Any], recipe: Recipe) -> dict[str, 
     from dreambooth_synth.memory import snapshot
 
     after = snapshot(model.device)
-    seconds = {"train": run["seconds"]["train"], "sample": run["seconds"]["sample"]}
-    cluster = {"measured": run["seconds"], "scaled": scaled(seconds, recipe), "renders": len(run["images"]),
+    cluster = {"measured": run["seconds"], "scaled": scaled(run["seconds"], recipe), "renders": len(run["images"]),
                "gpu_allocated_after_mib": None if after.cuda_allocated is None
                else round(after.cuda_allocated / MIB, 1),
                "gpu_reserved_after_mib": None, "rss_after_mib": round(after.rss / MIB, 1),
