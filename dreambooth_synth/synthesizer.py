@@ -14,6 +14,10 @@ prompt K times with seeds derived from (subject key, prompt, k), then put the mo
 weights and release memory -- also when the subject fails, so a worker can go through thousands of
 subjects without its memory growing. A subject that fails raises a
 :class:`~dreambooth_synth.errors.SynthesisError` whose ``reason`` says why.
+
+:meth:`Synthesizer.synthesize_many` takes several subjects; with ``speed.clusters_per_batch`` = K it trains
+and renders K of them at a time in one UNet batch, each in its own LoRA adapter slot
+(:mod:`dreambooth_synth.slots`), and returns each subject's result or error.
 """
 
 from __future__ import annotations

@@ -157,19 +157,22 @@ def test_speed_section_is_in_the_pipeline_config_and_out_of_the_resume_key(tiny_
 
 # --- each switch against the plain path -------------------------------------------------------------------
 
-def test_adapter_slots_compute_exactly_what_peft_adapters_compute(model, subjects) -> None:
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_adapter_slots_compute_exactly_what_peft_adapters_compute(model, subjects, train_text_encoder: bool) -> None:
+    # With the text encoder trained too, its peft adapters start from the same draws on both paths.
+    config = dataclasses.replace(TRAIN, train_text_encoder=train_text_encoder)
     photos, _ = decode_images(subjects[0].images)
     latents = encode_latents(model, to_pixels(photos, 64))
     job = TrainJob(latents, "a photo of sks teapot", seed=3)
     before = base_weights([model.unet, *model.text_encoders])
     base = evaluate_loss(model, latents, job.instance_prompt, seed=7, resolution=64)
-    with fine_tuning(model, TRAIN, seed=3) as params:
-        (peft,) = train_many(model, TRAIN, params, [job], resolution=64)
+    with fine_tuning(model, config, seed=3) as params:
+        (peft,) = train_many(model, config, params, [job], resolution=64)
         peft_after = evaluate_loss(model, latents, job.instance_prompt, seed=7, resolution=64)
     slots = LoRASlots(model.unet, UNET_LORA_TARGETS, 1, TRAIN.lora_rank, TRAIN.effective_lora_alpha)
     try:
-        with slot_fine_tuning(model, TRAIN, slots, {0: 3}) as params:
-            (slotted,) = train_many(model, TRAIN, params, [job], resolution=64)
+        with slot_fine_tuning(model, config, slots, {0: 3}) as params:
+            (slotted,) = train_many(model, config, params, [job], resolution=64)
             slotted_after = evaluate_loss(model, latents, job.instance_prompt, seed=7, resolution=64)
         # Between subjects every slot is zero: the UNet computes the base model, bit for bit.
         assert all(not layer.lora_B.any() and not layer.lora_B.requires_grad for _, layer in slots.layers)
