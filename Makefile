@@ -9,7 +9,7 @@ OUT ?= out/demo
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-web test install lint bench sample clean
+.PHONY: demo demo-web test install lint bench gpu-check sample clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_assemble.py --output benchmarks/results/assemble.json
 	$(BIN)/python benchmarks/bench_fetch.py --output benchmarks/results/fetch.json
 	$(BIN)/python benchmarks/bench_naming.py --output benchmarks/results/naming.json --doc docs/subject-naming.md
+
+# On a GPU machine, at most 8 minutes: the CUDA tests, the CLIP embed benchmark and the SD-1.5-sized synthesis
+# benchmark (every speed switch against the plain diffusers loop) -> benchmarks/results/gpu.json.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # Rebuild sample/crawl.parquet from the DreamBench photos in ../shared/data/dreambench.
 sample: $(STAMP)

@@ -61,12 +61,13 @@ from transforms.normalize import NormalizeConfig, normalize_image  # noqa: E402
 LOG = logging.getLogger("bench_embed")
 
 
-def photo_pool(config: EmbedConfig, folder: str) -> str:
-    """The sample's photos through normalize and the model's eval transform, saved as ``float32 [P, 3, H, W]``."""
+def photo_pool(config: EmbedConfig, folder: str, limit: int = 0) -> str:
+    """The sample's photos (the first ``limit``; 0: all) through normalize and the model's eval transform, saved
+    as ``float32 [P, 3, H, W]``."""
     transform = image_transform(config)
     pixels = []
     for row in pq.read_table(REPO / "sample" / "crawl.parquet", columns=["image", "expected"]).to_pylist():
-        if row["expected"] != "kept":
+        if row["expected"] != "kept" or (limit and len(pixels) >= limit):
             continue
         pixels.append(transform(decode_image(normalize_image(row["image"], NormalizeConfig()).image)).numpy())
     path = os.path.join(folder, f"pool-{config.model}.npy")
@@ -166,10 +167,11 @@ class _null:
         return None
 
 
-def bench_model(config: EmbedConfig, n_images: int, k: int, folder: str, repeats: int) -> dict[str, Any]:
+def bench_model(config: EmbedConfig, n_images: int, k: int, folder: str, repeats: int,
+                pool_images: int = 0) -> dict[str, Any]:
     """Best of ``repeats`` interleaved runs of each side (the machine may be shared: the best run is the one
     least disturbed, as with ``timeit``)."""
-    pool = photo_pool(config, folder)
+    pool = photo_pool(config, folder, pool_images)
     n_images -= n_images % config.batch_size
     loop_rates, loop_cpu_rates, beam_rates, beam_cpu_rates, beam_walls = [], [], [], [], []
     for attempt in range(repeats):
@@ -233,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--gpu-batch-sizes", default="32,64,128,256,512,1024")
+    parser.add_argument("--sweep-images", type=int, default=4096, help="Images per batch size of the sweep.")
+    parser.add_argument("--sweep", action="store_true",
+                        help="Run the GPU variant (batch-size sweep, then the stage at the best size) on --device; "
+                             "with --device cpu and --model tiny-random --precision fp32: a smoke test of that code.")
+    parser.add_argument("--model", default="ViT-L-14", help="Model of the GPU variant.")
+    parser.add_argument("--pool-images", type=int, default=0, help="GPU variant: photos in the pool (0: all).")
+    parser.add_argument("--precision", default="bf16", help="Precision of the GPU variant.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -240,21 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as folder:
-        if args.device == "cpu":
+        if args.device == "cpu" and not args.sweep:
             for model, n in (("tiny-random", args.tiny_images), ("ViT-B-32", args.vit_images)):
                 config = EmbedConfig(model=model, pretrained=None, device="cpu", precision="fp32",
                                      batch_size=args.batch_size)
                 results.append(bench_model(config, n, args.images_per_element, folder, args.repeats))
         else:
-            if not torch.cuda.is_available():
+            if args.device == "cuda" and not torch.cuda.is_available():
                 parser.error("--device cuda: no CUDA device is visible")
-            config = EmbedConfig(model="ViT-L-14", pretrained=None, device="cuda", precision="bf16")
-            pool = photo_pool(config, folder)
+            config = EmbedConfig(model=args.model, pretrained=None, device=args.device, precision=args.precision)
+            pool = photo_pool(config, folder, args.pool_images)
             sizes = [int(s) for s in args.gpu_batch_sizes.split(",")]
-            best, rates = best_batch_size(config, pool, sizes, 4096)
+            best, rates = best_batch_size(config, pool, sizes, args.sweep_images)
             extra["batch_size_sweep_images_per_s"] = rates
             results.append(bench_model(dataclasses.replace(config, batch_size=best), 16 * best,
-                                       args.images_per_element, folder, args.repeats))
+                                       args.images_per_element, folder, args.repeats, args.pool_images))
 
     report = {
         **header("embed"),

@@ -6,7 +6,7 @@ config dataclasses in, typed results out, shared storage injected. Start with
 :class:`~dreambooth_synth.synthesizer.Synthesizer`.
 """
 
-from dreambooth_synth.config import DEFAULT_MODEL, SDXL_MODEL, ModelConfig, SampleConfig, TrainConfig
+from dreambooth_synth.config import DEFAULT_MODEL, SDXL_MODEL, ModelConfig, SampleConfig, SpeedConfig, TrainConfig
 from dreambooth_synth.errors import NonFiniteLossError, NoUsableImagesError, OutOfMemoryError, SynthesisError
 from dreambooth_synth.models import LoadedModel, ModelLoadError, load_model
 from dreambooth_synth.prior import ClassImageCache
@@ -14,7 +14,7 @@ from dreambooth_synth.storage import LocalStorage, SharedStorage
 from dreambooth_synth.synthesizer import PARTS, Render, Subject, SynthesisResult, Synthesizer
 
 __all__ = [
-    "DEFAULT_MODEL", "SDXL_MODEL", "ModelConfig", "SampleConfig", "TrainConfig", "NoUsableImagesError",
+    "DEFAULT_MODEL", "SDXL_MODEL", "ModelConfig", "SampleConfig", "SpeedConfig", "TrainConfig", "NoUsableImagesError",
     "NonFiniteLossError", "OutOfMemoryError", "SynthesisError", "LoadedModel", "ModelLoadError", "load_model",
     "ClassImageCache", "LocalStorage", "SharedStorage", "PARTS", "Render", "Subject", "SynthesisResult",
     "Synthesizer",

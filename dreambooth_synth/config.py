@@ -1,10 +1,12 @@
 """Settings of per-subject DreamBooth training and sampling, as frozen dataclasses.
 
-Three sections, each validated in ``__post_init__``: :class:`ModelConfig` (which base model, on which
-device, in which precision), :class:`TrainConfig` (how a subject is learned) and :class:`SampleConfig`
-(how its prompts are rendered). The pipeline nests them under its ``synth`` section
-(``synth.model.name``, ``synth.train.steps``, ...); ``docs/defaults.md`` gives the reasoning behind each
-default. Nothing here imports torch, so building and validating a config is cheap.
+Four sections, each validated in ``__post_init__``: :class:`ModelConfig` (which base model, on which
+device, in which precision), :class:`TrainConfig` (how a subject is learned), :class:`SampleConfig`
+(how its prompts are rendered) and :class:`SpeedConfig` (how fast: switches that change the cost of a
+subject, not what is learnt or rendered, each checked against the plain path by a test). The pipeline
+nests them under its ``synth`` section (``synth.model.name``, ``synth.train.steps``, ...);
+``docs/defaults.md`` gives the reasoning behind each default. Nothing here imports torch, so building
+and validating a config is cheap.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ class SampleConfig:
                                  "defects); empty for none.")
     images_per_prompt: int = field(4, "K: images rendered per prompt, each with its own seed from (cluster "
                                       "id, prompt, k).")
-    batch_size: int = field(8, "Images per pipeline call (doubled inside by classifier-free guidance).")
+    batch_size: int = field(8, "Images per pipeline call (doubled inside by classifier-free guidance); 0: all of "
+                               "a cluster's renders (of all its prompts) in one call.")
     width: int | None = field(None, "Render width in pixels; empty: the training resolution.")
     height: int | None = field(None, "Render height in pixels; empty: the training resolution.")
     image_format: Literal["png", "jpeg"] = field("png", "Encoding of rendered images: png (lossless; the renders "
@@ -158,7 +161,9 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        for name in ("steps", "images_per_prompt", "batch_size"):
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0: all renders in one call), got {self.batch_size}")
+        for name in ("steps", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("width", "height"):
@@ -169,3 +174,66 @@ class SampleConfig:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be within 1..100, got {self.jpeg_quality}")
+
+
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "for-loop", "foreach", "fused")
+ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """How fast subjects are synthesized (``synth.speed``): each switch changes the cost, not the result.
+
+    Every switch is measured against the plain diffusers DreamBooth-LoRA loop by
+    ``benchmarks/gpu_check.sh``, and tested on CPU to give the same losses and renders as the plain path
+    within a stated tolerance. bfloat16 is ``synth.model.mixed_precision``; batched sampling is
+    ``synth.sample.batch_size``.
+    """
+
+    attention: Literal["sdpa", "eager"] = field(
+        "sdpa", "Attention of the UNet and VAE: sdpa (torch's scaled_dot_product_attention: flash or memory-efficient "
+                "kernels on a GPU) or eager (softmax(QK^T)V written out, diffusers' AttnProcessor).")
+    cache_encodings: bool = field(
+        True, "Encode a subject's photos with the VAE (their latent distribution) and its prompts with the text "
+              "encoder once per subject; false: every step, as diffusers' DreamBooth scripts do.")
+    optimizer: Literal["auto", "for-loop", "foreach", "fused"] = field(
+        "auto", "AdamW implementation: fused (one kernel for all parameters), foreach (one kernel per operation over "
+                "all parameters), for-loop (one parameter at a time) or auto (torch's choice: foreach on a GPU).")
+    loss_check_every: int = field(
+        1, "Read the training loss back from the device every this many steps (each read waits until the GPU "
+           "has done all queued work, which leaves it idle while the next step is queued); a subject whose loss "
+           "turned non-finite stops at the next read. 1: every step, as the scripts' progress bar does.")
+    compile_unet: bool = field(
+        False, "torch.compile the UNet once per worker and reuse it for every subject. LoRA adapters then stay on "
+               "the UNet for the worker's life (re-initialized for each subject, zero between subjects), so the "
+               "compiled graphs stay valid; the first subject pays the compilation (about a minute on a GPU).")
+    compile_backend: str = field("inductor", "torch.compile backend (inductor on a GPU; aot_eager traces without "
+                                             "generating code, for checks on machines without a compiler).")
+    clusters_per_batch: int = field(
+        1, "LoRA mode: train (and render) this many subjects together, each in its own adapter slot of one "
+           "UNet: one batch holds every subject's samples and each sample goes through its own subject's "
+           "adapter. Larger batches use the GPU better than batch 1 does; 1: one subject at a time.")
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+        if self.optimizer not in OPTIMIZER_IMPLEMENTATIONS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_IMPLEMENTATIONS)}, "
+                             f"got {self.optimizer!r}")
+        if self.loss_check_every < 1:
+            raise ValueError(f"loss_check_every must be at least 1, got {self.loss_check_every}")
+        if self.clusters_per_batch < 1:
+            raise ValueError(f"clusters_per_batch must be at least 1, got {self.clusters_per_batch}")
+        if not self.compile_backend.strip():
+            raise ValueError("compile_backend must name a torch.compile backend")
+
+    @property
+    def adapter_slots(self) -> bool:
+        """Whether LoRA adapters live in persistent slots (compiled UNet, or several subjects per batch)."""
+        return self.compile_unet or self.clusters_per_batch > 1
+
+    def check(self, train: TrainConfig) -> None:
+        """Raise ``ValueError`` when these switches do not go with ``train``."""
+        if self.clusters_per_batch > 1 and (train.mode != "lora" or train.train_text_encoder):
+            raise ValueError("speed.clusters_per_batch > 1 trains LoRA adapters of the UNet only: it needs "
+                             "train.mode lora and train.train_text_encoder false")

@@ -74,6 +74,22 @@ class LatentDistribution:
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
+class EncodeEveryStep:
+    """The photos' latents the way diffusers' DreamBooth scripts get them: every step encodes that step's
+    photos with the VAE (``synth.speed.cache_encodings=false``). Draws the same samples as
+    :class:`LatentDistribution` from the same generator, so only the cost differs."""
+
+    def __init__(self, model: Any, pixels: Any) -> None:
+        self._model = model
+        self._pixels = pixels
+
+    def __len__(self) -> int:
+        return int(self._pixels.shape[0])
+
+    def sample(self, indices: Any, generator: Any) -> Any:
+        return encode_latents(self._model, self._pixels[indices]).sample(list(range(len(indices))), generator)
+
+
 def encode_latents(model: Any, pixels: Any, batch_size: int = 8) -> LatentDistribution:
     """Encode ``pixels`` with the model's VAE once; ``model`` is a :class:`~dreambooth_synth.models.LoadedModel`."""
     import torch

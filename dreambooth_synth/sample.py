@@ -45,23 +45,36 @@ def autocast(model: Any) -> Any:
 
 
 def render(model: Any, prompts: Sequence[str], seeds: Sequence[int], config: SampleConfig, width: int,
-           height: int) -> list[RenderedImage]:
-    """One image per (prompt, seed), in order, ``config.batch_size`` per pipeline call.
+           height: int, *, slots: Any = None, routes: Sequence[int] | None = None) -> list[RenderedImage]:
+    """One image per (prompt, seed), in order, ``config.batch_size`` per pipeline call (0: all in one).
 
     Each image has its own CPU ``torch.Generator`` (diffusers' advice for reproducibility across devices),
-    so its starting noise depends on its seed, not on which other images share its batch (batched
-    kernels may still round differently: pixels can differ in the last bit across batch layouts).
+    so its starting noise depends on its seed, not on which other images share its batch (batched kernels
+    may still round differently: pixels can differ in the last bit across batch layouts).
+
+    With adapter ``slots`` (:class:`~dreambooth_synth.slots.LoRASlots`), ``routes`` gives the slot of each
+    image: one call renders several subjects, each image through its own subject's adapter.
     """
     import torch
 
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
+    if (slots is None) != (routes is None) or (routes is not None and len(routes) != len(prompts)):
+        raise ValueError("routes go with slots, one route per prompt")
     out: list[RenderedImage] = []
     negative = config.negative_prompt.strip() or None
-    for start in range(0, len(prompts), config.batch_size):
-        batch = list(prompts[start:start + config.batch_size])
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + config.batch_size]]
-        with torch.no_grad(), autocast(model):
+    size = config.batch_size or max(len(prompts), 1)
+    # Classifier-free guidance runs the UNet on [unconditional rows; conditional rows] (diffusers' pipelines
+    # do it when the scale is above 1): both halves of an image go through its subject's adapter.
+    guided = config.guidance_scale > 1
+    for start in range(0, len(prompts), size):
+        batch = list(prompts[start:start + size])
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + size]]
+        routing = contextlib.nullcontext()
+        if slots is not None and routes is not None:
+            chunk = list(routes[start:start + size])
+            routing = slots.route(chunk + chunk if guided else chunk)
+        with torch.no_grad(), autocast(model), routing:
             result = model.pipe(
                 prompt=batch, negative_prompt=[negative] * len(batch) if negative else None,
                 num_inference_steps=config.steps, guidance_scale=config.guidance_scale,

@@ -14,6 +14,10 @@ prompt K times with seeds derived from (subject key, prompt, k), then put the mo
 weights and release memory -- also when the subject fails, so a worker can go through thousands of
 subjects without its memory growing. A subject that fails raises a
 :class:`~dreambooth_synth.errors.SynthesisError` whose ``reason`` says why.
+
+:meth:`Synthesizer.synthesize_many` takes several subjects; with ``speed.clusters_per_batch`` = K it trains
+and renders K of them at a time in one UNet batch, each in its own LoRA adapter slot
+(:mod:`dreambooth_synth.slots`), and returns each subject's result or error.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dreambooth_synth import memory
-from dreambooth_synth.config import SampleConfig, TrainConfig
-from dreambooth_synth.data import decode_images, encode_latents, to_pixels
+from dreambooth_synth.config import SampleConfig, SpeedConfig, TrainConfig
+from dreambooth_synth.data import EncodeEveryStep, decode_images, encode_latents, to_pixels
 from dreambooth_synth.errors import NoUsableImagesError, OutOfMemoryError, SynthesisError, is_out_of_memory
 from dreambooth_synth.models import LoadedModel
 from dreambooth_synth.prior import ClassImageCache
@@ -44,7 +48,19 @@ from dreambooth_synth.prompts import (
 )
 from dreambooth_synth.sample import encode_image, render, sampling_scheduler
 from dreambooth_synth.storage import SharedStorage
-from dreambooth_synth.train import TrainResult, WeightSnapshot, fine_tuning, train, trained_modules
+from dreambooth_synth.train import (
+    UNET_LORA_TARGETS,
+    TrainJob,
+    TrainResult,
+    WeightSnapshot,
+    fine_tuning,
+    slot_fine_tuning,
+    train_many,
+    trained_modules,
+)
+
+if TYPE_CHECKING:
+    from dreambooth_synth.slots import LoRASlots
 
 LOG = logging.getLogger(__name__)
 
@@ -116,9 +132,10 @@ def _detached(error: BaseException) -> Any:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    def __init__(self, device: Any = None) -> None:
         self.seconds = dict.fromkeys(PARTS, 0.0)
         self._started = time.monotonic()
+        self._cuda = device is not None and getattr(device, "type", None) == "cuda"
 
     @contextlib.contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -126,6 +143,11 @@ class _Timer:
         try:
             yield
         finally:
+            if self._cuda:
+                # GPU work is queued: without waiting for it, a part's time would show up in the next part.
+                import torch
+
+                torch.cuda.synchronize()
             self.seconds[name] += time.monotonic() - started
 
     def result(self) -> dict[str, float]:
@@ -138,20 +160,28 @@ class Synthesizer:
 
     Args:
         model: the base model; the synthesizer owns it from now on (full mode keeps its trained modules
-            in float32 and snapshots them).
+            in float32 and snapshots them; the speed switches set its attention, may compile its UNet and
+            put adapter slots on it until :meth:`close`).
         train_config: how subjects are learned.
         sample_config: how their prompts are rendered.
+        speed: the speed switches (default: all at their defaults).
         storage: shared storage for the class images of prior preservation (required with it).
         class_image_dir: the directory of those class images in ``storage``.
     """
 
     def __init__(self, model: LoadedModel, train_config: TrainConfig, sample_config: SampleConfig, *,
-                 storage: SharedStorage | None = None, class_image_dir: str = "") -> None:
+                 speed: SpeedConfig | None = None, storage: SharedStorage | None = None,
+                 class_image_dir: str = "") -> None:
         import torch
 
+        from dreambooth_synth.slots import LoRASlots, SlotLoRALinear
+
+        speed = speed or SpeedConfig()
+        speed.check(train_config)
         self.model = model
         self.train_config = train_config
         self.sample_config = sample_config
+        self.speed = speed
         self.resolution = train_config.resolution or model.native_resolution
         self.width = sample_config.width or self.resolution
         self.height = sample_config.height or self.resolution
@@ -161,6 +191,7 @@ class Synthesizer:
                 raise ValueError("prior preservation needs shared storage and a class image directory")
             self.class_images = ClassImageCache(storage, class_image_dir, self.class_images_key())
         model.pipe.scheduler = sampling_scheduler(sample_config.scheduler, model.scheduler_config)
+        set_attention(model, speed.attention)
         self._snapshot: WeightSnapshot | None = None
         if train_config.mode == "full":
             modules = trained_modules(model, train_config)
@@ -169,6 +200,28 @@ class Synthesizer:
             self._snapshot = WeightSnapshot(modules, pin=model.device.type == "cuda")
             LOG.info("full fine-tuning: %.0f MB of base weights kept on the CPU to restore after each subject",
                      self._snapshot.nbytes / 2**20)
+        self.slots: LoRASlots | None = None
+        if any(isinstance(m, SlotLoRALinear) for m in model.unet.modules()):
+            raise ValueError("the UNet already has adapter slots: close() the synthesizer that put them there")
+        if train_config.mode == "lora" and speed.adapter_slots:
+            self.slots = LoRASlots(model.unet, UNET_LORA_TARGETS, speed.clusters_per_batch, train_config.lora_rank,
+                                   train_config.effective_lora_alpha)
+        if speed.compile_unet:
+            # Compiled in place (the pipeline keeps its UNet object); the graphs are built on the first
+            # subject -- one for training, one per sampling batch shape -- and reused by every later one.
+            model.unet.compile(backend=speed.compile_backend)
+
+    def close(self) -> None:
+        """Give the model back as it came: adapter slots removed, the UNet no longer compiled."""
+        if self.slots is not None:
+            self.slots.remove()
+            self.slots = None
+        if self.speed.compile_unet:
+            self.model.unet._compiled_call_impl = None  # what nn.Module.compile() set
+
+    @property
+    def clusters_per_batch(self) -> int:
+        return self.slots.slots if self.slots is not None else 1
 
     def class_images_key(self) -> str:
         """Everything besides the class noun that determines the class images."""
@@ -186,20 +239,18 @@ class Synthesizer:
         Raises:
             SynthesisError: (or a subclass, with its ``reason``) the subject failed; the next can go on.
         """
-        timer = _Timer()
+        if self.slots is not None:
+            (outcome,) = self.synthesize_many([subject])
+            if isinstance(outcome, SynthesisError):
+                raise outcome
+            return outcome
+        timer = _Timer(self.model.device)
         memory.reset_peak(self.model.device)
         failure: SynthesisError | None = None
         try:
             result = self._synthesize(subject, timer)
-        except SynthesisError as error:
-            failure = _detached(error)
         except Exception as error:  # noqa: BLE001 -- one subject's failure must not end the worker
-            if is_out_of_memory(error):
-                failure = OutOfMemoryError(f"{type(error).__name__}: {error}")
-            else:
-                LOG.warning("subject %s failed", subject.key, exc_info=True)
-                failure = SynthesisError(f"{type(error).__name__}: {error}")
-            _detached(error)
+            failure = _failure(error, subject.key)
         finally:
             with timer.part("cleanup"):
                 memory.release(self.model.device)
@@ -207,18 +258,19 @@ class Synthesizer:
             failure.seconds = timer.result()
             raise failure
         seconds = timer.result()
-        after = memory.snapshot(self.model.device)
+        return self._finish(subject, result, seconds, memory.snapshot(self.model.device))
+
+    def _finish(self, subject: Subject, result: dict[str, Any], seconds: dict[str, float],
+                after: memory.MemorySnapshot) -> SynthesisResult:
         LOG.info("subject %s: %d images of %d prompts in %.1f s (%s); final loss %.4f", subject.key,
                  len(result["renders"]), len(subject.prompts), seconds["total"],
                  ", ".join(f"{k} {seconds[k]:.1f}" for k in PARTS), result["train"].final_loss)
         return SynthesisResult(seconds=seconds, after=after, **result)
 
-    def _synthesize(self, subject: Subject, timer: _Timer) -> dict[str, Any]:
+    def _prepare(self, subject: Subject, timer: _Timer) -> dict[str, Any]:
+        """Photos decoded and encoded, class images fetched: everything before training."""
         config = self.train_config
-        model = self.model
         noun = class_noun_or_default(subject.class_noun)
-        phrase = subject_phrase(config, noun)
-        label = f"subject {subject.key}: "
         if not subject.prompts:
             raise SynthesisError("no prompts to render")
         with timer.part("load"):
@@ -227,24 +279,138 @@ class Synthesizer:
                 raise NoUsableImagesError(f"none of the {len(subject.images)} images decodes: {'; '.join(problems)}")
             pixels = to_pixels(photos, self.resolution, config.center_crop)
         with timer.part("latents"):
-            instance = encode_latents(model, pixels)
+            instance = self._latents(pixels)
         prior = prior_rendered = None
         if config.prior_preservation:
             with timer.part("prior"):
                 prior, prior_rendered = self._class_latents(noun)
-        seed = training_seed(config.seed, subject.key)
-        with fine_tuning(model, config, self._snapshot, seed=seed) as params:
+        return {"subject": subject, "noun": noun, "phrase": subject_phrase(config, noun), "instance": instance,
+                "prior": prior, "prior_rendered": prior_rendered, "n_images": len(photos), "problems": problems,
+                "seed": training_seed(config.seed, subject.key)}
+
+    def _latents(self, pixels: Any) -> Any:
+        if self.speed.cache_encodings:
+            return encode_latents(self.model, pixels)
+        return EncodeEveryStep(self.model, pixels)
+
+    def _job(self, prepared: dict[str, Any], slot: int = 0) -> TrainJob:
+        config, noun = self.train_config, prepared["noun"]
+        return TrainJob(instance=prepared["instance"], instance_prompt=instance_prompt(config, noun),
+                        seed=prepared["seed"], prior=prepared["prior"], class_prompt=class_prompt(config, noun),
+                        slot=slot, label=f"subject {prepared['subject'].key}: ")
+
+    def _outcome(self, prepared: dict[str, Any], trained: TrainResult, renders: tuple[Render, ...],
+                 peak: memory.MemorySnapshot) -> dict[str, Any]:
+        return {"key": prepared["subject"].key, "class_noun": prepared["noun"], "subject_phrase": prepared["phrase"],
+                "instance_prompt": instance_prompt(self.train_config, prepared["noun"]), "renders": renders,
+                "train": trained, "n_images": prepared["n_images"], "skipped_images": tuple(prepared["problems"]),
+                "prior_rendered": prepared["prior_rendered"], "peak": peak}
+
+    def _synthesize(self, subject: Subject, timer: _Timer) -> dict[str, Any]:
+        model, config = self.model, self.train_config
+        prepared = self._prepare(subject, timer)
+        job = self._job(prepared)
+        with fine_tuning(model, config, self._snapshot, seed=prepared["seed"]) as params:
             with timer.part("train"):
-                trained = train(model, config, params, instance, instance_prompt(config, noun),
-                                seed=seed, resolution=self.resolution,
-                                prior=prior, class_prompt=class_prompt(config, noun), label=label)
+                (trained,) = train_many(model, config, params, [job], resolution=self.resolution,
+                                        optimizer=self.speed.optimizer, cache_text=self.speed.cache_encodings,
+                                        check_every=self.speed.loss_check_every)
+                if isinstance(trained, SynthesisError):
+                    raise trained
             with timer.part("sample"):
-                renders = self._render_prompts(subject, phrase)
+                (renders,) = self._render_prompts([prepared])
                 peak = memory.snapshot(model.device)
-        return {"key": subject.key, "class_noun": noun, "subject_phrase": phrase,
-                "instance_prompt": instance_prompt(config, noun), "renders": renders, "train": trained,
-                "n_images": len(photos), "skipped_images": tuple(problems), "prior_rendered": prior_rendered,
-                "peak": peak}
+        return self._outcome(prepared, trained, renders, peak)
+
+    # --- several subjects in adapter slots ----------------------------------------------------------------
+
+    def synthesize_many(self, subjects: Sequence[Subject]) -> list[SynthesisResult | SynthesisError]:
+        """Synthesize ``subjects``, ``speed.clusters_per_batch`` at a time in one UNet batch (adapter slots).
+
+        A subject's failure (undecodable photos, a diverged loss) is its own: the others go on. A failure
+        of the shared batch (out of memory) fails every subject in it. The training and sampling time of a
+        batch is divided evenly among its subjects in their ``seconds``.
+
+        Returns:
+            Per subject, in order: its result, or the :class:`SynthesisError` it failed with (``seconds`` set).
+        """
+        if self.slots is None:
+            out: list[SynthesisResult | SynthesisError] = []
+            for subject in subjects:
+                try:
+                    out.append(self.synthesize(subject))
+                except SynthesisError as error:
+                    out.append(error)
+            return out
+        outcomes: list[SynthesisResult | SynthesisError] = []
+        for start in range(0, len(subjects), self.slots.slots):
+            outcomes += self._synthesize_group(list(subjects[start:start + self.slots.slots]))
+        return outcomes
+
+    def _synthesize_group(self, subjects: list[Subject]) -> list[SynthesisResult | SynthesisError]:
+        assert self.slots is not None
+        model, config, slots = self.model, self.train_config, self.slots
+        memory.reset_peak(model.device)
+        timers = [_Timer(model.device) for _ in subjects]
+        failures: dict[int, SynthesisError] = {}
+        prepared: dict[int, dict[str, Any]] = {}
+        for i, subject in enumerate(subjects):
+            try:
+                prepared[i] = self._prepare(subject, timers[i])
+            except Exception as error:  # noqa: BLE001 -- the subject's own failure
+                failures[i] = _failure(error, subject.key)
+        shared = _Timer(model.device)
+        results: dict[int, dict[str, Any]] = {}
+        members = list(prepared)  # the subjects that share the batch (and its time)
+        try:
+            if members:
+                # One slot per subject; with one slot, rows need no routing (the layers' single-slot path).
+                routed = slots.slots > 1
+                jobs = [self._job(prepared[i], slot) for slot, i in enumerate(members)]
+                seeds = {job.slot: job.seed for job in jobs}
+                with slot_fine_tuning(model, config, slots, seeds) as params:
+                    with shared.part("train"):
+                        trained = train_many(model, config, params, jobs, resolution=self.resolution,
+                                             slots=slots if routed else None, optimizer=self.speed.optimizer,
+                                             cache_text=self.speed.cache_encodings,
+                                             check_every=self.speed.loss_check_every)
+                    done = []
+                    for i, outcome in zip(members, trained, strict=True):
+                        if isinstance(outcome, SynthesisError):
+                            failures[i] = outcome
+                        else:
+                            done.append((i, outcome))
+                    with shared.part("sample"):
+                        slot_of = {i: slot for slot, i in enumerate(members)}
+                        renders = self._render_prompts([prepared[i] for i, _ in done],
+                                                       [slot_of[i] for i, _ in done] if routed else None)
+                        peak = memory.snapshot(model.device)
+                    for (i, outcome), rendered in zip(done, renders, strict=True):
+                        results[i] = self._outcome(prepared[i], outcome, rendered, peak)
+        except Exception as error:  # noqa: BLE001 -- the batch failed: each of its subjects is rejected
+            failure = _failure(error, ", ".join(subjects[i].key for i in members))
+            for i in members:
+                if i not in failures:
+                    failures[i] = _clone(failure)  # each subject's own (its own seconds)
+            results.clear()
+        finally:
+            with shared.part("cleanup"):
+                memory.release(model.device)
+        after = memory.snapshot(model.device)
+        share = {part: value / max(len(members), 1) for part, value in shared.seconds.items()}
+        out: list[SynthesisResult | SynthesisError] = []
+        for i, subject in enumerate(subjects):
+            own = timers[i].seconds
+            parts = {part: round(own[part] + (share[part] if i in members else 0.0), 4) for part in PARTS}
+            if i not in members:
+                parts["cleanup"] = round(own["cleanup"], 4)
+            seconds = {**parts, "total": round(sum(parts.values()), 4)}
+            if i in results:
+                out.append(self._finish(subject, results[i], seconds, after))
+            else:
+                failures[i].seconds = seconds
+                out.append(failures[i])
+        return out
 
     def _class_latents(self, noun: str) -> tuple[Any, bool]:
         assert self.class_images is not None
@@ -261,19 +427,60 @@ class Synthesizer:
         if problems:
             raise SynthesisError(f"class images of {noun!r} in {cached.path} do not decode: {problems[0]}")
         pixels = to_pixels(photos, self.resolution, center_crop=True)
-        return encode_latents(self.model, pixels), cached.rendered
+        return self._latents(pixels), cached.rendered
 
-    def _render_prompts(self, subject: Subject, phrase: str) -> tuple[Render, ...]:
+    def _render_prompts(self, subjects: Sequence[dict[str, Any]],
+                        slots: Sequence[int] | None = None) -> list[tuple[Render, ...]]:
+        """Every prompt of every prepared subject, K times, in as few pipeline calls as the batch size allows
+        (each image through its subject's adapter slot when ``slots`` are given); renders per subject."""
         K = self.sample_config.images_per_prompt
-        jobs = [(i, template, skill, k) for i, (template, skill) in enumerate(subject.prompts) for k in range(K)]
-        texts = [render_prompt(template, phrase) for _, template, _, _ in jobs]
-        seeds = [sample_seed(subject.key, template, k) for _, template, _, k in jobs]
-        images = render(self.model, texts, seeds, self.sample_config, self.width, self.height)
-        return tuple(
-            Render(prompt_index=i, template=template, prompt=text, skill=skill, k=k, seed=seed,
-                   image=encode_image(out.image, self.sample_config), width=out.image.width,
-                   height=out.image.height, nsfw=out.nsfw)
-            for (i, template, skill, k), text, seed, out in zip(jobs, texts, seeds, images, strict=True))
+        jobs = [(n, i, template, skill, k) for n, prepared in enumerate(subjects)
+                for i, (template, skill) in enumerate(prepared["subject"].prompts) for k in range(K)]
+        texts = [render_prompt(template, subjects[n]["phrase"]) for n, _, template, _, _ in jobs]
+        seeds = [sample_seed(subjects[n]["subject"].key, template, k) for n, _, template, _, k in jobs]
+        routes = [slots[n] for n, *_ in jobs] if slots is not None else None
+        images = render(self.model, texts, seeds, self.sample_config, self.width, self.height,
+                        slots=self.slots if routes is not None else None, routes=routes)
+        out: list[list[Render]] = [[] for _ in subjects]
+        for (n, i, template, skill, k), text, seed, image in zip(jobs, texts, seeds, images, strict=True):
+            out[n].append(Render(prompt_index=i, template=template, prompt=text, skill=skill, k=k, seed=seed,
+                                 image=encode_image(image.image, self.sample_config), width=image.image.width,
+                                 height=image.image.height, nsfw=image.nsfw))
+        return [tuple(renders) for renders in out]
+
+
+def set_attention(model: LoadedModel, attention: str) -> None:
+    """Attention of the UNet and the VAE: ``sdpa`` (torch's fused kernels) or ``eager`` (written out)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for module in (model.unet, model.vae):
+        processors = set(type(p).__name__ for p in module.attn_processors.values())
+        if not processors <= {"AttnProcessor", "AttnProcessor2_0"}:
+            LOG.warning("attention %s not set: the model's %s attention processors are %s", attention,
+                        type(module).__name__, ", ".join(sorted(processors)))
+            continue
+        module.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def _clone(error: SynthesisError) -> SynthesisError:
+    """A copy of ``error`` (errors such as :class:`NonFiniteLossError` take other arguments than their message)."""
+    clone = type(error).__new__(type(error))
+    clone.__dict__.update(error.__dict__)
+    clone.args = error.args
+    return clone
+
+
+def _failure(error: BaseException, key: str) -> SynthesisError:
+    """``error`` as the :class:`SynthesisError` to report, detached from its traceback (see :func:`_detached`)."""
+    if isinstance(error, SynthesisError):
+        return _detached(error)
+    if is_out_of_memory(error):
+        failure: SynthesisError = OutOfMemoryError(f"{type(error).__name__}: {error}")
+    else:
+        LOG.warning("subject %s failed", key, exc_info=error)
+        failure = SynthesisError(f"{type(error).__name__}: {error}")
+    _detached(error)
+    return failure
 
 
 def base_weights(modules: Sequence[Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ is done by the :mod:`dreambooth_synth` library; this module is the Beam side of 
 
 * :class:`ReadClusters` -- ``clusters/*.parquet`` (phase 1's output) -> ``Cluster`` records.
 * :class:`Synthesize` -- ``Reshuffle`` (one cluster is minutes of GPU work: spread them over workers),
-  then :class:`SynthesizeFn`, one cluster per element, with the GPU resource hint from
+  then :class:`SynthesizeFn`, one cluster per element (or ``synth.speed.clusters_per_batch`` of them,
+  trained together in adapter slots of one UNet), with the GPU resource hint from
   ``synth.accelerator`` on that step only. The model is loaded once per worker process in ``setup()``
   (shared by the process's DoFn instances through ``apache_beam.utils.shared``; clusters take turns on it).
 * **Resume**: each finished cluster's candidates are also written, atomically, to
@@ -31,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
-from dreambooth_synth.config import ModelConfig, SampleConfig, TrainConfig
+from dreambooth_synth.config import ModelConfig, SampleConfig, SpeedConfig, TrainConfig
 from dreambooth_synth.errors import SynthesisError
 from dreambooth_synth.prompts import DEFAULT_CLASS_NOUN, class_noun_or_default
 from dreambooth_synth.synthesizer import PARTS
@@ -77,6 +78,8 @@ class SynthConfig:
     model: ModelConfig = option(factory=ModelConfig, help="The base model.")
     train: TrainConfig = option(factory=TrainConfig, help="DreamBooth training per cluster.")
     sample: SampleConfig = option(factory=SampleConfig, help="Rendering of the cluster's prompts.")
+    speed: SpeedConfig = option(factory=SpeedConfig, help="Speed switches (cost, not results: left out of the "
+                                                          "resume-cache key).")
     max_prompts: int = option(0, "Render at most this many prompts per cluster, in the cluster's order "
                                  "(0: all of them).")
     fallback_prompts: int = option(6, "Clusters that reach phase 2 without prompts (the prompts stage was off "
@@ -96,6 +99,7 @@ class SynthConfig:
             raise ValueError(f"max_prompts must be >= 0, got {self.max_prompts}")
         if self.fallback_prompts < 1:
             raise ValueError(f"fallback_prompts must be at least 1, got {self.fallback_prompts}")
+        self.speed.check(self.train)
 
     @property
     def needs_gpu(self) -> bool:
@@ -110,15 +114,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# Settings that change how a cluster's candidates are made run, not what they are.
+# Settings that change how a cluster's candidates are made run, not what they are (the whole ``speed``
+# section too: it is not hashed at all).
 _OPERATIONAL = {"model": ("device", "cpu_threads"), "train": ("log_every_steps",), "sample": ("batch_size",)}
 
 
 def synthesis_hash(config: SynthConfig) -> str:
     """Hash of everything in ``synth`` that changes a cluster's candidates: the resume-cache key.
 
-    Where the work runs (device, batch size, logging, cache location, resource hints) is left out, so a
-    job resumed on other hardware still reuses what is done.
+    Where and how fast the work runs (device, batch size, logging, the ``speed`` switches, cache location,
+    resource hints) is left out, so a job resumed on other hardware or settings still reuses what is done.
     """
     data = {}
     for section, skip in _OPERATIONAL.items():
@@ -319,7 +324,7 @@ def _read_cache(storage: BeamStorage, path: str) -> list[Candidate] | None:
 
 
 class SynthesizeFn(beam.DoFn):
-    """``Cluster`` -> its ``Candidate``s (main) or one whole-cluster reject (``rejects``).
+    """``Cluster`` (or a batch of them) -> its ``Candidate``s (main) or one whole-cluster reject (``rejects``).
 
     Args:
         config: the ``synth`` section.
@@ -346,7 +351,8 @@ class SynthesizeFn(beam.DoFn):
 
         _quiet_library_progress_bars()
         model = load_model(self._config.model)
-        synthesizer = Synthesizer(model, self._config.train, self._config.sample, storage=BeamStorage(),
+        synthesizer = Synthesizer(model, self._config.train, self._config.sample, speed=self._config.speed,
+                                  storage=BeamStorage(),
                                   class_image_dir=FileSystems.join(self._cache_dir, "class_images"))
         # The libraries and the model are ~0.5 M long-lived objects that every cluster's gc.collect()
         # would scan again (a quarter of a second each time); move them out of the collector's sight.
@@ -357,46 +363,74 @@ class SynthesizeFn(beam.DoFn):
     def teardown(self) -> None:
         gc.unfreeze()  # what setup froze can be collected again once this process lets the model go
 
-    def process(self, cluster: Cluster) -> Iterator[Any]:
+    def process(self, element: Cluster | Sequence[Cluster]) -> Iterator[Any]:
+        """One cluster, or a batch of them (``synth.speed.clusters_per_batch`` > 1: trained together)."""
+        clusters = [element] if isinstance(element, Cluster) else list(element)
+        todo: list[tuple[Cluster, tuple[Prompt, ...], str]] = []
+        for cluster in clusters:
+            try:
+                pending = yield from self._cached(cluster)
+                if pending is not None:
+                    todo.append(pending)
+            except Exception as error:  # noqa: BLE001 -- a bug on one cluster must not end the job
+                yield from self._internal_error(error, cluster)
+        if not todo:
+            return
         try:
-            yield from self._process(cluster)
-        except Exception as error:  # noqa: BLE001 -- a bug on one cluster must not end the job
-            with self._worker.lock:
-                self._worker.rejected += 1
-            yield internal_error(STAGE, error, cluster=cluster)
+            with self._worker.lock:  # one batch at a time on this process's model
+                outcomes = self._synthesize([(cluster, prompts) for cluster, prompts, _ in todo])
+        except Exception as error:  # noqa: BLE001
+            for cluster, _, _ in todo:
+                yield from self._internal_error(error, cluster)
+            return
+        for (cluster, _, path), outcome in zip(todo, outcomes, strict=True):
+            try:
+                yield from self._emit(cluster, path, outcome)
+            except Exception as error:  # noqa: BLE001
+                yield from self._internal_error(error, cluster)
 
-    def _process(self, cluster: Cluster) -> Iterator[Any]:
+    def _internal_error(self, error: Exception, cluster: Cluster) -> Iterator[Any]:
+        with self._worker.lock:
+            self._worker.rejected += 1
+        yield internal_error(STAGE, error, cluster=cluster)
+
+    def _cached(self, cluster: Cluster) -> Generator[Any, None, tuple[Cluster, tuple[Prompt, ...], str] | None]:
+        """Yields the cluster's candidates from the resume cache and returns ``None``; or returns what
+        synthesizing it needs."""
         worker = self._worker
         prompts = cluster_prompts(cluster, self._config)
         if not cluster.prompts:
             count(STAGE, "clusters_fallback_prompts")
         path = cache_path(self._cache_dir, self._synth_hash, cluster, prompts)
-        storage = BeamStorage()
-        cached = None if self._config.overwrite else _read_cache(storage, path)
-        if cached is not None:
-            candidates = cached
-            count(STAGE, "clusters_cached")
-            count(STAGE, "candidates", len(candidates))
+        cached = None if self._config.overwrite else _read_cache(BeamStorage(), path)
+        if cached is None:
+            return cluster, prompts, path
+        count(STAGE, "clusters_cached")
+        count(STAGE, "candidates", len(cached))
+        with worker.lock:
+            worker.cached += 1
+            worker.report(cluster.cluster_id, f"from the cache, {len(cached)} candidates")
+        yield from cached
+        return None
+
+    def _emit(self, cluster: Cluster, path: str, outcome: Any) -> Iterator[Any]:
+        worker = self._worker
+        if isinstance(outcome, beam.pvalue.TaggedOutput):
             with worker.lock:
-                worker.cached += 1
-                worker.report(cluster.cluster_id, f"from the cache, {len(candidates)} candidates")
-            yield from candidates
-            return
-        with worker.lock:  # one cluster at a time on this process's model
-            outcome = self._synthesize(cluster, prompts)
-            if isinstance(outcome, beam.pvalue.TaggedOutput):
                 worker.rejected += 1
                 worker.report(cluster.cluster_id, f"rejected: {outcome.value.reason}")
-            else:
-                worker.trained += 1
-                worker.trained_seconds += outcome[1]
-                worker.report(cluster.cluster_id, f"{len(outcome[0])} candidates in {outcome[1]:.1f} s")
-        if isinstance(outcome, beam.pvalue.TaggedOutput):
             yield outcome
             return
-        candidates = outcome[0]
+        if outcome.skipped_images:
+            count(STAGE, "images_undecodable", len(outcome.skipped_images))
+        candidates = make_candidates(cluster, outcome, worker.synthesizer, self._config, self._synth_hash)
+        seconds = outcome.seconds["total"]
+        with worker.lock:
+            worker.trained += 1
+            worker.trained_seconds += seconds
+            worker.report(cluster.cluster_id, f"{len(candidates)} candidates in {seconds:.1f} s")
         try:
-            storage.write_atomic(path, candidates_to_parquet(candidates))
+            BeamStorage().write_atomic(path, candidates_to_parquet(candidates))
         except Exception as error:  # noqa: BLE001 -- the candidates are good; only resuming is affected
             count(STAGE, "cache_write_failed")
             LOG.warning("synthesize: could not write the resume cache %s (%s: %s); the cluster's candidates "
@@ -405,21 +439,22 @@ class SynthesizeFn(beam.DoFn):
         count(STAGE, "candidates", len(candidates))
         yield from candidates
 
-    def _synthesize(self, cluster: Cluster, prompts: Sequence[Prompt]) -> Any:
+    def _synthesize(self, batch: Sequence[tuple[Cluster, Sequence[Prompt]]]) -> list[Any]:
+        """Per cluster: its :class:`dreambooth_synth.SynthesisResult`, or its reject."""
         from dreambooth_synth import Subject
 
-        subject = Subject(key=cluster.cluster_id, class_noun=cluster.class_noun,
-                          images=tuple(image.image for image in cluster.images),
-                          prompts=tuple((p.prompt, p.skill) for p in prompts))
-        try:
-            result = self._worker.synthesizer.synthesize(subject)
-        except SynthesisError as error:
-            seconds = error.seconds or {}
-            return reject(STAGE, error.reason, f"{error} (after {seconds.get('total', 0.0):.1f} s)", cluster=cluster)
-        if result.skipped_images:
-            count(STAGE, "images_undecodable", len(result.skipped_images))
-        return make_candidates(cluster, result, self._worker.synthesizer, self._config, self._synth_hash), \
-            result.seconds["total"]
+        subjects = [Subject(key=cluster.cluster_id, class_noun=cluster.class_noun,
+                            images=tuple(image.image for image in cluster.images),
+                            prompts=tuple((p.prompt, p.skill) for p in prompts)) for cluster, prompts in batch]
+        out = []
+        for (cluster, _), result in zip(batch, self._worker.synthesizer.synthesize_many(subjects), strict=True):
+            if isinstance(result, SynthesisError):
+                seconds = result.seconds or {}
+                out.append(reject(STAGE, result.reason, f"{result} (after {seconds.get('total', 0.0):.1f} s)",
+                                  cluster=cluster))
+                continue
+            out.append(result)
+        return out
 
 
 def make_candidates(cluster: Cluster, result: Any, synthesizer: Any, config: SynthConfig,
@@ -474,11 +509,13 @@ class Synthesize(beam.PTransform):
             REJECTS, main="candidates")
         if self._config.accelerator.strip():
             step = step.with_resource_hints(accelerator=self._config.accelerator.strip())
-        result = (
-            clusters
-            | "SpreadClusters" >> beam.Reshuffle()
-            | "SynthesizeClusters" >> step
-        )
+        spread = clusters | "SpreadClusters" >> beam.Reshuffle()
+        per_batch = self._config.speed.clusters_per_batch
+        if per_batch > 1:
+            # Several clusters' adapters train in one UNet batch: hand the DoFn that many at a time.
+            spread = spread | "BatchClusters" >> beam.BatchElements(min_batch_size=per_batch,
+                                                                    max_batch_size=per_batch)
+        result = spread | "SynthesizeClusters" >> step
         return StageOutput(result.candidates, result[REJECTS])
 
 
