@@ -118,6 +118,10 @@ def _plain(value: Any) -> Any:
 # section too: it is not hashed at all).
 _OPERATIONAL = {"model": ("device", "cpu_threads"), "train": ("log_every_steps",), "sample": ("batch_size",)}
 
+RENDER_VERSION = 2
+"""Bumped when the code renders different candidates from the same settings (2: LoRA weights drawn from a seeded
+stream shared by every adapter path), so that the resume cache never mixes renders of two versions."""
+
 
 def synthesis_hash(config: SynthConfig) -> str:
     """Hash of everything in ``synth`` that changes a cluster's candidates: the resume-cache key.
@@ -125,7 +129,7 @@ def synthesis_hash(config: SynthConfig) -> str:
     Where and how fast the work runs (device, batch size, logging, the ``speed`` switches, cache location,
     resource hints) is left out, so a job resumed on other hardware or settings still reuses what is done.
     """
-    data = {}
+    data: dict[str, Any] = {"render_version": RENDER_VERSION}
     for section, skip in _OPERATIONAL.items():
         data[section] = {k: v for k, v in _plain(getattr(config, section)).items() if k not in skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
