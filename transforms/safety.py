@@ -258,7 +258,8 @@ def apply_policy(cluster: Cluster, detections: Sequence[Detections], people: Peo
         checked.append((image, found, verdict))
     verdicts = [v for _, _, v in checked]
     person = is_person_cluster(verdicts, people)
-    remaining = cluster if not rejected else with_images(cluster, [im for im, _, _ in checked])
+    measured = [im for im, _, _ in checked]
+    remaining = with_images(cluster, measured) if rejected else cluster.replace(images=tuple(measured))
     if person and people.policy == "drop":
         persons = sum(1 for v in verdicts if v.face_share >= people.prominent_face_share)
         largest = max(v.face_share for v in verdicts)

@@ -74,6 +74,12 @@ NMS_SCORE = 0.25
 NMS_IOU = 0.45
 """NudeNet's NMS settings (``cv2.dnn.NMSBoxes(boxes, scores, 0.25, 0.45)``)."""
 
+NEIGHBORS = 5
+"""OpenCV's minNeighbors of the cascades."""
+
+SMALL_FACE = 48
+"""Face boxes smaller than this (px) are enlarged to it for the cascades, whose smallest window is 20 px."""
+
 CONFIRM_OVERLAP = 0.5
 """A cascade hit confirms a NudeNet face box when their intersection covers this share of the smaller box."""
 
@@ -255,16 +261,20 @@ class FaceConfirmer:
         x0, y0 = max(0, x - w // 2), max(0, y - h // 2)
         x1, y1 = min(width, x + w + w // 2), min(height, y + h + h // 2)
         region = gray[y0:y1, x0:x1]
-        if region.size == 0:
+        if region.size == 0 or min(w, h) < 1:
             return []
-        min_side = max(20, int(0.4 * min(w, h)))
+        # The cascades' smallest window is 20 px: a small face is enlarged so that it spans ~48 px.
+        scale = min(3.0, max(1.0, SMALL_FACE / min(w, h)))
+        if scale > 1.0:
+            region = cv2.resize(region, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        min_side = max(20, int(0.4 * min(w, h) * scale))
         found: list[tuple[int, int, int, int]] = []
         for cascade, mirrored in ((self.frontal, False), (self.profile, False), (self.profile, True)):
             image = cv2.flip(region, 1) if mirrored else region
-            for fx, fy, fw, fh in cascade.detectMultiScale(image, scaleFactor=1.1, minNeighbors=5,
+            for fx, fy, fw, fh in cascade.detectMultiScale(image, scaleFactor=1.1, minNeighbors=NEIGHBORS,
                                                            minSize=(min_side, min_side)):
                 fx = region.shape[1] - fx - fw if mirrored else fx
-                found.append((int(fx) + x0, int(fy) + y0, int(fw), int(fh)))
+                found.append((round(fx / scale) + x0, round(fy / scale) + y0, round(fw / scale), round(fh / scale)))
         return found
 
     def confirms(self, gray: np.ndarray, box: Sequence[int]) -> bool:
