@@ -3,6 +3,7 @@ recorded real detector outputs (the repository holds no explicit material)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -268,3 +269,38 @@ def test_multi_process_runner(pages: dict, tmp_path: Path) -> None:
                                "--direct_num_workers=2"])
     result, _ = run_stage(pages, PeopleConfig(), tmp_path, options=options)
     assert counters(result, "safety")["person_subject"] == 4
+
+
+# --- phase 3: the renders ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_flag_nsfw_targets_sets_the_candidates_flag(tmp_path: Path) -> None:
+    """Renders are real photos here; the coffee photo's strongest NSFW class (0.15, a false alarm) is over a lowered
+    threshold, so the detector flags that render and the target filter would reject it as nsfw. A flag of the base
+    model's safety checker stays."""
+    from schemas.records import ScoredCandidate
+    from tests.clip_helpers import photo_cluster
+    from tests.phase3_helpers import PASSING, as_png, candidate, units_of
+    from transforms.safety import FlagNsfwTargets
+    from transforms.target_filter import TargetFilterConfig, failures
+
+    photos = [(DATA / "photos" / n).read_bytes() for n in ("astronaut.jpg", "camera.jpg", "coffee.jpg")]
+    cluster = photo_cluster("https://shop.example.com/cups", photos)
+    cands = [candidate(cluster, as_png(photo), tag=str(i), nsfw=(True if i == 0 else None))
+             for i, photo in enumerate(photos)]
+    unit = units_of([ScoredCandidate(c, "a cup", PASSING, "x") for c in cands], cluster)
+    with TestPipeline() as p:
+        flagged = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(), NsfwConfig(buttocks_exposed=0.1))
+        assert_that(flagged | beam.Map(lambda u: sorted((s.candidate.candidate_id, s.candidate.nsfw)
+                                                        for s in u.candidates)),
+                    equal_to([sorted([(cands[0].candidate_id, True), (cands[1].candidate_id, None),
+                                      (cands[2].candidate_id, True)])]))
+    assert counters(p.result, "nsfw_targets")["flagged"] == 1
+    flagged_unit = dataclasses.replace(unit.candidates[0], candidate=dataclasses.replace(cands[2], nsfw=True))
+    assert failures(flagged_unit, TargetFilterConfig(), None)[0][0] == "nsfw"
+    # Switched off, the step is the identity.
+    with TestPipeline() as p:
+        same = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(), NsfwConfig(enabled=False))
+        assert_that(same | beam.Map(lambda u: [s.candidate.nsfw for s in u.candidates]),
+                    equal_to([[s.candidate.nsfw for s in unit.candidates]]))

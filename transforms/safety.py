@@ -436,7 +436,7 @@ def flag_targets(result: PredictionResult, nsfw: NsfwConfig) -> Any:
         count("nsfw_targets", f"nsfw_score_bin_{min(NSFW_BINS - 1, int(score * NSFW_BINS))}")
         if label is not None:
             count("nsfw_targets", "flagged")
-            item = item._replace(candidate=dataclasses.replace(item.candidate, nsfw=True))
+            item = dataclasses.replace(item, candidate=dataclasses.replace(item.candidate, nsfw=True))
         scored.append(item)
     return unit._replace(candidates=tuple(scored))
 
