@@ -22,6 +22,7 @@ from transforms.semantic_dedup import (
     SemanticDedupConfig,
     bucket_chunks,
     centroid_count,
+    compare_bucket,
     fit_centroids,
     greedy_duplicates,
     sample_size,
@@ -148,6 +149,25 @@ def test_hot_buckets_are_chunked_by_similarity() -> None:
     assert [len(c) for c in chunks] == [10, 10, 5] and sorted(sum(chunks, []), key=lambda it: it.key) == sorted(
         items, key=lambda it: it.key)
     assert bucket_chunks(items, 25) == [items]
+
+
+def test_hot_buckets_are_split_again_without_losing_duplicates() -> None:
+    space = Space(4)
+    products = [space.product() for _ in range(12)]
+    photos = [space.photo(products[i % 12]) for i in range(120)]
+    items = [item(f"p{i:03d}", v, (i,)) for i, v in enumerate(photos)]
+    items += [item(f"c{i:03d}", space.copy(photos[i]), (1000 + i,)) for i in range(0, 120, 3)]
+    whole = {(d.loser.key, d.winner.key) for d in greedy_duplicates(items, 0.95)}
+    assert len(whole) == 40
+    config = SemanticDedupConfig(bucket_size=20, max_bucket_items=40, sample_per_centroid=4)
+    split = {}
+    for d in compare_bucket(items, 0.95, config):
+        split[d.loser.key] = min(split.get(d.loser.key, (d.winner.rank, d.winner.key)), (d.winner.rank, d.winner.key))
+    found = {(loser, winner[1]) for loser, winner in split.items()}
+    # The split parts are compared alone: pairs across a split's boundary can be missed, never invented.
+    by_key = {it.key: it for it in items}
+    assert all(by_key[a].vector @ by_key[b].vector >= 0.95 and by_key[b].rank < by_key[a].rank for a, b in found)
+    assert {a for a, _ in found} <= {a for a, _ in whole} and len(found) >= 0.9 * len(whole)
 
 
 def save_to(path: Path):

@@ -31,9 +31,12 @@ pair of duplicates on either side of a boundary is never compared (about 5% of t
 here each item is compared in the buckets of its ``assignments`` (2) nearest centroids, for four times the
 comparisons (each bucket holds twice the items), and an item that leaves in several buckets is one verdict, the
 one naming the best-ranked winner. Every item that leaves has a better-ranked duplicate that some bucket kept, so
-the best-ranked item of every group of duplicates stays. A bucket over ``max_bucket_items`` (a degenerate region of the
-embedding space) is counted (``semantic_dedup/hot_buckets``) and compared in chunks of that size, in the order of
-the items' similarity to the bucket's mean, so no worker holds a quadratic amount of work.
+the best-ranked item of every group of duplicates stays. CLIP-like embeddings crowd in a cone, and k-means fitted
+on a sample leaves some buckets far over the mean (20,000 items of 100,000 in the benchmark): a bucket over
+``max_bucket_items`` is split again the same way, on a sample of its own items (``semantic_dedup/split_buckets``),
+so the work per item stays bounded -- each item goes to one part only (two at every level would compare it
+2^levels times), so pairs on the boundary of a split are missed there; after three splits what is left is compared
+in chunks of that size, in the order of the items' similarity to the bucket's mean (``semantic_dedup/hot_buckets``).
 
 **No image bytes in the global steps.** Both levels work on small :class:`Item`s -- ids, rank, one embedding
 (3 KB at 768 dimensions) -- never on clusters. The centroids reach the assignment as a singleton side input
@@ -88,14 +91,15 @@ class SemanticDedupConfig:
                                    "centroids; pairs are compared only within a bucket.")
     max_centroids: int = option(4096, "Most k-means centroids (their float32 matrix is a side input of every "
                                       "worker: 12 MB at 4096 x 768).")
-    sample_per_centroid: int = option(8, "Sample items per centroid for fitting k-means.")
+    sample_per_centroid: int = option(16, "Sample items per centroid for fitting k-means.")
     max_sample: int = option(32768, "Most items in the k-means sample (one element: 48 MB of float16 at 768 "
                                     "dimensions).")
     assignments: int = option(2, "Each item is compared in the buckets of its this many nearest centroids, so that "
                                  "duplicates on either side of a bucket boundary still meet (1: SemDeDup's single "
                                  "assignment, about 5% of duplicates missed; see docs/defaults.md).")
-    max_bucket_items: int = option(20000, "A bucket with more items is compared in chunks of this size "
-                                           "(counted as semantic_dedup/hot_buckets).")
+    max_bucket_items: int = option(2000, "A bucket with more items is split again by k-means (counted as "
+                                          "semantic_dedup/split_buckets), up to 3 times, then compared in chunks "
+                                          "of this size (semantic_dedup/hot_buckets).")
     kmeans_iterations: int = option(20, "Lloyd iterations of the k-means fit.")
     seed: int = option(0, "Seed of the k-means initialization.")
 
@@ -201,7 +205,10 @@ def fit_centroids(sample: Sequence[tuple[int, np.ndarray]], n_items: int, config
         return unit(points.mean(axis=0))[None, :]
     from sklearn.cluster import KMeans
 
-    model = KMeans(n_clusters=k, n_init=1, max_iter=config.kmeans_iterations, random_state=config.seed)
+    # Random initialization from the sample: scikit-learn's k-means++ takes ~20 s for 200 centroids of 1,600
+    # 768-d points on one core, and buckets need balance more than an optimal fit (hot ones are split again).
+    model = KMeans(n_clusters=k, n_init=1, init="random", max_iter=config.kmeans_iterations,
+                   random_state=config.seed)
     model.fit(points)
     centroids = model.cluster_centers_.astype(np.float32)
     return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
@@ -251,6 +258,38 @@ def greedy_duplicates(items: Sequence[Item], threshold: float, block: int = 512)
     return found
 
 
+MAX_SPLITS = 3
+"""How many times a hot bucket is split by k-means again before it is compared in chunks."""
+
+
+def compare_bucket(items: list[Item], threshold: float, config: SemanticDedupConfig,
+                   depth: int = 0) -> Iterator[Duplicate]:
+    """Duplicates within a bucket. A bucket over ``max_bucket_items`` is split like the whole: k-means on a
+    sample of its items (``ceil(m / bucket_size)`` centroids), each item to its nearest, each part compared (split
+    again if still too big); after :data:`MAX_SPLITS` splits, in chunks (:func:`bucket_chunks`)."""
+    if len(items) > config.max_bucket_items and depth < MAX_SPLITS:
+        ordered = sorted(items, key=lambda it: sample_hash(it.key))
+        sample = [(sample_hash(it.key), it.vector) for it in ordered[:sample_size(len(items), config)]]
+        centroids = fit_centroids(sample, len(items), config)
+        if len(centroids) > 1:
+            count(STAGE, "split_buckets")
+            parts: dict[int, list[Item]] = {}
+            # One part per item: with ``assignments`` parts at every level an item would be compared 2^levels
+            # times; the pairs a split separates are the price of bounded work (docs/defaults.md).
+            for it in items:
+                parts.setdefault(nearest_centroid(it.vector, centroids), []).append(it)
+            if max(len(part) for part in parts.values()) < len(items):  # the split made progress
+                for k in sorted(parts):
+                    yield from compare_bucket(parts[k], threshold, config, depth + 1)
+                return
+    chunks = bucket_chunks(items, config.max_bucket_items)
+    if len(chunks) > 1:
+        count(STAGE, "hot_buckets")
+    for chunk in chunks:
+        count(STAGE, "pairs_compared", len(chunk) * (len(chunk) - 1) // 2)
+        yield from greedy_duplicates(chunk, threshold)
+
+
 def bucket_chunks(items: list[Item], max_items: int) -> list[list[Item]]:
     """A bucket as it is compared: whole, or -- over ``max_items`` -- in chunks of similar items (ordered by the
     similarity to the bucket's mean)."""
@@ -262,23 +301,17 @@ def bucket_chunks(items: list[Item], max_items: int) -> list[list[Item]]:
 
 
 class BucketDuplicatesFn(beam.DoFn):
-    """``(centroid, items)`` -> :class:`Duplicate` for every item that leaves."""
+    """``(centroid, items)`` -> :class:`Duplicate` for every item that leaves (:func:`compare_bucket`)."""
 
-    def __init__(self, threshold: float, max_items: int, level: str) -> None:
+    def __init__(self, threshold: float, config: SemanticDedupConfig, level: str) -> None:
         self._threshold = threshold
-        self._max_items = max_items
+        self._config = config
         self._level = level
 
     def process(self, element: tuple[int, Iterable[Item]]) -> Iterator[Duplicate]:
         _, items = element
-        items = list(items)
         count(STAGE, f"buckets_{self._level}")
-        chunks = bucket_chunks(items, self._max_items)
-        if len(chunks) > 1:
-            count(STAGE, "hot_buckets")
-        for chunk in chunks:
-            count(STAGE, "pairs_compared", len(chunk) * (len(chunk) - 1) // 2)
-            yield from greedy_duplicates(chunk, self._threshold)
+        yield from compare_bucket(list(items), self._threshold, self._config)
 
 
 def best_winner(duplicates: Iterable[Duplicate]) -> Duplicate:
@@ -312,7 +345,7 @@ class FindDuplicates(beam.PTransform):
                                                                                                   assignments)),
                                                 beam.pvalue.AsSingleton(centroids))
             | "GroupByCentroid" >> beam.GroupByKey()
-            | "CompareInBuckets" >> beam.ParDo(BucketDuplicatesFn(self._threshold, config.max_bucket_items, level))
+            | "CompareInBuckets" >> beam.ParDo(BucketDuplicatesFn(self._threshold, config, level))
             | "KeyByLoser" >> beam.Map(lambda d: (d.loser.key, d))
             | "BestWinnerPerLoser" >> beam.CombinePerKey(best_winner)
             | "Duplicates" >> beam.Values()
