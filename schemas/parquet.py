@@ -55,6 +55,10 @@ CLUSTER_IMAGE_TYPE = pa.struct([
     pa.field("phash", pa.string()),
     pa.field("embedding", pa.list_(pa.float16())),
     pa.field("coherence", pa.float32()),
+    pa.field("face_count", pa.int32()),
+    pa.field("face_share", pa.float32()),
+    pa.field("faces_blurred", pa.int32()),
+    pa.field("nsfw_score", pa.float32()),
 ])
 
 CLUSTER_STATS_TYPE = pa.struct([
@@ -236,6 +240,10 @@ def image_to_row(image: ImageRecord) -> dict[str, Any]:
         "phash": image.phash,
         "embedding": _embedding_to_list(image.embedding),
         "coherence": image.coherence,
+        "face_count": image.face_count,
+        "face_share": image.face_share,
+        "faces_blurred": image.faces_blurred,
+        "nsfw_score": image.nsfw_score,
     }
 
 
@@ -291,6 +299,10 @@ def cluster_from_row(row: dict[str, Any]) -> Cluster:
             caption=im.get("caption"),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
             coherence=im.get("coherence"),
+            face_count=im.get("face_count"),
+            face_share=im.get("face_share"),
+            faces_blurred=im.get("faces_blurred"),
+            nsfw_score=im.get("nsfw_score"),
         ))
     stats = row["stats"]
     provenance = row.get("provenance") or {}

@@ -68,6 +68,15 @@ class ImageRecord:
     """L2-normalized image embedding (a float numpy vector) from the embedding stage, or ``None``."""
     coherence: float | None = None
     """Mean cosine similarity of this image to the other images of its cluster, when computed."""
+    face_count: int | None = None
+    """Faces the safety stage found (confirmed, over ``people.min_face_score``); ``None`` until it runs."""
+    face_share: float | None = None
+    """Share of the image's area covered by its largest face's box (0.0 without faces); ``None`` until checked."""
+    faces_blurred: int | None = None
+    """Faces blurred in the stored image by the safety stage (its bytes, ``image_id`` and ``phash`` are then those
+    of the blurred image; ``record_id`` still names the crawled record)."""
+    nsfw_score: float | None = None
+    """Highest score of the detector's NSFW classes (``nsfw`` section) on this image; ``None`` until checked."""
 
     def replace(self, **changes: Any) -> ImageRecord:
         return dataclasses.replace(self, **changes)

@@ -6,7 +6,7 @@ several is counted under the **first** one in this order (its reject ``detail`` 
 all of them):
 
 ====  ========================  ======================================================================
- 1    ``nsfw``                  flagged by the base model's safety checker (``target_filter.drop_nsfw``)
+ 1    ``nsfw``                  flagged by the base model's safety checker or the NSFW detector (``drop_nsfw``)
  2    ``target_too_small``      shorter side under ``min_side``
  3    ``blank_image``           contrast (luma standard deviation) under ``min_contrast``: near uniform
  4    ``too_dark``              brightness (mean luma) under ``min_brightness``
@@ -157,7 +157,8 @@ def failures(scored: ScoredCandidate, config: TargetFilterConfig, bounds: Bounds
     s, c = scored.scores, scored.candidate
     out: list[tuple[str, str]] = []
     if config.drop_nsfw and c.nsfw:
-        out.append((NSFW, "flagged by the base model's safety checker"))
+        out.append((NSFW, "flagged as NSFW (the base model's safety checker, or the NSFW detector of "
+                          "transforms.safety.FlagNsfwTargets)"))
     if min(c.width, c.height) < config.min_side:
         out.append((TARGET_TOO_SMALL, f"{c.width}x{c.height} < min_side {config.min_side}"))
     if config.min_contrast is not None and s.contrast < config.min_contrast:
