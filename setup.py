@@ -17,15 +17,21 @@ BEAM_VERSION = "2.77.0"
 
 VERSION = "0.1.0"
 
-# Phase 1 without models: reading, normalizing, grouping, deduplicating and writing Parquet.
+# Phase 1 without models: reading (files, WARC pages, document rows), fetching, normalizing, grouping,
+# deduplicating and writing Parquet.
 INSTALL_REQUIRES = [
     f"apache-beam=={BEAM_VERSION}",
     "pyarrow>=14",
     "pillow>=10.1",
     "imagehash>=4.3",
+    "opencv-python-headless>=4.8,<5",  # JPEG decode/resize/encode in normalize; 5.x has no CascadeClassifier
     "w3lib>=2.1",
     "numpy>=1.24",
     "pyyaml>=6",
+    "aiohttp>=3.9",
+    "warcio>=1.7",
+    "protego>=0.3",
+    "selectolax>=0.3",
 ]
 
 # Everything that runs a model: CLIP embeddings (open_clip), DreamBooth synthesis (diffusers + peft).
@@ -37,6 +43,10 @@ MODELS_REQUIRE = [
     "transformers>=4.44",
     "peft>=0.13",
     "safetensors>=0.4",
+    # faces and NSFW (the detector ships its weights in the wheel), semantic dedup's k-means
+    "nudenet>=3.4",
+    "onnxruntime>=1.17",
+    "scikit-learn>=1.3",
 ]
 
 EXTRAS_REQUIRE = {
