@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config, config_hash, to_dict
-from pipeline.runners import UnsupportedRunnerError, check_runner, fnapi_data_plane_fix
+from pipeline.runners import UnsupportedRunnerError, check_runner, fnapi_data_plane_fix, portable_job_options
 from schemas.parquet import SCHEMA_VERSION
 from transforms.assemble import Assemble, RunProvenance, examples_output
 from transforms.caption import Caption
@@ -524,6 +524,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     options = PipelineOptions(beam_args)
     try:
         check_runner(options)
+        portable_job_options(options, beam_args)
     except UnsupportedRunnerError as error:
         raise UsageError(str(error)) from error
     factory = pipeline_factory or (lambda opts: beam.Pipeline(options=opts))

@@ -12,6 +12,11 @@
   images each), in a different stage on every run. Setting the period to 0 makes the runner use Beam's
   size-based stream, which has no flush thread. ``tests/test_runners.py`` reproduces the bug with Beam's own
   classes and checks the fix.
+* :func:`portable_job_options` works around another: Beam's ``PortableRunner`` (and ``FlinkRunner``,
+  ``SparkRunner``, which extend it) opens the job's state and message streams with ``job_server_timeout`` (300 s
+  by default) as their gRPC deadline, so every job that runs longer fails with ``DEADLINE_EXCEEDED`` after all its
+  work. Unless the user sets ``--job_server_timeout``, a run gets a deadline of a week, after checking that the
+  job endpoint answers (so an unreachable endpoint still fails in seconds, with a clear message).
 * ``python -m pipeline.runners job PORT`` / ``pool PORT`` run Beam's job service and worker pool (the layout of
   a Flink cluster, on one machine) with that fix, every gRPC server bound to 127.0.0.1.
 """
@@ -37,12 +42,45 @@ class UnsupportedRunnerError(ValueError):
 
 def check_runner(options: Any) -> None:
     """Raise :class:`UnsupportedRunnerError` for a runner that cannot run the pipeline (``options``: Beam's)."""
+    name = _runner_name(options)
+    if name in UNSUPPORTED_RUNNERS:
+        raise UnsupportedRunnerError(f"--runner {name} is not supported: {UNSUPPORTED_RUNNERS[name]}")
+
+
+PORTABLE_RUNNERS = ("PortableRunner", "FlinkRunner", "SparkRunner")
+
+JOB_DEADLINE_S = 7 * 24 * 3600
+"""The state-stream deadline of a portable job when the user sets none: longer than any phase runs."""
+
+
+def _runner_name(options: Any) -> str:
     from apache_beam.options.pipeline_options import StandardOptions
 
     runner = options.view_as(StandardOptions).runner
-    name = runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__ if runner else ""
-    if name in UNSUPPORTED_RUNNERS:
-        raise UnsupportedRunnerError(f"--runner {name} is not supported: {UNSUPPORTED_RUNNERS[name]}")
+    return runner.rsplit(".", 1)[-1] if isinstance(runner, str) else type(runner).__name__ if runner else ""
+
+
+def portable_job_options(options: Any, beam_args: list[str], connect_timeout_s: float = 30.0) -> None:
+    """On a portable runner: refuse an unreachable ``--job_endpoint`` at once, and lift the state-stream deadline
+    (see the module docstring) unless ``--job_server_timeout`` was given."""
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    if _runner_name(options) not in PORTABLE_RUNNERS:
+        return
+    portable = options.view_as(PortableOptions)
+    endpoint = portable.job_endpoint
+    if endpoint and endpoint != "embed":
+        import socket
+
+        host, _, port = endpoint.rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=connect_timeout_s):
+                pass
+        except (OSError, ValueError) as error:
+            raise UnsupportedRunnerError(f"--job_endpoint {endpoint}: no job service answers there ({error}); "
+                                         f"start one (docs/runners.md) or check the address") from error
+    if not any(arg.split("=", 1)[0] in ("--job_server_timeout", "--job-server-timeout") for arg in beam_args):
+        portable.job_server_timeout = JOB_DEADLINE_S
 
 
 @contextlib.contextmanager

@@ -71,3 +71,27 @@ def test_dask_runner_is_refused_with_the_reason() -> None:
         check_runner(PipelineOptions(["--runner", "DaskRunner"]))
     check_runner(PipelineOptions(["--runner", "DirectRunner"]))
     check_runner(PipelineOptions([]))
+
+
+def test_portable_job_gets_a_long_deadline_and_an_unreachable_endpoint_fails_fast() -> None:
+    import socket
+
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    from pipeline.runners import JOB_DEADLINE_S, portable_job_options
+
+    with socket.socket() as server:  # something listening on loopback, as a job service would
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        args = ["--runner", "PortableRunner", "--job_endpoint", f"127.0.0.1:{port}"]
+        options = PipelineOptions(args)
+        portable_job_options(options, args)
+        assert options.view_as(PortableOptions).job_server_timeout == JOB_DEADLINE_S
+        mine = [*args, "--job_server_timeout", "90"]
+        options = PipelineOptions(mine)
+        portable_job_options(options, mine)
+        assert options.view_as(PortableOptions).job_server_timeout == 90  # the user's choice stands
+    gone = ["--runner", "PortableRunner", "--job_endpoint", f"127.0.0.1:{port}"]
+    with pytest.raises(UnsupportedRunnerError, match="no job service answers"):
+        portable_job_options(PipelineOptions(gone), gone, connect_timeout_s=2)
