@@ -51,6 +51,7 @@ CLUSTER_IMAGE_TYPE = pa.struct([
     pa.field("source_height", pa.int32()),
     pa.field("source_format", pa.string()),
     pa.field("text", pa.string()),
+    pa.field("text_truncated", pa.bool_()),
     pa.field("caption", pa.string()),
     pa.field("phash", pa.string()),
     pa.field("embedding", pa.list_(pa.float16())),
@@ -230,6 +231,7 @@ def image_to_row(image: ImageRecord) -> dict[str, Any]:
         "source_height": image.source_height,
         "source_format": image.source_format,
         "text": image.text,
+        "text_truncated": image.text_truncated,
         "caption": image.caption,
         "phash": image.phash,
         "embedding": _embedding_to_list(image.embedding),
@@ -289,6 +291,7 @@ def cluster_from_row(row: dict[str, Any]) -> Cluster:
             caption=im.get("caption"),
             embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
             coherence=im.get("coherence"),
+            text_truncated=bool(im.get("text_truncated")),
         ))
     stats = row["stats"]
     provenance = row.get("provenance") or {}

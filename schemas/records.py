@@ -50,7 +50,8 @@ class ImageRecord:
     """Host name of the canonical page URL (lower case, IDNA-encoded)."""
     image_url: str | None
     text: str | None
-    """Original alt text, unchanged."""
+    """Alt text as crawled, cut to ``normalize.max_text_chars`` characters when longer (see
+    :attr:`text_truncated`)."""
     image: bytes = field(repr=False)
     """Normalized image: RGB, EXIF orientation applied, resized and re-encoded as configured."""
     width: int
@@ -68,6 +69,8 @@ class ImageRecord:
     """L2-normalized image embedding (a float numpy vector) from the embedding stage, or ``None``."""
     coherence: float | None = None
     """Mean cosine similarity of this image to the other images of its cluster, when computed."""
+    text_truncated: bool = False
+    """Whether :attr:`text` was cut: the crawled alt text was longer than ``normalize.max_text_chars``."""
 
     def replace(self, **changes: Any) -> ImageRecord:
         return dataclasses.replace(self, **changes)
