@@ -338,8 +338,8 @@ def _decode_jpeg_opencv(data: bytes, width: int, height: int, target: tuple[int,
     return pixels
 
 
-# A large image is converted to RGB and reduced this many pixels at a time (about 12 MB of RGB).
-_STRIP_PIXELS = 1 << 22
+# A large image is converted to RGB and reduced this many pixels at a time (4 MB of Pillow's RGB).
+_STRIP_PIXELS = 1 << 20
 
 
 def _load(image: Image.Image) -> None:
