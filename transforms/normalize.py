@@ -332,7 +332,11 @@ def _decode_jpeg_opencv(data: bytes, width: int, height: int, target: tuple[int,
     """
     scale = _jpeg_scale(width, height, target)
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION | _OPENCV_REDUCED[scale]
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as error:  # an assertion in the codec: Pillow will say what is wrong
+        LOG.debug("OpenCV could not decode a JPEG: %s", error)
+        return None
     if pixels is None or pixels.shape != (-(-height // scale), -(-width // scale), 3):
         return None
     return pixels
