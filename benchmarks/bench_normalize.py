@@ -263,6 +263,10 @@ def main() -> None:
         previous = json.loads(open(args.output, encoding="utf-8").read())
         results["sets"] = {k: v for k, v in previous.get("sets", {}).items() if k not in parts}
         results.update({k: previous[k] for k in ("memory",) if k in previous and k not in parts})
+        kept = sorted(results["sets"]) + [k for k in ("memory",) if k in results]
+        if kept:  # say which figures are older than this run, and from when
+            results["kept_from_previous_run"] = {"parts": kept, "created": previous.get(
+                "kept_from_previous_run", {}).get("created", previous.get("created"))}
     for name, images in sets.items():
         if name not in parts:
             continue
