@@ -12,7 +12,7 @@ longest side with ``INTER_AREA`` only when larger, the same size and aspect-rati
 the SHA-256 of the encoded bytes and the perceptual hash of the result. The resizer returns encoded bytes only,
 so the perceptual hash decodes them first: that is what a user of img2dataset's output has to do. Prints one
 JSON object: images resized, the best round's seconds, the resizer's share, and each image's perceptual hash
-(to compare the outputs).
+and size (to compare the outputs).
 """
 
 from __future__ import annotations
@@ -45,30 +45,31 @@ def main() -> None:
                       max_image_area=args.max_pixels, max_aspect_ratio=args.max_aspect_ratio)
     path = args.input
 
-    def run() -> tuple[int, float, list[str]]:
-        done, resizing, phashes = 0, 0.0, []
+    def run() -> tuple[int, float, list[str], list[list[int]]]:
+        done, resizing, phashes, sizes = 0, 0.0, [], []
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["image"]):
             for data in batch.column(0).to_pylist():
                 start = time.perf_counter()
-                encoded, *_, error = resizer(io.BytesIO(data))
+                encoded, width, height, *_, error = resizer(io.BytesIO(data))
                 resizing += time.perf_counter() - start
                 if error is not None:
                     continue
                 hashlib.sha256(encoded).hexdigest()
                 phashes.append(str(imagehash.phash(Image.open(io.BytesIO(encoded)))))
+                sizes.append([width, height])
                 done += 1
-        return done, resizing, phashes
+        return done, resizing, phashes, sizes
 
     run()  # warm-up: imports, codecs, albumentations' first call
-    best, resizer_seconds, done, phashes = float("inf"), 0.0, 0, []
+    best, resizer_seconds, done, phashes, sizes = float("inf"), 0.0, 0, [], []
     for _ in range(args.rounds):
         start = time.perf_counter()
-        done, resizing, phashes = run()
+        done, resizing, phashes, sizes = run()
         seconds = time.perf_counter() - start
         if seconds < best:
             best, resizer_seconds = seconds, resizing
     print(json.dumps({"images": done, "seconds": round(best, 3), "images_per_s": round(done / best, 1),
-                      "resizer_seconds": round(resizer_seconds, 3), "phashes": phashes}))
+                      "resizer_seconds": round(resizer_seconds, 3), "phashes": phashes, "sizes": sizes}))
 
 
 if __name__ == "__main__":
