@@ -412,9 +412,9 @@ def test_two_colours_of_equal_luma_are_not_blank() -> None:
     assert normalize_image(data, CONFIG).width == 768
 
 
-def test_a_large_black_png_is_refused_holding_one_decoded_copy() -> None:
-    """A 4,000 x 3,000 black PNG (a few kB) is refused; the strips keep the reduction exact (see
-    bench_normalize.py for the peak memory of the 9,400 x 9,400 one)."""
+def test_a_large_black_png_is_refused() -> None:
+    """A 4,000 x 3,000 black PNG (a few kB) goes through the strip reduction and is refused (peak memory of
+    the 9,400 x 9,400 one: bench_normalize.py)."""
     data = _encode(Image.new("RGB", (4000, 3000)), "PNG")
     assert len(data) < 100_000
     with pytest.raises(Rejected) as caught:
