@@ -9,7 +9,10 @@ OUT ?= out/demo
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-web test install lint bench gpu-check sample clean
+PEERS ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+
+.PHONY: demo demo-web test install lint bench gpu-check peers sample clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +40,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_normalize.py --output benchmarks/results/normalize.json
+# Peer tools the benchmarks compare against, in their own virtualenv (never in the project's): img2dataset with
+# its own OpenCV, plus the project's Pillow and ImageHash for the same hashes.
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet img2dataset==1.47.0 pillow==12.3.0 ImageHash==4.3.2
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+bench: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python benchmarks/bench_normalize.py --output benchmarks/results/normalize.json \
+		--peer-python $(PEERS)/bin/python
 	$(BIN)/python benchmarks/bench_llm_stages.py --output benchmarks/results/llm_stages.json
 	$(BIN)/python benchmarks/bench_embed.py --output benchmarks/results/embed.json
 	$(BIN)/python benchmarks/bench_synth.py --output benchmarks/results/synth.json
@@ -56,4 +69,4 @@ sample: $(STAMP)
 	$(BIN)/python scripts/build_sample.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(PEERS) out .pytest_cache build *.egg-info

@@ -51,6 +51,7 @@ CLUSTER_IMAGE_TYPE = pa.struct([
     pa.field("source_height", pa.int32()),
     pa.field("source_format", pa.string()),
     pa.field("text", pa.string()),
+    pa.field("text_truncated", pa.bool_()),
     pa.field("caption", pa.string()),
     pa.field("phash", pa.string()),
     pa.field("embedding", pa.list_(pa.float16())),
@@ -236,6 +237,7 @@ def image_to_row(image: ImageRecord) -> dict[str, Any]:
         "source_height": image.source_height,
         "source_format": image.source_format,
         "text": image.text,
+        "text_truncated": image.text_truncated,
         "caption": image.caption,
         "phash": image.phash,
         "embedding": _embedding_to_list(image.embedding),
@@ -303,6 +305,7 @@ def cluster_from_row(row: dict[str, Any]) -> Cluster:
             face_share=im.get("face_share"),
             faces_blurred=im.get("faces_blurred"),
             nsfw_score=im.get("nsfw_score"),
+            text_truncated=bool(im.get("text_truncated")),
         ))
     stats = row["stats"]
     provenance = row.get("provenance") or {}

@@ -50,7 +50,8 @@ class ImageRecord:
     """Host name of the canonical page URL (lower case, IDNA-encoded)."""
     image_url: str | None
     text: str | None
-    """Original alt text, unchanged."""
+    """Alt text as crawled, cut to ``normalize.max_text_chars`` characters when longer (see
+    :attr:`text_truncated`)."""
     image: bytes = field(repr=False)
     """Normalized image: RGB, EXIF orientation applied, resized and re-encoded as configured."""
     width: int
@@ -77,6 +78,8 @@ class ImageRecord:
     of the blurred image; ``record_id`` still names the crawled record)."""
     nsfw_score: float | None = None
     """Highest score of the detector's NSFW classes (``nsfw`` section) on this image; ``None`` until checked."""
+    text_truncated: bool = False
+    """Whether :attr:`text` was cut: the crawled alt text was longer than ``normalize.max_text_chars``."""
 
     def replace(self, **changes: Any) -> ImageRecord:
         return dataclasses.replace(self, **changes)

@@ -8,7 +8,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from schemas.records import BoilerplateHit, ImageRecord, PageGroup
 from transforms.dedupe import (
@@ -109,6 +109,7 @@ def _normalized(data: bytes, page: str, url: str, source: str) -> ImageRecord:
 def test_stages_on_real_photos(product_photos: list[bytes]) -> None:
     """A logo on 4 pages (bound 3), a re-encoded copy, a page left with 2 images."""
     logo = Image.new("RGB", (300, 300), (20, 90, 200))
+    ImageDraw.Draw(logo).ellipse((60, 60, 240, 240), fill=(255, 255, 255))  # a flat square would be blank_image
     buffer = io.BytesIO()
     logo.save(buffer, "PNG")
     logo_bytes = buffer.getvalue()

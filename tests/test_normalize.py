@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from schemas.ids import content_id
 from schemas.records import InputRecord
 from transforms.normalize import (
     Normalize,
     NormalizeConfig,
+    NormalizeFn,
     Rejected,
     canonicalize_page_url,
+    cap_text,
+    fit_size,
     normalize_image,
     url_host,
 )
@@ -267,3 +270,225 @@ def test_normalize_stage_routes_records_and_counts_reasons(product_photos: list[
     counters = {c.key.metric.name: c.committed for c in p.result.metrics().query()["counters"]
                 if c.key.metric.namespace == "normalize"}
     assert counters == {"images": 1, "relative_page_url": 1, "unsupported_format": 1}
+
+
+# --- decoding paths: OpenCV for JPEG, Pillow for the rest; the same pictures ---------------------------
+
+def _reference(data: bytes, max_side: int = 768) -> Image.Image:
+    """What normalize did with Pillow alone: EXIF-transpose, RGB, Lanczos thumbnail."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image
+
+
+@pytest.mark.parametrize("size", [(1000, 750), (700, 1024), (2400, 1600), (6000, 4000)])
+def test_jpeg_output_matches_a_pillow_only_normalization(product_photos: list[bytes], size) -> None:
+    """Real photos, at the sizes crawls serve (and 24 MP, decoded at 1/4 scale): same size and picture as the
+    Pillow-only path, up to resampling (area averaging instead of Lanczos)."""
+    for photo in product_photos[:4]:
+        data = _encode(_photo(product_photos, product_photos.index(photo)).resize(size, Image.Resampling.BICUBIC),
+                       "JPEG", quality=90)
+        result = normalize_image(data, CONFIG)
+        reference = _reference(data)
+        out = _decode(result.image)
+        assert (result.width, result.height) == out.size == reference.size
+        assert imagehash.phash(out) - imagehash.phash(reference) <= 2
+        assert np.abs(np.asarray(out, dtype=int) - np.asarray(reference, dtype=int)).mean() < 2.5
+
+
+def test_phash_is_imagehash_phash_of_the_stored_picture(product_photos: list[bytes]) -> None:
+    """With a lossless output the stored picture is exactly what was hashed: the hash is imagehash's."""
+    config = NormalizeConfig(output_format="PNG")
+    for i in range(6):
+        data = _encode(_photo(product_photos, i).resize((1000, 800), Image.Resampling.BICUBIC), "JPEG", quality=90)
+        result = normalize_image(data, config)
+        assert result.phash == str(imagehash.phash(_decode(result.image)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt, size", [("JPEG", (360, 300)), ("JPEG", (2000, 1000)), ("PNG", (360, 300)),
+                                       ("WEBP", (360, 300))])
+def test_every_exif_orientation_as_pillow_applies_it(product_photos: list[bytes], orientation: int, fmt: str,
+                                                     size: tuple[int, int]) -> None:
+    stored = _photo(product_photos, 2).resize(size, Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(stored, fmt, exif=exif, **({"quality": 95} if fmt != "PNG" else {}))
+    reference = _reference(data)
+    result = normalize_image(data, CONFIG)
+    assert (result.width, result.height) == reference.size
+    assert imagehash.phash(_decode(result.image)) - imagehash.phash(reference) <= 2
+
+
+def test_greyscale_jpeg_is_grey_rgb(product_photos: list[bytes]) -> None:
+    grey = _photo(product_photos).convert("L").resize((900, 700))
+    out = np.asarray(_decode(normalize_image(_encode(grey, "JPEG", quality=90), CONFIG).image), dtype=int)
+    assert out.shape[2] == 3 and np.abs(out[..., 0] - out[..., 1]).max() <= 3  # chroma is JPEG noise only
+    assert np.abs(out[..., 0] - np.asarray(_reference(_encode(grey, "JPEG", quality=90)).convert("L"), dtype=int)
+                  ).mean() < 2
+
+
+def test_jpeg_with_bytes_after_its_end_marker(product_photos: list[bytes]) -> None:
+    """Some servers pad JPEGs; Pillow decodes them (OpenCV is not asked: the data does not end in EOI)."""
+    padded = normalize_image(product_photos[0] + b"\x00" * 64, CONFIG)
+    plain = normalize_image(product_photos[0], CONFIG)
+    assert imagehash.hex_to_hash(padded.phash) - imagehash.hex_to_hash(plain.phash) <= 1
+
+
+def test_truncated_jpeg_is_refused_not_filled_in(product_photos: list[bytes]) -> None:
+    """OpenCV fills a cut JPEG with grey; the cut must still be refused, at any length."""
+    data = _encode(_photo(product_photos).resize((900, 900)), "JPEG", quality=90)
+    for cut in (0.3, 0.7, 0.99):
+        with pytest.raises(Rejected) as caught:
+            normalize_image(data[:int(len(data) * cut)], CONFIG)
+        assert caught.value.reason == "truncated_image"
+
+
+@pytest.mark.parametrize("size, max_side, expected", [((2400, 1600), 768, (768, 512)), ((1600, 2400), 768, (512, 768)),
+                                                      ((1000, 333), 768, (768, 256)), ((333, 1000), 768, (256, 768)),
+                                                      ((500, 400), 768, (500, 400)), ((1001, 999), 100, (100, 100))])
+def test_fit_size_rounds_as_pillow_thumbnail(size, max_side, expected) -> None:
+    assert fit_size(*size, max_side) == expected
+    image = Image.new("L", size)
+    image.thumbnail((max_side, max_side))
+    assert image.size == expected
+
+
+# --- low-information input -------------------------------------------------------------------------------
+
+def _uniform(colour, size=(800, 600), noise: float = 0.0, seed: int = 0) -> Image.Image:
+    pixels = np.zeros((size[1], size[0], 3)) + np.array(colour, dtype=float)
+    if noise:
+        pixels += np.random.default_rng(seed).normal(0, noise, pixels.shape)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name, image, fmt", [
+    ("black", _uniform((0, 0, 0)), "PNG"),
+    ("white", _uniform((255, 255, 255)), "JPEG"),
+    ("one colour", _uniform((200, 30, 30)), "WEBP"),
+    ("grey palette", _uniform((128, 128, 128)).convert("P"), "GIF"),
+    ("black bilevel", _uniform((0, 0, 0)).convert("1"), "PNG"),
+    ("transparent", Image.new("RGBA", (800, 600), (10, 200, 30, 0)), "PNG"),  # white once composited
+    ("near uniform, sensor noise, JPEG q75", _uniform((120, 140, 160), noise=4), "JPEG"),
+    ("near uniform, strong noise, JPEG q60", _uniform((90, 90, 90), size=(3000, 2000), noise=8), "JPEG"),
+])
+def test_blank_and_single_colour_images_are_refused(name: str, image: Image.Image, fmt: str) -> None:
+    kwargs = {"quality": 75 if "q75" in name else 60} if fmt == "JPEG" else {}
+    with pytest.raises(Rejected) as caught:
+        normalize_image(_encode(image, fmt, **kwargs), CONFIG)
+    assert caught.value.reason == "blank_image", name
+    assert NormalizeConfig(min_contrast=None) and normalize_image(_encode(image, fmt, **kwargs),
+                                                                 NormalizeConfig(min_contrast=None)).width > 0
+
+
+def test_every_photo_the_sample_keeps_passes_the_blank_check(sample_rows: list[dict]) -> None:
+    """All real photos of the bundled sample (DreamBench), the low-contrast ones included (a silver clock on
+    a white ground measures 0.075, the lowest), are kept."""
+    photos = [row["image"] for row in sample_rows if row["expected"] in ("kept", "gallery", "duplicate_exact",
+                                                                           "duplicate_near", "cluster_too_small")]
+    assert len(photos) > 200
+    for data in photos:
+        normalize_image(data, CONFIG)
+
+
+def test_real_low_contrast_photos_are_kept(product_photos: list[bytes]) -> None:
+    """The sample's photos with their contrast cut to a third (fog, haze, a white product on white) still
+    pass, with room to spare; the same photo cut to 2% does not."""
+    for i in range(len(product_photos)):
+        faded = ImageEnhance.Contrast(_photo(product_photos, i)).enhance(0.33)
+        normalize_image(_encode(faded, "JPEG", quality=90), CONFIG)
+    flat = ImageEnhance.Contrast(_photo(product_photos, 0)).enhance(0.02)
+    with pytest.raises(Rejected) as caught:
+        normalize_image(_encode(flat, "JPEG", quality=90), CONFIG)
+    assert caught.value.reason == "blank_image"
+
+
+def test_two_colours_of_equal_luma_are_not_blank() -> None:
+    pixels = np.zeros((600, 800, 3), np.uint8)
+    pixels[:, :400] = (200, 0, 0)  # luma 59.8
+    pixels[:, 400:] = (0, 102, 0)  # luma 59.9
+    data = _encode(Image.fromarray(pixels), "PNG")
+    assert normalize_image(data, CONFIG).width == 768
+
+
+def test_a_large_black_png_is_refused() -> None:
+    """A 4,000 x 3,000 black PNG (a few kB) goes through the strip reduction and is refused (peak memory of
+    the 9,400 x 9,400 one: bench_normalize.py)."""
+    data = _encode(Image.new("RGB", (4000, 3000)), "PNG")
+    assert len(data) < 100_000
+    with pytest.raises(Rejected) as caught:
+        normalize_image(data, CONFIG)
+    assert caught.value.reason == "blank_image"
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16", "F"])
+def test_strip_reduction_equals_whole_image_reduction(product_photos: list[bytes], mode: str) -> None:
+    """Large images are converted and reduced in strips of rows; the pixels are those of the whole image
+    converted and reduced at once."""
+    photo = _photo(product_photos).resize((1900, 1500), Image.Resampling.BICUBIC)
+    if mode == "RGBA":
+        image = photo.convert("RGBA")
+        alpha = np.asarray(image)[..., 3].copy()
+        alpha[::7] = 0
+        image.putalpha(Image.fromarray(alpha))
+    elif mode == "I;16":
+        image = Image.fromarray(np.asarray(photo.convert("L")).astype(np.uint16) * 200)
+    elif mode == "F":
+        image = Image.fromarray(np.asarray(photo.convert("L")).astype(np.float32) * 0.01 - 1)
+    else:
+        image = photo.convert(mode)
+    from transforms import normalize
+
+    whole = np.asarray(normalize._to_rgb(image).reduce(4))
+    old = normalize._STRIP_PIXELS
+    try:
+        normalize._STRIP_PIXELS = 1900 * 4 * 7  # strips of 28 rows: 54 of them, the last one short
+        strips = normalize._rgb_reduced(image, (475, 375))
+    finally:
+        normalize._STRIP_PIXELS = old
+    assert strips.shape == whole.shape == (375, 475, 3)
+    assert np.array_equal(strips, whole)
+
+
+# --- alt text -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, limit, expected, cut", [
+    (None, 10, None, False),
+    ("red teapot", 10, "red teapot", False),
+    ("red teapot", None, "red teapot", False),
+    ("a red ceramic teapot on a table", 20, "a red ceramic teapot", True),  # the next character is a space
+    ("a red ceramic teapot on a table", 18, "a red ceramic teap", True),    # no space in the last tenth: hard cut
+    ("a red ceramic teapot on a table", 14, "a red ceramic", True),         # back to the space in the last tenth
+    ("x" * 95 + " " + "y" * 10, 100, "x" * 95, True),
+    ("a red ceramic teapot", 20, "a red ceramic teapot", False),
+])
+def test_cap_text(text, limit, expected, cut) -> None:
+    assert cap_text(text, limit) == (expected, cut)
+
+
+def test_a_long_caption_is_cut_and_flagged(product_photos: list[bytes]) -> None:
+    """A 5 MB alt text (a page's whole text stuffed into one attribute) is stored cut to max_text_chars."""
+    words = "handmade ceramic teapot with a bamboo handle, glazed in deep red "
+    huge = words * (5_000_000 // len(words))
+    assert len(huge) > 4_900_000
+    fn = NormalizeFn(NormalizeConfig())
+    fn.setup()
+    (image,) = fn.process(InputRecord("r1", "s:1", "https://shop.example.com/p", "u1", huge, product_photos[0]))
+    assert image.text_truncated and 900 <= len(image.text) <= 1000 and huge.startswith(image.text)
+    assert huge[len(image.text)] == " "  # cut between words
+    (image,) = fn.process(InputRecord("r2", "s:2", "https://shop.example.com/p", "u2", "red teapot",
+                                      product_photos[1]))
+    assert (image.text, image.text_truncated) == ("red teapot", False)
+
+
+def test_truncations_are_counted(product_photos: list[bytes]) -> None:
+    records = [InputRecord(f"r{i}", f"s:{i}", "https://shop.example.com/p", f"u{i}", text, product_photos[i])
+               for i, text in enumerate(["teapot " * 200, "red teapot", None])]
+    with TestPipeline() as p:
+        images, _ = p | beam.Create(records) | Normalize(NormalizeConfig(max_text_chars=100))
+        assert_that(images | "Flags" >> beam.Map(lambda im: (im.record_id, im.text_truncated, len(im.text or ""))),
+                    equal_to([("r0", True, 97), ("r1", False, 10), ("r2", False, 0)]))
+    counters = {c.key.metric.name: c.committed for c in p.result.metrics().query()["counters"]
+                if c.key.metric.namespace == "normalize"}
+    assert counters == {"images": 3, "texts_truncated": 1}

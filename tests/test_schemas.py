@@ -28,7 +28,7 @@ def _cluster(product_photos: list[bytes]) -> Cluster:
                     page_url="https://shop.example.com/p", domain="shop.example.com", image_url=f"https://u/{i}",
                     text=None if i else "alt", image=photo, width=288, height=288, phash="0f0f0f0f0f0f0f0f",
                     source_width=512, source_height=512, source_format="JPEG", caption=f"caption {i}",
-                    embedding=np.linspace(-1, 1, 8).astype(np.float32), coherence=0.5)
+                    embedding=np.linspace(-1, 1, 8).astype(np.float32), coherence=0.5, text_truncated=not i)
         for i, photo in enumerate(product_photos[:3]))
     return Cluster(cluster_id="c1", page_url="https://shop.example.com/p", domain="shop.example.com",
                    images=images, stats=ClusterStats(3, 4, 0.75, 0.5), subject="red teapot", class_noun="teapot",

@@ -6,12 +6,20 @@ Two pure functions do the work and are tested on their own:
   credentials and fragment dropped, tracking parameters (``utm_*``, ``fbclid``, ``gclid``, ...)
   removed, the remaining query parameters sorted and percent-encoding normalized (w3lib, Scrapy's URL
   library, does the canonical form). Missing, relative, malformed and non-http(s) URLs are refused.
-* :func:`normalize_image` -- decodes with Pillow, refusing decompression bombs *before* any pixel is
-  decoded (the header gives the size), truncated or non-image bytes and markup (SVG, HTML); applies the
-  EXIF orientation; converts every mode to 8-bit RGB (alpha over white, CMYK, 16-bit, palette, the first
-  frame of an animation); refuses too-small images and extreme aspect ratios; shrinks to the configured
-  longest side (JPEG draft decoding first, so a 24-megapixel JPEG is decoded at 1/4 or 1/8 scale);
+* :func:`normalize_image` -- opens with Pillow, refusing decompression bombs *before* any pixel is
+  decoded (the header gives the size), truncated or non-image bytes and markup (SVG, HTML), too-small
+  images and extreme aspect ratios; decodes; converts every mode to 8-bit RGB (alpha over white, CMYK,
+  16-bit, palette, the first frame of an animation); shrinks to the configured longest side by area
+  averaging; applies the EXIF orientation; refuses blank and single-colour images (``blank_image``);
   re-encodes; and hashes the result (SHA-256 content id, 64-bit perceptual hash).
+* :func:`cap_text` -- the alt text, cut to ``max_text_chars`` (the record says when it was cut).
+
+Decoding never holds more pixels than it must. YCbCr and greyscale JPEGs are decoded by OpenCV (the same
+libjpeg-turbo pixels as Pillow's, faster), straight at 1/2, 1/4 or 1/8 scale when that still covers the
+target size, so a 24-megapixel JPEG is never decoded whole. Other formats are decoded by Pillow once; a large
+one is converted to RGB and reduced strip by strip, so a 9,400 x 9,400 PNG costs its one decoded copy and
+no second full-size RGB copy. The blank check looks at the 32 x 32 luma thumbnail the perceptual hash is
+computed from (noise and dithering average out there, a photo's contrast does not), before encoding.
 
 Each refusal raises :class:`Rejected` with its own reason code; the DoFn turns it into a dead letter.
 """
@@ -25,15 +33,16 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import apache_beam as beam
+import cv2
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 from w3lib.url import canonicalize_url, url_query_cleaner
 
 from schemas.ids import content_id
@@ -57,6 +66,7 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 DECOMPRESSION_BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
+BLANK_IMAGE = "blank_image"  # the same code and meaning as the target filter's (phase 3)
 
 DEFAULT_TRACKING_PARAMS = (
     "utm_*", "fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "mc_cid", "mc_eid",
@@ -87,6 +97,12 @@ class NormalizeConfig:
     quality: int = option(90, "Encoder quality for JPEG and WEBP (1-100).")
     allowed_formats: tuple[str, ...] = option(DEFAULT_ALLOWED_FORMATS, "Pillow format names accepted as "
                                                                        "input (others: unsupported_format).")
+    min_contrast: float | None = option(0.015, "Smallest contrast (0..0.5): the standard deviation of the luma "
+                                               "(or of an RGB channel, if larger) of the image shrunk to 32 x 32, "
+                                               "values scaled to 0..1; under it the image is blank or a single "
+                                               "colour (blank_image). null: no check.")
+    max_text_chars: int | None = option(1000, "Longest alt text stored, in characters; a longer one is cut "
+                                              "(ImageRecord.text_truncated is then true). null: no cap.")
 
     def __post_init__(self) -> None:
         if self.output_format not in _OUTPUT_FORMATS:
@@ -101,6 +117,10 @@ class NormalizeConfig:
             raise ValueError(f"max_pixels ({self.max_pixels}) is below min_side^2 ({self.min_side ** 2})")
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        if self.min_contrast is not None and not 0 <= self.min_contrast < 0.5:
+            raise ValueError(f"min_contrast must be within [0, 0.5) or null, got {self.min_contrast}")
+        if self.max_text_chars is not None and self.max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be positive or null, got {self.max_text_chars}")
 
 
 class Rejected(Exception):
@@ -214,8 +234,12 @@ def _decode_failure(error: BaseException) -> Rejected:
     return Rejected(DECODE_ERROR, f"{type(error).__name__}: {message}")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any Pillow mode; transparency is composited over white."""
+def _to_rgb(image: Image.Image, extrema: tuple[float, float] | None = None) -> Image.Image:
+    """8-bit RGB from any Pillow mode; transparency is composited over white.
+
+    The 32-bit modes (``I``, ``F``) are scaled by their value range: ``extrema`` gives the (min, max) of the
+    whole image, so that a strip of it converts exactly as the whole image would.
+    """
     mode = image.mode
     if mode == "RGB":
         return image
@@ -225,17 +249,155 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
         values = np.asarray(image, dtype=np.float64)
+        low, high = extrema if extrema is not None else (float(values.min()), float(values.max()))
         if mode == "F":
-            low, high = float(values.min()), float(values.max())
             values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        elif mode.startswith("I;16") or values.max() > 255:
+        elif mode.startswith("I;16") or high > 255:
             values = values / 257.0  # 0..65535 onto 0..255
         return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
     return image.convert("RGB")
 
 
-def normalize_image(data: bytes, config: NormalizeConfig) -> NormalizedImage:
-    """Decode, validate, orient, convert, shrink, re-encode and hash one image (see module docstring)."""
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size of a ``width`` x ``height`` image shrunk to fit ``max_side`` x ``max_side``, never enlarged.
+
+    The shorter side is rounded as Pillow's ``Image.thumbnail`` rounds it: to the neighbouring integer that
+    keeps the aspect ratio closest.
+    """
+    if width <= max_side and height <= max_side:
+        return width, height
+    aspect = width / height
+
+    def nearest(number: float, error: Callable[[int], float]) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=error), 1)
+
+    if aspect <= 1:
+        return nearest(max_side * aspect, lambda n: abs(aspect - n / max_side)), max_side
+    return max_side, nearest(max_side / aspect, lambda n: abs(aspect - max_side / n) if n else 0)
+
+
+# EXIF orientations 5-8 store the image with its axes swapped.
+_SWAPS_AXES = frozenset((5, 6, 7, 8))
+
+
+def _orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1-8, as ``ImageOps.exif_transpose`` reads it); 1 when it has none or
+    its EXIF block is unreadable."""
+    try:
+        orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception as error:  # noqa: BLE001 -- a broken EXIF block must not lose a good image
+        LOG.debug("ignoring unreadable EXIF orientation: %s", error)
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """The upright view of ``pixels`` (H x W x 3) stored with EXIF ``orientation``: the transposition
+    ``ImageOps.exif_transpose`` applies, done after shrinking, on the fewest pixels."""
+    if orientation == 2:
+        return cv2.flip(pixels, 1)
+    if orientation == 3:
+        return cv2.rotate(pixels, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(pixels, 0)
+    if orientation == 5:
+        return cv2.transpose(pixels)
+    if orientation == 6:
+        return cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.rotate(cv2.transpose(pixels), cv2.ROTATE_180)
+    if orientation == 8:
+        return cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return pixels
+
+
+def _jpeg_scale(width: int, height: int, target: tuple[int, int]) -> int:
+    """The DCT scaling denominator (8, 4, 2 or 1) that decodes a JPEG straight to at least ``target``: the
+    one Pillow's ``draft`` picks."""
+    ratio = min(width // target[0], height // target[1])
+    return next(scale for scale in (8, 4, 2, 1) if ratio >= scale)
+
+
+_OPENCV_REDUCED = {1: 0, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_JPEG_END = b"\xff\xd9"
+
+
+def _decode_jpeg_opencv(data: bytes, width: int, height: int, target: tuple[int, int]) -> np.ndarray | None:
+    """BGR pixels of a YCbCr or greyscale JPEG, decoded by OpenCV at Pillow's draft scale.
+
+    Both libraries decode with libjpeg-turbo (integer IDCT, fancy upsampling): the pixels are Pillow's,
+    decoded faster. ``None`` when OpenCV cannot decode the data, so that Pillow decides why. OpenCV fills a
+    truncated JPEG with grey instead of failing, so a JPEG whose data does not end with the End Of Image
+    marker is left to Pillow too (:func:`normalize_image` checks that).
+    """
+    scale = _jpeg_scale(width, height, target)
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION | _OPENCV_REDUCED[scale]
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as error:  # an assertion in the codec: Pillow will say what is wrong
+        LOG.debug("OpenCV could not decode a JPEG: %s", error)
+        return None
+    if pixels is None or pixels.shape != (-(-height // scale), -(-width // scale), 3):
+        return None
+    return pixels
+
+
+# A large image is converted to RGB and reduced this many pixels at a time (4 MB of Pillow's RGB).
+_STRIP_PIXELS = 1 << 20
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.seek(0)  # first frame of an animation
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise _decode_failure(error) from error
+
+
+def _rgb_reduced(image: Image.Image, target: tuple[int, int]) -> np.ndarray:
+    """RGB pixels of a decoded image, reduced by the largest integer factor that keeps at least ``target``.
+
+    A large image is converted and reduced in strips of rows, so that besides its one decoded copy only a
+    strip and the reduced image are held (converting a 9,400 x 9,400 palette PNG whole would add 265 MB of
+    RGB, and more for transparency). Reducing (a box average over whole pixels) strip by strip gives exactly
+    the pixels of reducing the whole image.
+    """
+    width, height = image.size
+    factor = max(1, min(width // target[0], height // target[1]))
+    extrema = image.getextrema() if image.mode == "F" or image.mode.startswith("I") else None
+    if factor == 1:
+        return np.asarray(_to_rgb(image, extrema))
+    reduced = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    rows = max(1, _STRIP_PIXELS // (width * factor)) * factor
+    for top in range(0, height, rows):
+        strip = _to_rgb(image.crop((0, top, width, min(height, top + rows))), extrema)
+        reduced.paste(strip.reduce(factor), (0, top // factor))
+    return np.asarray(reduced)
+
+
+# The perceptual hash's first step: the luma shrunk to 32 x 32 (imagehash: hash_size 8 x highfreq_factor 4).
+_THUMBNAIL = (32, 32)
+
+
+def image_contrast(pixels: np.ndarray, thumbnail: np.ndarray, floor: float = 0.5) -> float:
+    """Contrast of an 8-bit BGR image, 0 to 0.5, seen at thumbnail scale: the larger of the standard deviations
+    of its 32 x 32 luma ``thumbnail`` and of its colour channels at 32 x 32, 0-255 values scaled to 0..1.
+
+    Phase 3's contrast (the target filter's ``blank_image``) is the same standard deviation of the luma. At 32 x
+    32 sensor and JPEG noise and dithering average out (under 0.002 even for noise of 16 levels), while a photo
+    keeps nearly all of its contrast (the lowest in the bundled sample, 0.075 at full size, measures 0.070). The
+    channels count so that two colours of equal luma (red on green) are not uniform; they are only measured
+    when the luma is under ``floor`` (the larger value is all a threshold needs).
+    """
+    contrast = float(cv2.meanStdDev(thumbnail)[1].max()) / 255.0
+    if contrast >= floor:
+        return contrast
+    colour = cv2.resize(pixels, _THUMBNAIL, interpolation=cv2.INTER_AREA)
+    return max(contrast, float(cv2.meanStdDev(colour)[1].max()) / 255.0)
+
+
+def _open(data: bytes, config: NormalizeConfig) -> Image.Image:
+    """Open the image and check what its header tells (format, size, aspect ratio); no pixel is decoded."""
     if not data:
         raise Rejected(MISSING_IMAGE, "image bytes are missing or empty")
     if len(data) > config.max_bytes:
@@ -264,45 +426,90 @@ def normalize_image(data: bytes, config: NormalizeConfig) -> NormalizedImage:
     aspect = max(width, height) / min(width, height)
     if aspect > config.max_aspect_ratio:
         raise Rejected(BAD_ASPECT_RATIO, f"{width}x{height}: aspect ratio {aspect:.2f} > {config.max_aspect_ratio}")
+    return image
 
-    scale = min(1.0, config.max_side / max(width, height))
-    try:
-        if scale < 1.0 and source_format in ("JPEG", "MPO"):
-            # Decode straight at 1/2, 1/4 or 1/8 scale when that is still at least the target size.
-            image.draft("RGB" if image.mode == "RGB" else None,
-                        (math.ceil(width * scale), math.ceil(height * scale)))
-        image.seek(0)  # first frame of an animation
-        image.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise _decode_failure(error) from error
 
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception as error:  # noqa: BLE001 -- a broken EXIF block must not lose a good image
-        LOG.debug("ignoring unreadable EXIF orientation: %s", error)
-    try:
-        image = _to_rgb(image)
-    except (ValueError, OSError) as error:
-        raise Rejected(UNSUPPORTED_FORMAT, f"cannot convert mode {image.mode} to RGB: {error}") from error
-    if max(image.size) > config.max_side:
-        image.thumbnail((config.max_side, config.max_side), Image.Resampling.LANCZOS)
+def normalize_image(data: bytes, config: NormalizeConfig) -> NormalizedImage:
+    """Decode, validate, orient, convert, shrink, check, re-encode and hash one image (see module docstring)."""
+    image = _open(data, config)
+    source_format = image.format or "unknown"
+    width, height = image.size
+    jpeg = source_format in ("JPEG", "MPO")
+    if not jpeg:
+        _load(image)  # PNG and WebP may keep their EXIF block after the pixels
+    orientation = _orientation(image)
+    upright = (height, width) if orientation in _SWAPS_AXES else (width, height)
+    size = fit_size(*upright, config.max_side)
+    target = size[::-1] if orientation in _SWAPS_AXES else size  # in the stored orientation
 
-    buffer = io.BytesIO()
-    if config.output_format == "PNG":
-        image.save(buffer, "PNG", compress_level=6)
-    else:
-        image.save(buffer, config.output_format, quality=config.quality)
-    encoded = buffer.getvalue()
+    pixels = None
+    if jpeg and image.mode in ("RGB", "L") and data.endswith(_JPEG_END):
+        pixels = _decode_jpeg_opencv(data, width, height, target)
+    if pixels is None:
+        if jpeg:
+            if target != (width, height):
+                image.draft("RGB" if image.mode == "RGB" else None, target)
+            _load(image)
+        try:
+            pixels = cv2.cvtColor(_rgb_reduced(image, target), cv2.COLOR_RGB2BGR)
+        except (ValueError, OSError) as error:
+            raise Rejected(UNSUPPORTED_FORMAT, f"cannot convert mode {image.mode} to RGB: {error}") from error
+    if (pixels.shape[1], pixels.shape[0]) != target:
+        # Area averaging, as img2dataset (and OpenCV's documentation) recommends for shrinking.
+        pixels = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
+    pixels = np.ascontiguousarray(_orient(pixels, orientation))  # BGR, OpenCV's order, from here on
+
+    # OpenCV's luma has Pillow's weights (ITU-R BT.601); its rounding differs on about 1 pixel in 10^5. The
+    # thumbnail is imagehash.phash's own first step, done here once for both the hash and the blank check.
+    luma = Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY), "L")
+    thumbnail = luma.resize(_THUMBNAIL, Image.Resampling.LANCZOS)
+    if config.min_contrast is not None:
+        contrast = image_contrast(pixels, np.asarray(thumbnail), floor=config.min_contrast)
+        if contrast < config.min_contrast:
+            raise Rejected(BLANK_IMAGE, f"contrast {contrast:.4f} < min_contrast {config.min_contrast}: "
+                                        "blank or a single colour")
+    height_out, width_out = pixels.shape[:2]
     return NormalizedImage(
-        image=encoded,
-        width=image.width,
-        height=image.height,
+        image=(encoded := _encode(pixels, config)),
+        width=width_out,
+        height=height_out,
         image_id=content_id(encoded),
-        phash=str(imagehash.phash(image)),
+        phash=str(imagehash.phash(thumbnail)),  # resizing 32 x 32 to 32 x 32 copies: the hash of the picture
         source_width=width,
         source_height=height,
         source_format=source_format,
     )
+
+
+def _encode(pixels: np.ndarray, config: NormalizeConfig) -> bytes:
+    """Encode BGR pixels. JPEG through OpenCV: libjpeg-turbo with Pillow's settings (4:2:0, baseline, the IJG
+    tables at ``quality``), byte for byte the file Pillow writes; PNG and WebP through Pillow."""
+    if config.output_format == "JPEG":
+        ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, config.quality])
+        if ok:
+            return encoded.tobytes()
+    picture = Image.fromarray(cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB), "RGB")
+    buffer = io.BytesIO()
+    if config.output_format == "PNG":
+        picture.save(buffer, "PNG", compress_level=6)
+    else:
+        picture.save(buffer, config.output_format, quality=config.quality)
+    return buffer.getvalue()
+
+
+def cap_text(text: str | None, max_chars: int | None) -> tuple[str | None, bool]:
+    """``text`` cut to at most ``max_chars`` characters, and whether it was cut.
+
+    The cut falls on the last whitespace within the limit when one is in its last tenth (no half word), else
+    at the limit; trailing whitespace goes. ``None`` as ``max_chars``: no cap.
+    """
+    if text is None or max_chars is None or len(text) <= max_chars:
+        return text, False
+    cut = text[:max_chars]
+    space = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+    if space >= max_chars - max_chars // 10 and not text[max_chars].isspace():
+        cut = cut[:space]
+    return cut.rstrip(), True
 
 
 # --- the stage ----------------------------------------------------------------------------------------
@@ -318,6 +525,9 @@ class NormalizeFn(beam.DoFn):
         # Pillow warns when it opens an image over its own pixel limit; we refuse those ourselves with
         # a reason code (max_pixels), so the warning would only be noise in worker logs.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        # Beam runs one bundle per thread and one worker per core: OpenCV's own thread pool would only
+        # oversubscribe the cores (img2dataset sets one thread too).
+        cv2.setNumThreads(1)
         self._progress = Progress(STAGE, "images")
 
     def process(self, record: InputRecord) -> Iterator[Any]:
@@ -332,6 +542,9 @@ class NormalizeFn(beam.DoFn):
             yield internal_error(STAGE, error, record=record)
             return
         count(STAGE, "images")
+        text, text_truncated = cap_text(record.text, self._config.max_text_chars)
+        if text_truncated:
+            count(STAGE, "texts_truncated")
         yield ImageRecord(
             image_id=normalized.image_id,
             record_id=record.record_id,
@@ -339,7 +552,7 @@ class NormalizeFn(beam.DoFn):
             page_url=page_url,
             domain=url_host(page_url),
             image_url=record.image_url,
-            text=record.text,
+            text=text,
             image=normalized.image,
             width=normalized.width,
             height=normalized.height,
@@ -347,6 +560,7 @@ class NormalizeFn(beam.DoFn):
             source_width=normalized.source_width,
             source_height=normalized.source_height,
             source_format=normalized.source_format,
+            text_truncated=text_truncated,
         )
 
 
