@@ -51,7 +51,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.config import PipelineConfig, build_config, config_hash  # noqa: E402
 from pipeline.run import build_assemble_pipeline, run  # noqa: E402
-from schemas.ids import stable_id  # noqa: E402
+from schemas.ids import hamming, stable_id  # noqa: E402
 from schemas.parquet import (  # noqa: E402
     CANDIDATES_SCHEMA,
     candidate_from_row,
@@ -61,7 +61,6 @@ from schemas.parquet import (  # noqa: E402
 )
 from schemas.records import Candidate, SampleSettings, ScoredCandidate, SynthSeconds, TrainSettings  # noqa: E402
 from transforms.assemble import RunProvenance, choose_demos, make_example, write_shard  # noqa: E402
-from transforms.dedupe import hamming  # noqa: E402
 from transforms.embed import decode_image, image_transform, load_image_encoder, model_id  # noqa: E402
 from transforms.score import image_quality, nearest_image, target_prompt, target_scores  # noqa: E402
 from transforms.target_filter import Bounds, calibrate, failures, level_of  # noqa: E402

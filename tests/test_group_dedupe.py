@@ -10,15 +10,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
+from schemas.ids import cluster_id, hamming
 from schemas.records import BoilerplateHit, ImageRecord, PageGroup
-from transforms.dedupe import (
-    Dedupe,
-    DedupeConfig,
-    FindBoilerplate,
-    cluster_id,
-    dedupe_page,
-    hamming,
-)
+from transforms.dedupe import Dedupe, DedupeConfig, FindBoilerplate, dedupe_page
 from transforms.group import BOILERPLATE, CAPPED, KEEP, CapEntry, GroupByPage, GroupConfig, cap_key, decide_page
 from transforms.normalize import NormalizeConfig, normalize_image, url_host
 

@@ -207,8 +207,9 @@ def test_a_black_render_flagged_nsfw_is_scored_and_rejected_first_as_nsfw(cluste
 
 
 def test_a_batch_the_model_fails_on_rejects_each_of_its_candidates(clusters) -> None:
+    from schemas.records import ScoringUnit
     from transforms.embed import ImagesAndTexts
-    from transforms.score import Prepared, ScoringUnit, scoring_failure_rejects
+    from transforms.score import Prepared, scoring_failure_rejects
 
     teapot = clusters[0]
     targets = (candidate(teapot, b"", tag="a"), candidate(teapot, b"", tag="b"))

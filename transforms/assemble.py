@@ -30,10 +30,9 @@ from typing import Any
 import apache_beam as beam
 
 from schemas.ids import stable_id
-from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate
+from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate, ScoringUnit
 from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
 from transforms.outputs import OutputConfig
-from transforms.score import ScoringUnit
 
 STAGE = "assemble"
 

@@ -20,14 +20,13 @@ reject row for the page, counting its images.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 
-from schemas.ids import stable_id
+from schemas.ids import cluster_id, hamming
 from schemas.records import BoilerplateHit, Cluster, ClusterStats, ImageRecord, PageGroup
 from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
 
@@ -54,23 +53,6 @@ class DedupeConfig:
                              f"{self.near_duplicate_max_distance}")
         if self.boilerplate_max_pages < 1:
             raise ValueError(f"boilerplate_max_pages must be at least 1, got {self.boilerplate_max_pages}")
-
-
-def hamming(phash_a: str, phash_b: str) -> int:
-    """Bits that differ between two hex perceptual hashes."""
-    return (int(phash_a, 16) ^ int(phash_b, 16)).bit_count()
-
-
-def cluster_id(page_url: str, image_ids: Iterable[str]) -> str:
-    """Stable id of a cluster: its canonical page URL and the (sorted) ids of its images."""
-    return stable_id("cluster", page_url, *sorted(image_ids))
-
-
-def with_images(cluster: Cluster, images: Iterable[ImageRecord]) -> Cluster:
-    """``cluster`` holding only ``images``: its id and ``stats.n_images`` follow the new image set."""
-    images = tuple(images)
-    return cluster.replace(cluster_id=cluster_id(cluster.page_url, (im.image_id for im in images)), images=images,
-                           stats=dataclasses.replace(cluster.stats, n_images=len(images)))
 
 
 # --- boilerplate ------------------------------------------------------------------------------------

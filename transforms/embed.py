@@ -58,9 +58,8 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from PIL import Image
 
-from schemas.records import Cluster, ImageRecord
+from schemas.records import Cluster, ImageRecord, with_images
 from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import with_images
 
 LOG = logging.getLogger(__name__)
 

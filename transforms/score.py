@@ -45,11 +45,10 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from PIL import Image
 
 from dreambooth_synth.prompts import class_noun_or_default, render_prompt
-from schemas.ids import stable_id
+from schemas.ids import hamming, stable_id
 from schemas.parquet import candidate_from_row, check_schema_version
-from schemas.records import Candidate, Cluster, ImageRecord, ScoredCandidate, TargetScores
+from schemas.records import Candidate, ImageRecord, ScoredCandidate, ScoringUnit, TargetScores
 from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import hamming
 from transforms.embed import (
     EmbedConfig,
     ImagesAndTexts,
@@ -200,14 +199,6 @@ class ReadCandidates(beam.PTransform):
 
 
 # --- the DoFns ------------------------------------------------------------------------------------------
-
-
-class ScoringUnit(NamedTuple):
-    """A cluster and its candidates: the unit the score, filter and assembly stages work on."""
-
-    cluster: Cluster
-    candidates: tuple[Any, ...]
-    """``Candidate``s (before scoring) or ``ScoredCandidate``s (after), sorted by candidate id."""
 
 
 class Prepared(NamedTuple):

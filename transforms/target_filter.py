@@ -50,10 +50,9 @@ from typing import Any
 
 import apache_beam as beam
 
-from schemas.records import ScoredCandidate
+from schemas.records import ScoredCandidate, ScoringUnit
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, option, reject
 from transforms.outputs import OutputConfig, write_scores
-from transforms.score import ScoringUnit
 from transforms.stats import WriteStats
 
 STAGE = "target_filter"
