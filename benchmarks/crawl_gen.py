@@ -141,7 +141,8 @@ def build_crawl(output_dir: str, n_records: int, *, images_per_page: int = 10, h
     random.Random(seed + 1).shuffle(specs)
     os.makedirs(output_dir, exist_ok=True)
     paths = []
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_init, initargs=(photos, sides)) as pool:
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), initializer=_init,
+                             initargs=(photos, sides)) as pool:
         for index, chunk in enumerate(_chunks(specs, records_per_file)):
             path = os.path.join(output_dir, f"part-{index:05d}.parquet")
             rows = list(pool.map(_row, chunk, chunksize=64))

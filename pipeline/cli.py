@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-PROFILES = ("demo", "local", "dataflow")  # checked against pipeline.config.PROFILES by the tests
+from pipeline.config import PROFILES
 
 DESCRIPTION = """\
 Build in-context-learning clusters and synthesized training examples for subject-driven

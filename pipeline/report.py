@@ -25,33 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from transforms.common import option
+from pipeline.config import ReportConfig
 
 REPORT = "report/index.html"
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """The visual report (config section ``report``)."""
-
-    enabled: bool = option(True, "Write OUT/report/index.html at the end of a run that includes phase assemble "
-                                 "(icl-pipeline report OUT writes it for any run).")
-    examples: int = option(48, "Kept examples shown in the gallery (a deterministic sample).")
-    rejects_per_reason: int = option(6, "Rejected candidates shown per reject reason.")
-    clusters: int = option(12, "Clusters shown in the cluster gallery.")
-    thumbnail_px: int = option(160, "Longest side of the thumbnails, in pixels.")
-    read_budget_mb: int = option(256, "Megabytes of Parquet row groups (at least one) read per gallery: bounds the "
-                                      "time to write the report whatever the size of the run.")
-    bins: int = option(30, "Bins per histogram.")
-
-    def __post_init__(self) -> None:
-        for name in ("examples", "rejects_per_reason", "clusters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.thumbnail_px < 16:
-            raise ValueError(f"thumbnail_px must be at least 16, got {self.thumbnail_px}")
-        if self.read_budget_mb < 1 or self.bins < 2:
-            raise ValueError("read_budget_mb must be at least 1 and bins at least 2")
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -189,15 +165,6 @@ class Line:
 
     x: float
     label: str
-
-
-def histogram_counts(values: Sequence[float], lo: float, hi: float, bins: int) -> list[int]:
-    counts = [0] * bins
-    width = (hi - lo) / bins if hi > lo else 1.0
-    for value in values:
-        i = int((value - lo) / width) if hi > lo else 0
-        counts[min(bins - 1, max(0, i))] += 1
-    return counts
 
 
 def svg_histogram(series: Sequence[tuple[str, Sequence[float], str]], lines: Sequence[Line], title: str,
@@ -591,11 +558,3 @@ def write_report(output_dir: str, config: ReportConfig | None = None,
     with FileSystems.create(path, mime_type="text/html") as handle:
         handle.write(page.encode("utf-8"))
     return path
-
-
-def report_config_of(manifest: dict[str, Any]) -> ReportConfig:
-    """The ``report`` section a run was configured with (defaults for keys it lacks)."""
-    from pipeline.config import from_dict
-
-    section = manifest.get("config", {}).get("report") or {}
-    return from_dict(ReportConfig, section, "report")

@@ -25,11 +25,9 @@ import html
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance
-from transforms.common import option
 from transforms.llm_client import (
     ChatClient,
     ChatResponse,
@@ -37,47 +35,13 @@ from transforms.llm_client import (
     OutputInvalid,
     image_data_url,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, check_stage_config, error_text
+from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, error_text
 from transforms.naming import file_name_words
+from transforms.settings import CaptionConfig
 
 STAGE = "caption"
 
 CAPTION_FAILED = "caption_failed"
-
-BACKENDS = ("alt_text", "vllm")
-
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-
-
-@dataclass(frozen=True)
-class CaptionConfig:
-    """Settings of the caption stage (config section ``caption``); defaults justified in docs/defaults.md."""
-
-    enabled: bool = option(True, "Run the stage (off: captions stay empty).")
-    backend: str = option("vllm", "vllm: a vision-language model through vLLM's OpenAI-compatible API; "
-                                  "alt_text: the cleaned alt text, no model.")
-    on_failure: str = option("fallback", "When the model fails on an image after every retry: fallback (the "
-                                         "whole cluster gets cleaned alt text, recorded in provenance.fallbacks) "
-                                         "or reject (the cluster is dropped as caption_failed).")
-    model: str = option(DEFAULT_MODEL, "Vision-language model id served by vLLM.")
-    endpoint: str = option("", "OpenAI-compatible API root for this stage (http://HOST:8000/v1); empty: "
-                               "llm.endpoint, else a vLLM server started on each worker.")
-    prompt: str = option("caption_v1.txt", "Caption instruction: a file in transforms/llm_prompts/ or any path "
-                                           "(gs://...). Its name and hash are recorded per cluster.")
-    max_tokens: int = option(120, "Longest caption the model may generate, in tokens.")
-    temperature: float = option(0.0, "Sampling temperature (0: greedy, reproducible captions).")
-    min_chars: int = option(10, "Shorter model captions are invalid (asked again).")
-    max_chars: int = option(400, "Longer model captions are invalid (asked again); cleaned alt text is cut at a "
-                                 "word boundary to this length.")
-    batch_size: int = option(8, "Clusters per RunInference batch; their images are captioned concurrently.")
-
-    def __post_init__(self) -> None:
-        check_stage_config("caption", self.backend, BACKENDS, self.on_failure, self.model, self.endpoint,
-                           self.batch_size)
-        if not 1 <= self.min_chars <= self.max_chars:
-            raise ValueError(f"need 1 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
-        if self.max_tokens < 1 or not 0 <= self.temperature <= 2:
-            raise ValueError("max_tokens must be positive and temperature within 0..2")
 
 
 # --- the alt-text cleaner ---------------------------------------------------------------------------------

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 
 from schemas.records import Cluster, ImageRecord, with_images
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.settings import ClusterFilterConfig
 from transforms.stats import WriteStats
 
 STAGE = "cluster_filter"
@@ -54,29 +54,6 @@ QUANTILES = 1001
 
 RECORDED_QUANTILES = tuple(range(0, 101, 5))
 """Percentiles of ``mean_sim`` written to the manifest."""
-
-
-@dataclass(frozen=True)
-class ClusterFilterConfig:
-    """Settings of the coherence filter (config section ``cluster_filter``); see docs/defaults.md."""
-
-    enabled: bool = option(True, "Drop incoherent clusters and outlier images (needs embed.enabled).")
-    outlier_threshold: float | None = option(0.6, "An image whose mean cosine similarity to the other images of "
-                                                  "its cluster is under this leaves it (outlier_image), unless "
-                                                  "most images are under it; null: no outlier removal.")
-    coherence_threshold: float = option(0.75, "Smallest mean pairwise cosine similarity of a kept cluster "
-                                              "(incoherent_cluster). Ignored with target_keep_rate.")
-    target_keep_rate: float | None = option(None, "Calibrate the coherence threshold on this run so that this "
-                                                  "share of the scored clusters is kept (0 < rate <= 1); the "
-                                                  "threshold used goes to manifest.json.")
-
-    def __post_init__(self) -> None:
-        for name in ("outlier_threshold", "coherence_threshold"):
-            value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
-        if self.target_keep_rate is not None and not 0.0 < self.target_keep_rate <= 1.0:
-            raise ValueError(f"target_keep_rate must be within (0, 1], got {self.target_keep_rate}")
 
 
 # --- the math -------------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import Cluster
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.embed import EmbedConfig, ImagePixels, decode_image, embed_inference, image_transform
 from transforms.normalize import NormalizeConfig, Rejected, normalize_image
+from transforms.settings import DecontaminateConfig
 from transforms.stats import WriteStats
 
 LOG = logging.getLogger(__name__)
@@ -49,29 +50,6 @@ CONTAMINATED = "contaminated"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif")
 
 _GLOB_CHARS = set("*?[")
-
-
-@dataclass(frozen=True)
-class DecontaminateConfig:
-    """Settings of benchmark decontamination (config section ``decontaminate``); see docs/defaults.md."""
-
-    against: str | None = option(None, "Evaluation images no cluster may contain: a directory (searched "
-                                       "recursively for image files) or a glob, on any Beam file system. "
-                                       "Unset: no decontamination.")
-    max_distance: int = option(8, "An image within this many bits (64-bit perceptual hash) of an evaluation "
-                                  "image is a near duplicate of it.")
-    clip_threshold: float | None = option(0.95, "An image whose CLIP cosine similarity to an evaluation image "
-                                                "reaches this is a near duplicate of it (when embeddings "
-                                                "exist); null: perceptual hash only.")
-
-    def __post_init__(self) -> None:
-        if self.against is not None and not self.against.strip():
-            raise ValueError("against must be a directory or a glob (or null for no decontamination)")
-        if not 0 <= self.max_distance <= 64:
-            raise ValueError(f"max_distance must be within 0..64, got {self.max_distance}")
-        if self.clip_threshold is not None and not -1.0 <= self.clip_threshold <= 1.0:
-            raise ValueError(f"clip_threshold is a cosine similarity and must be within -1..1, got "
-                             f"{self.clip_threshold}")
 
 
 # --- the reference set ----------------------------------------------------------------------------------

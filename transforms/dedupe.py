@@ -21,14 +21,14 @@ reject row for the page, counting its images.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 
 from schemas.ids import cluster_id, hamming
 from schemas.records import BoilerplateHit, Cluster, ClusterStats, ImageRecord, PageGroup
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.settings import DedupeConfig
 
 STAGE = "dedupe"
 
@@ -36,23 +36,6 @@ BOILERPLATE = "boilerplate"
 DUPLICATE_EXACT = "duplicate_exact"
 DUPLICATE_NEAR = "duplicate_near"
 CLUSTER_TOO_SMALL = "cluster_too_small"
-
-
-@dataclass(frozen=True)
-class DedupeConfig:
-    """Settings of deduplication (config section ``dedupe``); defaults justified in docs/defaults.md."""
-
-    near_duplicate_max_distance: int = option(5, "Images on one page whose 64-bit perceptual hashes differ "
-                                                 "in at most this many bits are near duplicates (MMC4: 5).")
-    boilerplate_max_pages: int = option(10, "An image (by perceptual hash) on more than this many distinct "
-                                            "pages is boilerplate and leaves every page (OBELICS: 10).")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.near_duplicate_max_distance <= 64:
-            raise ValueError(f"near_duplicate_max_distance must be within 0..64, got "
-                             f"{self.near_duplicate_max_distance}")
-        if self.boilerplate_max_pages < 1:
-            raise ValueError(f"boilerplate_max_pages must be at least 1, got {self.boilerplate_max_pages}")
 
 
 # --- boilerplate ------------------------------------------------------------------------------------

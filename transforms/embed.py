@@ -50,7 +50,6 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -59,7 +58,8 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from PIL import Image
 
 from schemas.records import Cluster, ImageRecord, with_images
-from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, reject
+from transforms.settings import TINY_RANDOM, EmbedConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -69,8 +69,6 @@ EMBEDDING_DECODE_ERROR = "embedding_decode_error"
 EMBEDDING_FAILED = "embedding_failed"
 CLUSTER_TOO_SMALL = "cluster_too_small"
 
-TINY_RANDOM = "tiny-random"
-"""Name of the preset: a few-layer open_clip CLIP with random weights from ``embed.seed``."""
 
 TINY_RANDOM_CONFIG: dict[str, Any] = {
     "embed_dim": 64,
@@ -78,60 +76,6 @@ TINY_RANDOM_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 """open_clip model config of ``tiny-random`` (the layout of ``ViT-B-32.json``, shrunk)."""
-
-DEFAULT_MODEL = "ViT-L-14"
-DEFAULT_PRETRAINED = "datacomp_xl_s13b_b90k"
-
-_DEVICES = ("auto", "cpu", "cuda")
-_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    """Settings of the CLIP embedding stage (config section ``embed``); see docs/defaults.md."""
-
-    enabled: bool = option(True, "Compute CLIP image embeddings (needed by cluster_filter and by the CLIP "
-                                 "check of decontaminate).")
-    model: str = option(DEFAULT_MODEL, "open_clip architecture (ViT-L-14, ViT-B-32, ...; see "
-                                       "open_clip.list_models()) or 'tiny-random' (a few random layers, for "
-                                       "tests and the demo).")
-    pretrained: str | None = option(DEFAULT_PRETRAINED, "open_clip pretrained tag of the weights (fetched from "
-                                                        "the Hugging Face Hub and cached); null for random "
-                                                        "weights from `seed`. With `checkpoint`, only its "
-                                                        "preprocessing (mean, std, interpolation) is used.")
-    checkpoint: str | None = option(None, "Path of an open_clip checkpoint file with the model's weights (local, "
-                                          "gs://, s3://); use it where the hub cannot be reached.")
-    seed: int = option(0, "Seed of the random initialization (tiny-random, or pretrained: null).")
-    device: str = option("auto", "auto (CUDA when available), cpu or cuda.")
-    precision: str = option("auto", "Autocast precision of inference: auto (bf16 on CUDA when supported, else "
-                                    "fp16; fp32 on CPU), fp32, bf16 or fp16.")
-    batch_size: int = option(64, "Images per inference batch (clusters are batched whole, weighted by their "
-                                 "image count).")
-    min_batch_size: int | None = option(None, "Smallest batch Beam's adaptive batching may emit; null: equal "
-                                              "to batch_size (fixed batches, best for GPUs).")
-    share_model_across_processes: bool = option(False, "One model copy per worker machine shared by its "
-                                                       "processes (Beam large_model), for models too big to "
-                                                       "load once per process.")
-    accelerator: str | None = option(None, "Beam resource hint for the inference step, e.g. "
-                                           "'type:nvidia-l4;count:1;install-nvidia-driver' on Dataflow.")
-    store_embeddings: bool = option(True, "Write each image's embedding to clusters/ (float16) for downstream "
-                                          "dedupe and analysis.")
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must be an open_clip architecture name or 'tiny-random'")
-        if self.model == TINY_RANDOM and self.pretrained:
-            raise ValueError(f"model {TINY_RANDOM} has no pretrained weights; set pretrained to null "
-                             f"(got {self.pretrained!r})")
-        if self.device not in _DEVICES:
-            raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(_PRECISIONS)}, got {self.precision!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.min_batch_size is not None and not 1 <= self.min_batch_size <= self.batch_size:
-            raise ValueError(f"min_batch_size must be within 1..batch_size ({self.batch_size}), "
-                             f"got {self.min_batch_size}")
 
 
 class ModelWeightsUnavailable(RuntimeError):

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.records import BoilerplateHit, ImageRecord, PageGroup
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.dedupe import boilerplate_reject
+from transforms.settings import GroupConfig
 
 STAGE = "group"
 
@@ -44,22 +44,6 @@ KEEP, CAPPED, BOILERPLATE = "keep", "page_cap", "boilerplate"
 PAYLOADS_PER_GROUP = "payloads_per_group"
 """Beam distribution ``group/payloads_per_group``: image payloads in each grouped value the stage handles (its
 max is at most ``max_images_per_page``; the manifest and the hot-key tests read it)."""
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    """Settings of page grouping (config section ``group``); defaults justified in docs/defaults.md."""
-
-    max_images_per_page: int = option(32, "Images kept per page; the excess is rejected as page_cap.")
-    min_images: int = option(3, "Smallest cluster kept (after dedupe and every later filter): a training "
-                                "example needs 3 demos.")
-
-    def __post_init__(self) -> None:
-        if self.min_images < 1:
-            raise ValueError(f"min_images must be at least 1, got {self.min_images}")
-        if self.max_images_per_page < self.min_images:
-            raise ValueError(f"max_images_per_page ({self.max_images_per_page}) must be >= min_images "
-                             f"({self.min_images})")
 
 
 CapKey = tuple[str, str, str, str]

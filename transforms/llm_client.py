@@ -52,71 +52,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from transforms.common import count, option
+from transforms.common import count
+from transforms.settings import STRUCTURED_OUTPUT_MODES, LLMConfig, check_base_url
 
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """How every model stage reaches its model (config section ``llm``); defaults in docs/defaults.md."""
-
-    endpoint: str = option("", "Base URL of an existing OpenAI-compatible server (vLLM: http://HOST:8000/v1), "
-                               "used by every stage whose own `endpoint` is empty. Empty: each worker starts "
-                               "one vLLM server per model (needs the `vllm` extra and a GPU).")
-    api_key_env: str = option("VLLM_API_KEY", "Environment variable holding the endpoint's API key, sent as a "
-                                              "Bearer token (read on the workers, never stored in the config). "
-                                              "Unset or empty: no key is sent.")
-    request_timeout_s: float = option(120.0, "Deadline of one HTTP request, from connecting to the last byte "
-                                             "of the answer. A request past it is abandoned and retried.")
-    connect_timeout_s: float = option(10.0, "Deadline of opening the connection (within request_timeout_s).")
-    max_retries: int = option(4, "Retries of one request after a connection error, a timeout, a broken "
-                                 "answer, HTTP 429 or 5xx.")
-    backoff_s: float = option(1.0, "Delay before the first retry; it doubles with every retry (with jitter).")
-    backoff_max_s: float = option(60.0, "Longest delay between retries; also caps a server's Retry-After.")
-    max_concurrency: int = option(16, "Requests in flight per worker process (vLLM batches them on the GPU).")
-    validation_retries: int = option(2, "New attempts after a model answer fails validation (malformed JSON, "
-                                        "wrong count, ...), each with the validation error fed back.")
-    server_startup_timeout_s: float = option(1800.0, "How long a vLLM server started by a worker may take to "
-                                                     "serve its model (download and load included).")
-    server_args: dict[str, dict[str, Any]] = option(
-        help="Extra arguments of the vLLM servers that workers start, per model id: "
-             "{MODEL: {max-model-len: 8192, enforce-eager: true}} -> --max-model-len 8192 --enforce-eager.",
-        factory=dict)
-    accelerator: str = option("", "Beam accelerator resource hint put on the model stages when they start "
-                                  "their own servers (Dataflow: 'type:nvidia-l4;count:1;install-nvidia-driver').")
-
-    def __post_init__(self) -> None:
-        if self.endpoint:
-            check_base_url(self.endpoint)
-        for name in ("request_timeout_s", "connect_timeout_s", "server_startup_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.validation_retries < 0:
-            raise ValueError("max_retries and validation_retries must be >= 0")
-        if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
-            raise ValueError(f"need 0 <= backoff_s <= backoff_max_s, got {self.backoff_s}, {self.backoff_max_s}")
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
-        for model, args in self.server_args.items():
-            if not isinstance(args, dict):
-                raise ValueError(f"server_args[{model!r}] must be a mapping of vLLM arguments, got {args!r}")
-
-    def base_url_for(self, stage_endpoint: str) -> str:
-        """The endpoint a stage talks to: its own, else the shared one; empty: start a server."""
-        return stage_endpoint or self.endpoint
-
-
-def check_base_url(url: str) -> str:
-    """Raise ``ValueError`` unless ``url`` is an absolute http(s) URL with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"endpoint must be an http:// or https:// URL with a host, got {url!r}")
-    return url
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -506,9 +449,6 @@ def parse_json_object(response: ChatResponse) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OutputInvalid(f"expected a JSON object, got {type(data).__name__}")
     return data
-
-
-STRUCTURED_OUTPUT_MODES = ("response_format", "structured_outputs", "guided_json", "none")
 
 
 def json_schema_params(schema: Mapping[str, Any], name: str, mode: str) -> dict[str, Any]:

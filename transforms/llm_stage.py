@@ -22,7 +22,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
@@ -30,28 +30,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 from schemas.records import Cluster, ClusterProvenance
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
 from transforms.llm_client import ChatClient, LLMConfig, PromptText, connect, load_prompt, report_events
+from transforms.settings import ModelStageConfig
 
 LOG = logging.getLogger(__name__)
-
-ON_FAILURE = ("fallback", "reject")
-"""``on_failure`` of a model stage: use the offline backend (recorded per cluster), or drop the cluster."""
-
-
-def check_stage_config(section: str, backend: str, backends: Sequence[str], on_failure: str, model: str,
-                       endpoint: str, batch_size: int) -> None:
-    """The checks every model stage's config shares (raises ``ValueError`` naming the key)."""
-    from transforms.llm_client import check_base_url
-
-    if backend not in backends:
-        raise ValueError(f"backend must be one of {', '.join(backends)}, got {backend!r}")
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
-    if backend == "vllm" and not model:
-        raise ValueError(f"{section}.model is required with backend vllm")
-    if endpoint:
-        check_base_url(endpoint)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
 @dataclass(frozen=True)
@@ -66,17 +47,6 @@ OFFLINE_BATCH_SIZE = 64
 """Clusters per batch for the offline backends (no server to keep busy; just amortizes the step)."""
 
 
-class StageModelConfig(Protocol):
-    """The settings every model stage's config section has (``CaptionConfig``, ``SubjectConfig``, ...)."""
-
-    backend: str
-    model: str
-    endpoint: str
-    prompt: str
-    batch_size: int
-    on_failure: str
-
-
 class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | None]):
     """RunInference over clusters, one :class:`Outcome` per cluster. Subclasses implement :meth:`offline` (the
     offline backend's value) and :meth:`ask` (the model's value for one cluster, asked concurrently), or
@@ -89,7 +59,7 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
 
     stage = "model"
 
-    def __init__(self, config: StageModelConfig, llm: LLMConfig) -> None:
+    def __init__(self, config: ModelStageConfig, llm: LLMConfig) -> None:
         uses_model = config.backend == "vllm"
         batch_size = config.batch_size if uses_model else OFFLINE_BATCH_SIZE
         # A fixed batch size: BatchElements would otherwise start at one cluster and grow slowly, and a
@@ -170,7 +140,7 @@ class ResolveFn(beam.DoFn):
 
     offline_backend = "offline"
 
-    def __init__(self, stage: str, reason: str, config: StageModelConfig, prompt_tag: str | None) -> None:
+    def __init__(self, stage: str, reason: str, config: ModelStageConfig, prompt_tag: str | None) -> None:
         self._stage = stage
         self._reason = reason
         self._config = config

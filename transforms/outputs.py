@@ -27,7 +27,6 @@ import hashlib
 import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -36,35 +35,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.common import count, option
+from transforms.common import count
+from transforms.settings import OutputConfig
 
 STAGE = "write"
-
-_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """How outputs are written (config section ``output``)."""
-
-    num_shards: int = option(0, "Files per output; 0 sizes them by bytes (shard_bytes).")
-    shard_bytes: int = option(512 * 1024 * 1024, "Target size of one output file when num_shards is 0.")
-    row_group_bytes: int = option(64 * 1024 * 1024, "Target size of one Parquet row group (at least one row): "
-                                                    "what a reader holds in memory at a time, and the largest "
-                                                    "element the writer builds.")
-    codec: str = option("zstd", f"Parquet compression codec: {', '.join(_CODECS)}. Images are already "
-                                "compressed; the codec matters for text and ids.")
-
-    def __post_init__(self) -> None:
-        if self.num_shards < 0:
-            raise ValueError(f"num_shards must be >= 0, got {self.num_shards}")
-        if self.shard_bytes < 1 or self.row_group_bytes < 1:
-            raise ValueError("shard_bytes and row_group_bytes must be positive")
-        if self.row_group_bytes > self.shard_bytes:
-            raise ValueError(f"row_group_bytes ({self.row_group_bytes}) must not exceed shard_bytes "
-                             f"({self.shard_bytes})")
-        if self.codec not in _CODECS:
-            raise ValueError(f"codec must be one of {', '.join(_CODECS)}, got {self.codec!r}")
 
 
 # --- sizes and places -----------------------------------------------------------------------------------

@@ -31,13 +31,10 @@ import random
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance, Prompt
-from transforms.common import option
 from transforms.llm_client import (
-    STRUCTURED_OUTPUT_MODES,
     ChatClient,
     ChatResponse,
     LLMConfig,
@@ -47,22 +44,14 @@ from transforms.llm_client import (
     load_prompt,
     parse_json_object,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn, check_stage_config
+from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn
 from transforms.naming import STOPWORDS
+from transforms.settings import DEFAULT_MIX, PLACEHOLDER, SKILLS, PromptsConfig, check_mix
 
 STAGE = "prompts"
 
 PROMPTS_FAILED = "prompts_failed"
 
-BACKENDS = ("templates", "vllm")
-
-DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
-
-PLACEHOLDER = "{subject}"
-
-SKILLS = ("stylization", "recontextualization", "novel_view", "property_change", "accessorization",
-          "emotion_action")
-"""The skill taxonomy, in the order prompts are listed."""
 
 LIVE_ONLY = frozenset({"emotion_action", "accessorization"})
 """Skills a lifeless subject never gets (accessorization: unless ``accessorize_objects``)."""
@@ -79,64 +68,8 @@ SKILL_DESCRIPTIONS = {
     "emotion_action": "living subjects only: the subject showing an emotion or doing something",
 }
 
-DEFAULT_MIX = {"stylization": 0.25, "recontextualization": 0.30, "novel_view": 0.10, "property_change": 0.15,
-               "accessorization": 0.10, "emotion_action": 0.10}
 
 GRAMMAR = "scene_templates_v1.json"
-
-
-@dataclass(frozen=True)
-class PromptsConfig:
-    """Settings of the scene-prompt stage (config section ``prompts``); defaults justified in docs/defaults.md."""
-
-    enabled: bool = option(True, "Run the stage (off: clusters get no prompts).")
-    backend: str = option("vllm", "vllm: a text model through vLLM's OpenAI-compatible API, JSON output; "
-                                  "templates: the skill-template grammar, no model.")
-    on_failure: str = option("fallback", "When the model's prompts stay invalid or the calls fail: fallback (the "
-                                         "templates, recorded in provenance.fallbacks) or reject (prompts_failed).")
-    model: str = option(DEFAULT_MODEL, "Text model id served by vLLM.")
-    endpoint: str = option("", "OpenAI-compatible API root for this stage; empty: llm.endpoint, else a vLLM "
-                               "server started on each worker.")
-    prompt: str = option("prompts_v1.txt", "Instruction file (transforms/llm_prompts/ or any path); its name and "
-                                           "hash are recorded per cluster.")
-    structured_output: str = option("response_format", "How the JSON schema is sent: response_format, "
-                                                       "structured_outputs, guided_json or none.")
-    max_tokens: int = option(2048, "Longest answer, in tokens.")
-    temperature: float = option(0.8, "Sampling temperature: varied prompts need some; the request's seed comes "
-                                     "from the cluster id, so a rerun on the same server asks the same way.")
-    n: int = option(8, "Prompts per cluster.")
-    mix: dict[str, float] = option(help="Share of each skill among a cluster's prompts (normalized; skills a "
-                                        "subject cannot have are left out and the rest renormalized).",
-                                   factory=lambda: dict(DEFAULT_MIX))
-    accessorize_objects: bool = option(False, "Give objects accessorization prompts too (decorations, wrappings).")
-    min_chars: int = option(12, "Shortest valid prompt, in characters (with the placeholder).")
-    max_chars: int = option(160, "Longest valid prompt, in characters (CLIP's text encoder reads 77 tokens).")
-    max_similarity: float = option(0.6, "Two prompts of a cluster whose content words have a Jaccard similarity "
-                                        "at least this high are near-duplicates (invalid).")
-    batch_size: int = option(16, "Clusters per RunInference batch (their requests run concurrently).")
-
-    def __post_init__(self) -> None:
-        check_stage_config("prompts", self.backend, BACKENDS, self.on_failure, self.model, self.endpoint,
-                           self.batch_size)
-        if self.structured_output not in STRUCTURED_OUTPUT_MODES:
-            raise ValueError(f"structured_output must be one of {', '.join(STRUCTURED_OUTPUT_MODES)}, "
-                             f"got {self.structured_output!r}")
-        check_mix(self.mix)
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
-        if not len(PLACEHOLDER) < self.min_chars <= self.max_chars:
-            raise ValueError(f"need {len(PLACEHOLDER)} < min_chars <= max_chars, got {self.min_chars}, "
-                             f"{self.max_chars}")
-        if not 0 < self.max_similarity <= 1:
-            raise ValueError(f"max_similarity must be within (0, 1], got {self.max_similarity}")
-
-
-def check_mix(mix: Mapping[str, float]) -> None:
-    unknown = sorted(set(mix) - set(SKILLS))
-    if unknown:
-        raise ValueError(f"mix: unknown skill(s) {', '.join(unknown)}; skills: {', '.join(SKILLS)}")
-    if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError("mix: weights must be >= 0 and not all 0")
 
 
 def allowed_skills(is_live: bool, accessorize_objects: bool = False) -> tuple[str, ...]:

@@ -37,7 +37,8 @@ from apache_beam.io.filesystems import FileSystems
 from schemas.ids import content_id, stable_id
 from schemas.parquet import check_schema_version
 from schemas.records import InputRecord
-from transforms.common import REJECTS, Progress, StageOutput, count, option, reject
+from transforms.common import REJECTS, Progress, StageOutput, count, reject
+from transforms.settings import ReadConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -66,27 +67,6 @@ records it held past the cut were never read); the records before the cut go on.
 
 class InputFormatError(ValueError):
     """An input file is not in the format its extension promises, or lacks required fields."""
-
-
-@dataclass(frozen=True)
-class ReadConfig:
-    """Settings of the read stage (config section ``read``)."""
-
-    batch_rows: int = option(64, "Parquet rows decoded at a time; bounds reader memory to about "
-                                 "batch_rows x image size.")
-    validate_max_files: int = option(1000, "How many input files have their layout checked before the "
-                                           "job starts (the rest are checked when read).")
-    reshuffle: bool = option(True, "Redistribute records after reading, so that normalization is not "
-                                   "fused to the one worker that read each file.")
-    allow_truncated: bool = option(False, "Let a run whose compressed or tar input ends early finish with exit "
-                                          "status 0 (the file is still reported as truncated_file in rejects/ "
-                                          "and the manifest); by default such a run fails.")
-
-    def __post_init__(self) -> None:
-        if self.batch_rows < 1:
-            raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
-        if self.validate_max_files < 0:
-            raise ValueError(f"validate_max_files must be >= 0, got {self.validate_max_files}")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -48,9 +47,8 @@ from dreambooth_synth.prompts import class_noun_or_default, render_prompt
 from schemas.ids import hamming, stable_id
 from schemas.parquet import candidate_from_row, check_schema_version
 from schemas.records import Candidate, ImageRecord, ScoredCandidate, ScoringUnit, TargetScores
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.embed import (
-    EmbedConfig,
     ImagesAndTexts,
     OpenClipImageTextHandler,
     _config_digest,
@@ -58,6 +56,7 @@ from transforms.embed import (
     image_transform,
     model_id,
 )
+from transforms.settings import EmbedConfig, ScoreConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -68,22 +67,6 @@ TARGET_DECODE_ERROR = "target_decode_error"
 NO_REFERENCE_IMAGES = "no_reference_images"
 SCORING_FAILED = "scoring_failed"
 REASONS = (CLUSTER_MISSING, TARGET_DECODE_ERROR, NO_REFERENCE_IMAGES, SCORING_FAILED)
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Settings of target scoring (config section ``score``); the CLIP model is the ``embed`` section's."""
-
-    reuse_embeddings: bool = option(True, "Use the real images' embeddings stored in clusters/ when they were made "
-                                          "by the model that scores (provenance.embed_model); otherwise (or "
-                                          "false) compute them in phase 3.")
-    sharpness_side: int = option(256, "Sharpness (variance of the Laplacian) is measured on the luma downscaled "
-                                      "to at most this many pixels a side, so that it does not depend on the "
-                                      "render resolution.")
-
-    def __post_init__(self) -> None:
-        if self.sharpness_side < 16:
-            raise ValueError(f"sharpness_side must be at least 16, got {self.sharpness_side}")
 
 
 # --- plain functions -------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
@@ -42,7 +41,6 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
-from dreambooth_synth.config import ModelConfig, SampleConfig, TrainConfig
 from dreambooth_synth.errors import SynthesisError
 from dreambooth_synth.prompts import DEFAULT_CLASS_NOUN, class_noun_or_default
 from dreambooth_synth.synthesizer import PARTS
@@ -55,8 +53,9 @@ from schemas.parquet import (
     cluster_from_row,
 )
 from schemas.records import Candidate, Cluster, Prompt, SampleSettings, SynthSeconds, TrainSettings
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.prompts import template_prompts
+from transforms.settings import SynthConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -68,38 +67,6 @@ NON_FINITE_LOSS = "non_finite_loss"
 OUT_OF_MEMORY = "out_of_memory"
 REASONS = (SYNTHESIS_FAILED, NO_USABLE_IMAGES, NON_FINITE_LOSS, OUT_OF_MEMORY)
 """Whole-cluster reject reasons of this stage (``dreambooth_synth`` errors carry the same codes)."""
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """Settings of synthesis (config section ``synth``); defaults justified in docs/defaults.md."""
-
-    model: ModelConfig = option(factory=ModelConfig, help="The base model.")
-    train: TrainConfig = option(factory=TrainConfig, help="DreamBooth training per cluster.")
-    sample: SampleConfig = option(factory=SampleConfig, help="Rendering of the cluster's prompts.")
-    max_prompts: int = option(0, "Render at most this many prompts per cluster, in the cluster's order "
-                                 "(0: all of them).")
-    fallback_prompts: int = option(6, "Clusters that reach phase 2 without prompts (the prompts stage was off "
-                                      "or left them empty) get this many from the prompts stage's template "
-                                      "grammar (transforms/prompts.py), deterministic per cluster.")
-    cache_dir: str = option("", "Resume cache of finished clusters (and the shared prior-preservation class "
-                                "images); any Beam file system path. Empty: OUT/cache/synthesize.")
-    overwrite: bool = option(False, "Redo clusters already in the cache (default: a rerun reuses them).")
-    accelerator: str = option("", "Beam accelerator resource hint of the synthesis step, for example "
-                                  "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver "
-                                  "(Dataflow). Empty: none.")
-    require_gpu: bool = option(False, "Fail at worker start-up when no CUDA device is visible (always on when "
-                                      "accelerator is set): a GPU job must not crawl along on CPUs.")
-
-    def __post_init__(self) -> None:
-        if self.max_prompts < 0:
-            raise ValueError(f"max_prompts must be >= 0, got {self.max_prompts}")
-        if self.fallback_prompts < 1:
-            raise ValueError(f"fallback_prompts must be at least 1, got {self.fallback_prompts}")
-
-    @property
-    def needs_gpu(self) -> bool:
-        return self.require_gpu or bool(self.accelerator.strip())
 
 
 def _plain(value: Any) -> Any:

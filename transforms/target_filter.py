@@ -51,8 +51,9 @@ from typing import Any
 import apache_beam as beam
 
 from schemas.records import ScoredCandidate, ScoringUnit
-from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.outputs import OutputConfig, write_scores
+from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
+from transforms.outputs import write_scores
+from transforms.settings import OutputConfig, TargetFilterConfig
 from transforms.stats import WriteStats
 
 STAGE = "target_filter"
@@ -86,53 +87,6 @@ SCORE_NAMES = ("subject_sim", "subject_sim_max", "text_sim", "copy_distance", "b
                "contrast", "sharpness")
 RECORDED_QUANTILES = 21
 """Quantiles of each score written to the manifest: p00, p05, ..., p100."""
-
-
-@dataclass(frozen=True)
-class TargetFilterConfig:
-    """Bounds of the target filter (config section ``target_filter``); see docs/defaults.md."""
-
-    target_keep_rate: float | None = option(0.25, "Calibrate the two similarity bounds on this run so that this "
-                                                  "share of the scored candidates is kept (0 < rate <= 1); null: "
-                                                  "use min_subject_sim and min_text_sim.")
-    min_subject_sim: float = option(0.7, "Smallest mean CLIP image similarity of a target to its cluster's real "
-                                         "images (subject_not_preserved). Ignored with target_keep_rate.")
-    min_text_sim: float = option(0.25, "Smallest CLIP image-text similarity of a target to its prompt "
-                                       "(prompt_not_followed). Ignored with target_keep_rate.")
-    max_copy_sim: float | None = option(0.95, "A target whose CLIP similarity to a real image of its cluster "
-                                              "reaches this is a copy of it (copy_clip); null: no check.")
-    max_copy_distance: int | None = option(10, "A target within this many bits (64-bit pHash) of a real image of "
-                                               "its cluster is a copy of it (copy_phash); null: no check.")
-    min_side: int = option(256, "Shorter side, in pixels, a target must have (target_too_small).")
-    min_contrast: float | None = option(0.03, "Smallest standard deviation of the luma (0..0.5); under it the "
-                                              "image is blank or near uniform (blank_image). null: no check.")
-    min_brightness: float | None = option(0.04, "Smallest mean luma (0..1) (too_dark); null: no check.")
-    max_brightness: float | None = option(0.96, "Largest mean luma (0..1) (too_bright); null: no check.")
-    min_sharpness: float | None = option(25.0, "Smallest variance of the Laplacian of the luma (blurry); null: no "
-                                               "check.")
-    drop_nsfw: bool = option(True, "Reject targets the base model's safety checker flagged (nsfw).")
-
-    def __post_init__(self) -> None:
-        if self.target_keep_rate is not None and not 0.0 < self.target_keep_rate <= 1.0:
-            raise ValueError(f"target_keep_rate must be within (0, 1], got {self.target_keep_rate}")
-        for name in ("min_subject_sim", "min_text_sim", "max_copy_sim"):
-            value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
-        if self.max_copy_distance is not None and not 0 <= self.max_copy_distance <= 64:
-            raise ValueError(f"max_copy_distance must be within 0..64 bits, got {self.max_copy_distance}")
-        if self.min_side < 1:
-            raise ValueError(f"min_side must be at least 1, got {self.min_side}")
-        for name in ("min_contrast", "min_brightness", "max_brightness"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within 0..1, got {value}")
-        if (self.min_brightness is not None and self.max_brightness is not None
-                and self.min_brightness >= self.max_brightness):
-            raise ValueError(f"min_brightness ({self.min_brightness}) must be under max_brightness "
-                             f"({self.max_brightness})")
-        if self.min_sharpness is not None and self.min_sharpness < 0:
-            raise ValueError(f"min_sharpness must be >= 0, got {self.min_sharpness}")
 
 
 @dataclass(frozen=True)
