@@ -47,7 +47,8 @@ from transforms.caption import (  # noqa: E402
     clean_alt_text,
     validate_caption,
 )
-from transforms.llm_client import ChatClient, LLMConfig, load_prompt  # noqa: E402
+from transforms.llm_client import ChatClient, LLMConfig  # noqa: E402
+from transforms.prompt_files import load_prompt  # noqa: E402
 from transforms.prompts import PromptsConfig, ScenePrompts, cluster_template_prompts  # noqa: E402
 from transforms.subject import Subject, SubjectConfig, offline_result  # noqa: E402
 

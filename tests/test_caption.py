@@ -23,8 +23,9 @@ from transforms.caption import (
     clean_alt_text,
     validate_caption,
 )
-from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid, load_prompt
+from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid
 from transforms.llm_stage import FailedBatchFn, Outcome
+from transforms.prompt_files import load_prompt
 
 ALT_TEXTS = json.loads((Path(__file__).parent / "data" / "alt_texts.json").read_text(encoding="utf-8"))
 

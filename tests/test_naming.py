@@ -30,7 +30,8 @@ from transforms.naming import (
     runs,
     slug_words,
 )
-from transforms.prompts import LIVE_ONLY, PromptsConfig, ScenePrompts, allowed_skills
+from transforms.prompts import PromptsConfig, ScenePrompts
+from transforms.scene_templates import LIVE_ONLY, allowed_skills
 from transforms.subject import Subject, SubjectConfig, offline_result
 
 # --- the lexicon -------------------------------------------------------------------------------------------------

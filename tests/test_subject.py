@@ -18,8 +18,9 @@ from tests.clusters import beam_counters, sample_clusters
 from tests.fake_openai_server import subject_for
 from tests.llm_server import TEXT_MODEL, FakeOpenAIServer
 from transforms.caption import clean_alt_text
-from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid, load_prompt
+from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid
 from transforms.naming import name_subject
+from transforms.prompt_files import load_prompt
 from transforms.subject import (
     Subject,
     SubjectConfig,

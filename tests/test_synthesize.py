@@ -31,8 +31,8 @@ from tests.tiny_models import (
     with_prompts,
     write_clusters_file,
 )
-from transforms.prompts import LIVE_ONLY, template_prompts
 from transforms.read import InputFormatError
+from transforms.scene_templates import LIVE_ONLY, template_prompts
 from transforms.synthesize import (
     BeamStorage,
     SynthConfig,

@@ -29,7 +29,8 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from schemas.records import Cluster, ClusterProvenance
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
-from transforms.llm_client import ChatClient, LLMConfig, PromptText, connect, load_prompt, report_events
+from transforms.llm_client import ChatClient, LLMConfig, connect, report_events
+from transforms.prompt_files import PromptText, load_prompt
 from transforms.settings import ModelStageConfig
 
 LOG = logging.getLogger(__name__)

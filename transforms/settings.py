@@ -569,7 +569,7 @@ class SynthConfig:
                                  "(0: all of them).")
     fallback_prompts: int = option(6, "Clusters that reach phase 2 without prompts (the prompts stage was off "
                                       "or left them empty) get this many from the prompts stage's template "
-                                      "grammar (transforms/prompts.py), deterministic per cluster.")
+                                      "grammar (transforms/scene_templates.py), deterministic per cluster.")
     cache_dir: str = option("", "Resume cache of finished clusters (and the shared prior-preservation class "
                                 "images); any Beam file system path. Empty: OUT/cache/synthesize.")
     overwrite: bool = option(False, "Redo clusters already in the cache (default: a rerun reuses them).")

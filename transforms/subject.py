@@ -26,19 +26,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance
-from transforms.caption import clean_alt_text
+from transforms.alt_text import clean_alt_text
 from transforms.common import count
 from transforms.llm_client import (
     ChatClient,
     ChatResponse,
     LLMConfig,
     OutputInvalid,
-    PromptText,
     json_schema_params,
     parse_json_object,
 )
 from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn
 from transforms.naming import name_subject, singular
+from transforms.prompt_files import PromptText
 from transforms.settings import MIN_SHARE, SubjectConfig
 
 STAGE = "subject"

@@ -54,7 +54,7 @@ from schemas.parquet import (
 )
 from schemas.records import Candidate, Cluster, Prompt, SampleSettings, SynthSeconds, TrainSettings
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
-from transforms.prompts import template_prompts
+from transforms.scene_templates import template_prompts
 from transforms.settings import SynthConfig
 
 LOG = logging.getLogger(__name__)
