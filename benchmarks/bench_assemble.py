@@ -61,7 +61,7 @@ from schemas.parquet import (  # noqa: E402
 )
 from schemas.records import Candidate, SampleSettings, ScoredCandidate, SynthSeconds, TrainSettings  # noqa: E402
 from transforms.assemble import RunProvenance, choose_demos, make_example, write_shard  # noqa: E402
-from transforms.embed import decode_image, image_transform, load_image_encoder, model_id  # noqa: E402
+from transforms.models.clip import decode_image, image_transform, load_image_encoder, model_id  # noqa: E402
 from transforms.score import image_quality, nearest_image, target_prompt, target_scores  # noqa: E402
 from transforms.target_filter import Bounds, calibrate, failures, level_of  # noqa: E402
 

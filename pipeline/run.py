@@ -30,8 +30,9 @@ from transforms.cluster_filter import ClusterFilter
 from transforms.cross_page import CrossPageDedupe
 from transforms.decontaminate import Decontaminate, check_references
 from transforms.dedupe import Dedupe, FindBoilerplate
-from transforms.embed import Embed, check_model_config, drop_embeddings, model_id
+from transforms.embed import Embed, drop_embeddings
 from transforms.group import GroupByPage
+from transforms.models.clip import check_model_config, model_id
 from transforms.normalize import Normalize
 from transforms.outputs import write_candidates, write_clusters, write_examples, write_rejects
 from transforms.prompts import ScenePrompts
@@ -358,7 +359,7 @@ PER_CLUSTER_SECONDS_LIMIT = 10_000
 
 def synthesis_summary(output_dir: str) -> dict[str, Any]:
     """Clusters, candidates and per-cluster seconds as written in ``OUT/candidates/*.parquet``."""
-    from transforms.synthesize import PARTS
+    from dreambooth_synth.synthesizer import PARTS
 
     table = mf.read_columns(FileSystems.join(output_dir, "candidates", "*.parquet"), ["cluster_id", "seconds"])
     per_cluster: dict[str, dict[str, float]] = {}

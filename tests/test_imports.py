@@ -32,7 +32,7 @@ def test_the_configuration_loads_no_stage_and_no_heavy_library() -> None:
     assert {name for name in loaded if name.startswith("pipeline")} == {"pipeline", "pipeline.config"}
 
 
-@pytest.mark.parametrize("module", ["pipeline.cli"])
+@pytest.mark.parametrize("module", ["pipeline.cli", "transforms.models"])
 def test_entry_points_load_nothing_heavy(module: str) -> None:
     loaded = modules_after_import(module)
     assert not {name for name in loaded if name.split(".")[0] in HEAVY}

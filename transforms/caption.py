@@ -27,15 +27,14 @@ from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance
 from transforms.alt_text import clean_alt_text
-from transforms.llm_client import (
+from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
-    LLMConfig,
     OutputInvalid,
     image_data_url,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, error_text
-from transforms.settings import CaptionConfig
+from transforms.models.model_stage import ClusterModelHandler, ModelStage, Outcome, ResolveFn, error_text
+from transforms.settings import CaptionConfig, LLMConfig
 
 STAGE = "caption"
 

@@ -36,9 +36,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import Cluster
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
-from transforms.embed import EmbedConfig, ImagePixels, decode_image, embed_inference, image_transform
+from transforms.models.clip import ImagePixels, decode_image, embed_inference, image_transform
 from transforms.normalize import NormalizeConfig, Rejected, normalize_image
-from transforms.settings import DecontaminateConfig
+from transforms.settings import DecontaminateConfig, EmbedConfig
 from transforms.stats import WriteStats
 
 LOG = logging.getLogger(__name__)

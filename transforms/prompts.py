@@ -23,15 +23,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance, Prompt
-from transforms.llm_client import (
+from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
-    LLMConfig,
     OutputInvalid,
     json_schema_params,
     parse_json_object,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn
+from transforms.models.model_stage import ClusterModelHandler, ModelStage, ResolveFn
 from transforms.prompt_files import PromptText
 from transforms.scene_templates import (
     SKILL_DESCRIPTIONS,
@@ -41,7 +40,7 @@ from transforms.scene_templates import (
     skill_counts,
     template_prompts,
 )
-from transforms.settings import PromptsConfig
+from transforms.settings import LLMConfig, PromptsConfig
 
 STAGE = "prompts"
 

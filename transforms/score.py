@@ -15,7 +15,7 @@ The target's *source* is the real image it is nearest to (:func:`nearest_image`)
 ``subject_sim_max``, the one it could be copying. The assembly stage never shows it as a demo.
 
 The CLIP model is the ``embed`` section's, through ``RunInference`` with
-:class:`transforms.embed.OpenClipImageTextHandler` (images and texts of a cluster in one element, batched by
+:class:`transforms.models.clip.OpenClipImageTextHandler` (images and texts of a cluster in one element, batched by
 image count like the embed stage). The real images' embeddings stored in ``clusters/`` are reused when their
 ``provenance.embed_model`` is the model that scores (``score.reuse_embeddings``); otherwise they are computed in
 the same pass as the targets.
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
 from dreambooth_synth.prompts import class_noun_or_default, render_prompt
@@ -48,14 +48,7 @@ from schemas.ids import hamming, stable_id
 from schemas.parquet import candidate_from_row, check_schema_version
 from schemas.records import Candidate, ImageRecord, ScoredCandidate, ScoringUnit, TargetScores
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
-from transforms.embed import (
-    ImagesAndTexts,
-    OpenClipImageTextHandler,
-    _config_digest,
-    decode_image,
-    image_transform,
-    model_id,
-)
+from transforms.models.clip import ImagesAndTexts, clip_text_inference, decode_image, image_transform, model_id
 from transforms.settings import EmbedConfig, ScoreConfig
 
 LOG = logging.getLogger(__name__)
@@ -292,8 +285,8 @@ class PrepareScoringFn(beam.DoFn):
 
 
 def compute_scores(result: PredictionResult) -> ScoringUnit:
-    """A prediction of :class:`OpenClipImageTextHandler` -> the unit with every candidate scored (with the
-    target's source: :func:`nearest_image`)."""
+    """A prediction of :class:`~transforms.models.clip.OpenClipImageTextHandler` -> the unit with every candidate
+    scored (with the target's source: :func:`nearest_image`)."""
     prepared: Prepared = result.example.key
     image_rows, text_rows = result.inference
     candidates = prepared.unit.candidates
@@ -367,9 +360,8 @@ class Score(beam.PTransform):
         prepared = joined.units | "PrepareScoring" >> beam.ParDo(
             PrepareScoringFn(self._config, self._embed)).with_output_types(ImagesAndTexts).with_outputs(
             REJECTS, main="inputs")
-        inference = RunInference(OpenClipImageTextHandler(self._embed),
-                                 model_identifier=f"icl-clip-text-{_config_digest(self._embed)}")
-        results, failed = prepared.inputs | "ClipEmbeddings" >> inference.with_exception_handling()
+        inference = clip_text_inference(self._embed).with_exception_handling()
+        results, failed = prepared.inputs | "ClipEmbeddings" >> inference
         scored = results | "ComputeScores" >> beam.ParDo(ComputeScoresFn()).with_outputs(REJECTS, main="units")
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
             scoring_failure_rejects).with_outputs(REJECTS, main="none")

@@ -28,18 +28,17 @@ from typing import Any
 from schemas.records import Cluster, ClusterProvenance
 from transforms.alt_text import clean_alt_text
 from transforms.common import count
-from transforms.llm_client import (
+from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
-    LLMConfig,
     OutputInvalid,
     json_schema_params,
     parse_json_object,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn
+from transforms.models.model_stage import ClusterModelHandler, ModelStage, ResolveFn
 from transforms.naming import name_subject, singular
 from transforms.prompt_files import PromptText
-from transforms.settings import MIN_SHARE, SubjectConfig
+from transforms.settings import MIN_SHARE, LLMConfig, SubjectConfig
 
 STAGE = "subject"
 

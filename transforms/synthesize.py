@@ -23,7 +23,6 @@ is done by the :mod:`dreambooth_synth` library; this module is the Beam side of 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import io
 import json
@@ -42,8 +41,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
 from dreambooth_synth.errors import SynthesisError
-from dreambooth_synth.prompts import DEFAULT_CLASS_NOUN, class_noun_or_default
-from dreambooth_synth.synthesizer import PARTS
 from schemas.ids import stable_id
 from schemas.parquet import (
     CANDIDATES_SCHEMA,
@@ -52,8 +49,9 @@ from schemas.parquet import (
     check_schema_version,
     cluster_from_row,
 )
-from schemas.records import Candidate, Cluster, Prompt, SampleSettings, SynthSeconds, TrainSettings
+from schemas.records import Candidate, Cluster, Prompt
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.models import diffusion
 from transforms.scene_templates import template_prompts
 from transforms.settings import SynthConfig
 
@@ -216,19 +214,6 @@ class ReadClusters(beam.PTransform):
 # --- the synthesis step ----------------------------------------------------------------------------------
 
 
-def check_gpu() -> str:
-    """The visible CUDA device's name; raises ``RuntimeError`` when there is none (fail fast)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "synthesis needs a GPU on this worker (synth.accelerator or synth.require_gpu is set) but torch "
-            f"{torch.__version__} sees no CUDA device. Check the accelerator resource hint (type, count, "
-            "install-nvidia-driver), that the worker image is the project's CUDA image (Dockerfile), and "
-            "nvidia-smi on the worker.")
-    return torch.cuda.get_device_name(0)
-
-
 class _Worker:
     """What one worker process holds: the loaded synthesizer, the lock clusters take turns with, progress."""
 
@@ -261,15 +246,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
-
-
-def _quiet_library_progress_bars() -> None:
-    # diffusers and transformers draw tqdm bars while loading; on workers they only fill the logs.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 def _read_cache(storage: BeamStorage, path: str) -> list[Candidate] | None:
@@ -305,24 +281,16 @@ class SynthesizeFn(beam.DoFn):
 
     def setup(self) -> None:
         if self._config.needs_gpu:
-            LOG.info("synthesize: GPU %s", check_gpu())
+            LOG.info("synthesize: GPU %s", diffusion.check_gpu())
         self._worker = self._shared.acquire(self._load, tag=self._synth_hash)
 
     def _load(self) -> _Worker:
-        from dreambooth_synth import Synthesizer, load_model
-
-        _quiet_library_progress_bars()
-        model = load_model(self._config.model)
-        synthesizer = Synthesizer(model, self._config.train, self._config.sample, storage=BeamStorage(),
-                                  class_image_dir=FileSystems.join(self._cache_dir, "class_images"))
-        # The libraries and the model are ~0.5 M long-lived objects that every cluster's gc.collect()
-        # would scan again (a quarter of a second each time); move them out of the collector's sight.
-        gc.collect()
-        gc.freeze()
+        synthesizer = diffusion.load_synthesizer(self._config, BeamStorage(),
+                                                 FileSystems.join(self._cache_dir, "class_images"))
         return _Worker(synthesizer, self._total, self._workers)
 
     def teardown(self) -> None:
-        gc.unfreeze()  # what setup froze can be collected again once this process lets the model go
+        diffusion.release_model()
 
     def process(self, cluster: Cluster) -> Iterator[Any]:
         try:
@@ -373,57 +341,16 @@ class SynthesizeFn(beam.DoFn):
         yield from candidates
 
     def _synthesize(self, cluster: Cluster, prompts: Sequence[Prompt]) -> Any:
-        from dreambooth_synth import Subject
-
-        subject = Subject(key=cluster.cluster_id, class_noun=cluster.class_noun,
-                          images=tuple(image.image for image in cluster.images),
-                          prompts=tuple((p.prompt, p.skill) for p in prompts))
+        synthesizer = self._worker.synthesizer
         try:
-            result = self._worker.synthesizer.synthesize(subject)
+            result = diffusion.synthesize(synthesizer, cluster, prompts)
         except SynthesisError as error:
             seconds = error.seconds or {}
             return reject(STAGE, error.reason, f"{error} (after {seconds.get('total', 0.0):.1f} s)", cluster=cluster)
         if result.skipped_images:
             count(STAGE, "images_undecodable", len(result.skipped_images))
-        return make_candidates(cluster, result, self._worker.synthesizer, self._config, self._synth_hash), \
+        return diffusion.make_candidates(cluster, result, synthesizer, self._config, self._synth_hash), \
             result.seconds["total"]
-
-
-def make_candidates(cluster: Cluster, result: Any, synthesizer: Any, config: SynthConfig,
-                    synth_hash: str) -> list[Candidate]:
-    """Candidate records of a :class:`dreambooth_synth.SynthesisResult`."""
-    from dreambooth_synth.prompts import training_seed
-
-    train_config, sample_config = config.train, config.sample
-    model = synthesizer.model
-    train = TrainSettings(
-        model=config.model.name, mode=train_config.mode, steps=result.train.steps,
-        learning_rate=result.train.learning_rate,
-        lora_rank=train_config.lora_rank if train_config.mode == "lora" else None,
-        train_text_encoder=train_config.train_text_encoder, batch_size=train_config.batch_size,
-        resolution=synthesizer.resolution, prior_preservation=train_config.prior_preservation,
-        prior_loss_weight=train_config.prior_loss_weight if train_config.prior_preservation else None,
-        precision=str(model.weight_dtype).replace("torch.", ""),
-        seed=training_seed(train_config.seed, cluster.cluster_id), instance_prompt=result.instance_prompt)
-    sample = SampleSettings(scheduler=sample_config.scheduler, steps=sample_config.steps,
-                            guidance_scale=sample_config.guidance_scale,
-                            negative_prompt=sample_config.negative_prompt,
-                            images_per_prompt=sample_config.images_per_prompt)
-    seconds = SynthSeconds(**{k: float(result.seconds[k]) for k in
-                              ("load", "latents", "prior", "train", "sample", "cleanup", "total")})
-    final_loss = result.train.final_loss
-    return [
-        Candidate(
-            candidate_id=stable_id("candidate", cluster.cluster_id, render.template, render.skill, render.k,
-                                   render.seed, synth_hash),
-            cluster_id=cluster.cluster_id, page_url=cluster.page_url, prompt=render.prompt,
-            prompt_template=render.template, skill=render.skill, subject=cluster.subject,
-            class_noun=result.class_noun, identifier=train_config.identifier.strip(), k=render.k,
-            seed=render.seed, image=render.image, width=render.width, height=render.height, nsfw=render.nsfw,
-            train=train, sample=sample, final_loss=final_loss, n_train_images=result.n_images, seconds=seconds,
-            synth_config_hash=synth_hash)
-        for render in result.renders
-    ]
 
 
 class Synthesize(beam.PTransform):
@@ -447,18 +374,3 @@ class Synthesize(beam.PTransform):
             | "SynthesizeClusters" >> step
         )
         return StageOutput(result.candidates, result[REJECTS])
-
-
-__all__ = [
-    "DEFAULT_CLASS_NOUN",
-    "PARTS",
-    "REASONS",
-    "BeamStorage",
-    "ReadClusters",
-    "Synthesize",
-    "SynthConfig",
-    "cluster_prompts",
-    "class_noun_or_default",
-    "fallback_prompts",
-    "synthesis_hash",
-]

@@ -11,9 +11,9 @@ followed by a cheap step that applies the stage's failure policy (score first, d
 * a batch whose processing raised anyway (a bug) leaves ``RunInference.with_exception_handling()`` as
   failed inferences; :class:`FailedBatchFn` turns each of its clusters into an ``internal_error``.
 
-A handler with the ``vllm`` backend loads a :class:`~transforms.llm_client.ChatClient` (``load_model``);
-RunInference shares it between the threads of a worker process, so ``llm.max_concurrency`` bounds the
-requests in flight per process.
+A handler with the ``vllm`` backend loads a :class:`~transforms.models.llm_client.ChatClient` (``load_model``,
+:func:`connect`); RunInference shares it between the threads of a worker process, so ``llm.max_concurrency``
+bounds the requests in flight per process.
 """
 
 from __future__ import annotations
@@ -26,14 +26,32 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.utils.multi_process_shared import MultiProcessShared
 
 from schemas.records import Cluster, ClusterProvenance
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
-from transforms.llm_client import ChatClient, LLMConfig, connect, report_events
+from transforms.models.llm_client import ChatClient, report_events
+from transforms.models.vllm_server import server_tag, start_server
 from transforms.prompt_files import PromptText, load_prompt
-from transforms.settings import ModelStageConfig
+from transforms.settings import LLMConfig, ModelStageConfig
 
 LOG = logging.getLogger(__name__)
+
+
+def connect(model: str, endpoint: str, config: LLMConfig) -> ChatClient:
+    """The client a stage uses for ``model``: at ``endpoint`` (or ``llm.endpoint``), else at a server that
+    this worker machine starts once per model and shares across its processes and stages (Beam's
+    ``MultiProcessShared``). The client holds that server (``client.server``): it lives as long as the model
+    ``RunInference`` loaded, and stops when it is released (:mod:`transforms.models.vllm_server`)."""
+    base_url = config.base_url_for(endpoint)
+    if base_url:
+        return ChatClient.from_config(base_url, config)
+    args = dict(config.server_args.get(model, {}))
+    server = MultiProcessShared(lambda: start_server(model, args, config.server_startup_timeout_s),
+                                tag=server_tag(model), always_proxy=True).acquire()
+    client = ChatClient.from_config(server.base_url(), config)
+    client.server = server
+    return client
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | N
     offline backend's value) and :meth:`ask` (the model's value for one cluster, asked concurrently), or
     :meth:`infer_with_model` for another unit of work than the cluster.
 
-    ``load_model`` connects to the model (:func:`transforms.llm_client.connect`) for the ``vllm``
+    ``load_model`` connects to the model (:func:`connect`) for the ``vllm``
     backend and loads nothing for the offline ones. The stage's instruction file is read here, on the
     launcher, so that a missing file fails before the job starts and its hash is known to provenance.
     """
