@@ -12,15 +12,13 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import sys
 from collections import Counter
-from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from transforms.outputs import read_columns
 
 MANIFEST = "manifest.json"
 
@@ -56,19 +54,6 @@ def beam_counters(result: Any) -> dict[str, dict[str, int]]:
         section = counters.setdefault(name.namespace, {})
         section[name.name] = section.get(name.name, 0) + int(value or 0)
     return {ns: dict(sorted(values.items())) for ns, values in sorted(counters.items())}
-
-
-def matching_files(pattern: str) -> list[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-def read_columns(pattern: str, columns: list[str]) -> pa.Table | None:
-    """The named columns of every Parquet file matching ``pattern`` (``None`` when none matches)."""
-    tables = []
-    for path in matching_files(pattern):
-        with FileSystems.open(path) as handle:
-            tables.append(pq.ParquetFile(handle).read(columns=columns))
-    return pa.concat_tables(tables) if tables else None
 
 
 def reject_summary(output_dir: str, phase: str) -> dict[str, Any]:
@@ -135,42 +120,6 @@ def write_manifest(output_dir: str, manifest: dict[str, Any]) -> str:
         handle.write(json.dumps(manifest, indent=2, sort_keys=False, default=str).encode("utf-8"))
         handle.write(b"\n")
     return path
-
-
-def delete_matching(patterns: Iterable[str]) -> int:
-    """Delete the files matching ``patterns`` (a phase's previous output); returns how many."""
-    paths = [path for pattern in patterns for path in matching_files(pattern)]
-    if paths:
-        FileSystems.delete(paths)
-    return len(paths)
-
-
-TEMP_PREFIXES = ("beam-temp-", ".tmp-")
-"""Names of the temporary folders writers make beside their output (Beam's file sinks, our sharded writer)."""
-
-
-def remove_temp_dirs(output_dir: str, folders: Iterable[str], *, only_empty: bool = True) -> list[str]:
-    """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>``: the empty ones a finished
-    phase leaves, or, after a failed phase (``only_empty=False``), all of them with their files. Returns them."""
-    removed = []
-    for folder in folders:
-        base = FileSystems.join(output_dir, folder)
-        for prefix in TEMP_PREFIXES:
-            for match in FileSystems.match([FileSystems.join(base, f"{prefix}*")])[0].metadata_list:
-                path = match.path.rstrip("/")
-                if only_empty and _has_files(path):
-                    continue
-                FileSystems.delete([path])
-                removed.append(path)
-    return removed
-
-
-def _has_files(path: str) -> bool:
-    return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
-
-
-def command_line() -> list[str]:
-    return list(sys.argv)
 
 
 def funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:

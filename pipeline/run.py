@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config, config_hash, to_dict
 from schemas.parquet import SCHEMA_VERSION
-from transforms.assemble import Assemble, RunProvenance, examples_output
+from transforms.assemble import Assemble, RunProvenance
 from transforms.caption import Caption
 from transforms.cluster_filter import ClusterFilter
 from transforms.cross_page import CrossPageDedupe
@@ -34,22 +34,30 @@ from transforms.embed import Embed, drop_embeddings
 from transforms.group import GroupByPage
 from transforms.models.clip import check_model_config, model_id
 from transforms.normalize import Normalize
-from transforms.outputs import write_candidates, write_clusters, write_examples, write_rejects
-from transforms.prompts import ScenePrompts
-from transforms.read import (
-    TRUNCATED_FILE,
-    InputFile,
-    ReadPairs,
+from transforms.outputs import (
+    STATS_FOLDER,
+    ReadCandidates,
+    ReadClusters,
     count_parquet_rows,
-    expand_inputs,
+    delete_matching,
+    examples_output,
     expand_phase_inputs,
+    matching_files,
     parquet_footer,
-    validate_input_file,
+    read_columns,
+    read_stats,
+    remove_temp_dirs,
+    write_candidates,
+    write_clusters,
+    write_examples,
+    write_rejects,
+    write_stage_extras,
 )
-from transforms.score import ReadCandidates, Score
-from transforms.stats import STATS_FOLDER, read_stats
+from transforms.prompts import ScenePrompts
+from transforms.read import TRUNCATED_FILE, InputFile, ReadPairs, expand_inputs, validate_input_file
+from transforms.score import Score
 from transforms.subject import Subject
-from transforms.synthesize import ReadClusters, Synthesize, default_cache_dir
+from transforms.synthesize import Synthesize, default_cache_dir
 from transforms.target_filter import TargetFilter
 
 LOG = logging.getLogger(__name__)
@@ -189,15 +197,18 @@ def build_clusters_pipeline(p: beam.Pipeline, config: PipelineConfig, files: Seq
         clusters, embed_rejects = clusters | "Embed" >> Embed(config.embed, config.group.min_images)
         stage_rejects.append(embed_rejects)
     if config.cluster_filter.enabled:
-        clusters, filter_rejects = clusters | "ClusterFilter" >> ClusterFilter(
-            config.cluster_filter, config.group.min_images, output_dir)
+        filtered = clusters | "ClusterFilter" >> ClusterFilter(config.cluster_filter, config.group.min_images)
+        write_stage_extras(filtered, "ClusterFilter", output_dir, "clusters", "cluster_filter", config.output)
+        clusters, filter_rejects = filtered
         stage_rejects.append(filter_rejects)
     if config.cross_page.enabled:
         clusters, cross_page_rejects = clusters | "CrossPageDedupe" >> CrossPageDedupe(config.cross_page)
         stage_rejects.append(cross_page_rejects)
     if config.decontaminate.against:
-        clusters, contaminated = clusters | "Decontaminate" >> Decontaminate(
-            config.decontaminate, config.normalize, config.embed if config.embed.enabled else None, output_dir)
+        checked = clusters | "Decontaminate" >> Decontaminate(
+            config.decontaminate, config.normalize, config.embed if config.embed.enabled else None)
+        write_stage_extras(checked, "Decontaminate", output_dir, "clusters", "decontaminate", config.output)
+        clusters, contaminated = checked
         stage_rejects.append(contaminated)
 
     # Captions, then the subject (read from the captions), then scene prompts (for the subject).
@@ -226,7 +237,7 @@ def build_synthesize_pipeline(p: beam.Pipeline, config: PipelineConfig, cluster_
     """
     cache_dir = config.synth.cache_dir or default_cache_dir(output_dir)
     total = count_parquet_rows(cluster_files) if total is None else total
-    clusters, read_rejects = p | "ReadClusters" >> ReadClusters(cluster_files)
+    clusters, read_rejects = p | "ReadClusters" >> ReadClusters(cluster_files, "synthesize")
     candidates, synth_rejects = clusters | "Synthesize" >> Synthesize(config.synth, cache_dir, total, workers)
     candidates | "WriteCandidates" >> write_candidates(output_dir, config.output)
     rejects = (read_rejects, synth_rejects) | "CollectRejects" >> beam.Flatten()
@@ -242,11 +253,13 @@ def build_assemble_pipeline(p: beam.Pipeline, config: PipelineConfig, candidate_
     A cluster row that cannot be read is only counted (``read_clusters/internal_error``, in images) and logged:
     its candidates are accounted for as ``cluster_missing`` rejects, so the phase's counts stay in candidates.
     """
-    candidates, read_rejects = p | "ReadCandidates" >> ReadCandidates(candidate_files)
-    clusters, unreadable = p | "ReadClusters" >> ReadClusters(cluster_files, stage="read_clusters")
+    candidates, read_rejects = p | "ReadCandidates" >> ReadCandidates(candidate_files, "score")
+    clusters, unreadable = p | "ReadClusters" >> ReadClusters(cluster_files, "read_clusters")
     _ = unreadable | "LogUnreadableClusters" >> beam.Map(_log_unreadable_cluster)
     units, score_rejects = (candidates, clusters) | "Score" >> Score(config.score, config.embed)
-    kept, filter_rejects = units | "TargetFilter" >> TargetFilter(config.target_filter, output_dir, config.output)
+    filtered = units | "TargetFilter" >> TargetFilter(config.target_filter)
+    write_stage_extras(filtered, "TargetFilter", output_dir, "assemble", "target_filter", config.output)
+    kept, filter_rejects = filtered
     run_provenance = RunProvenance(mf.package_versions().get("icl-cluster-pipeline"), config_hash(config),
                                    model_id(config.embed))
     examples, assemble_rejects = kept | "Assemble" >> Assemble(config.assemble, run_provenance)
@@ -282,14 +295,14 @@ def _local_mkdirs(path: str) -> None:
 def run_clusters_phase(request: RunRequest, config: PipelineConfig, files: Sequence[InputFile],
                        options: PipelineOptions, pipeline_factory: PipelineFactory) -> dict[str, Any]:
     out = request.output
-    mf.delete_matching([FileSystems.join(out, "clusters", "*.parquet"),
+    delete_matching([FileSystems.join(out, "clusters", "*.parquet"),
                         FileSystems.join(out, "rejects", "clusters-*.parquet"),
                         FileSystems.join(out, STATS_FOLDER, "clusters.*.json")])
     started = time.monotonic()
     p = pipeline_factory(options)
     build_clusters_pipeline(p, config, files, out)
     result = _run_pipeline(p, "clusters")
-    mf.remove_temp_dirs(out, ["clusters", "rejects"])
+    remove_temp_dirs(out, ["clusters", "rejects"])
     counters = mf.beam_counters(result)
     written = mf.cluster_summary(out)
     rejects = mf.reject_summary(out, "clusters")
@@ -361,7 +374,7 @@ def synthesis_summary(output_dir: str) -> dict[str, Any]:
     """Clusters, candidates and per-cluster seconds as written in ``OUT/candidates/*.parquet``."""
     from dreambooth_synth.synthesizer import PARTS
 
-    table = mf.read_columns(FileSystems.join(output_dir, "candidates", "*.parquet"), ["cluster_id", "seconds"])
+    table = read_columns(FileSystems.join(output_dir, "candidates", "*.parquet"), ["cluster_id", "seconds"])
     per_cluster: dict[str, dict[str, float]] = {}
     n_candidates = 0
     if table is not None:
@@ -383,7 +396,7 @@ def synthesis_summary(output_dir: str) -> dict[str, Any]:
 def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Sequence[str],
                          options: PipelineOptions, pipeline_factory: PipelineFactory) -> dict[str, Any]:
     out = request.output
-    mf.delete_matching([FileSystems.join(out, "candidates", "*.parquet"),
+    delete_matching([FileSystems.join(out, "candidates", "*.parquet"),
                         FileSystems.join(out, "rejects", "synthesize-*.parquet")])
     started = time.monotonic()
     n_input = count_parquet_rows(files)
@@ -391,7 +404,7 @@ def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Seq
     p = pipeline_factory(options)
     build_synthesize_pipeline(p, config, files, out, total=n_input, workers=_direct_workers(options))
     result = _run_pipeline(p, "synthesize")
-    mf.remove_temp_dirs(out, ["candidates", "rejects"])
+    remove_temp_dirs(out, ["candidates", "rejects"])
     counters = mf.beam_counters(result)
     written = synthesis_summary(out)
     rejects = mf.reject_summary(out, "synthesize")
@@ -425,7 +438,7 @@ def run_synthesize_phase(request: RunRequest, config: PipelineConfig, files: Seq
 
 def examples_summary(output_dir: str) -> dict[str, Any]:
     """Files, examples, row groups and bytes of ``OUT/examples/*.parquet`` (from the footers)."""
-    files = mf.matching_files(FileSystems.join(output_dir, "examples", "*.parquet"))
+    files = matching_files(FileSystems.join(output_dir, "examples", "*.parquet"))
     rows = groups = size = 0
     for path in files:
         metadata = parquet_footer(path)[0]
@@ -450,7 +463,7 @@ def run_assemble_phase(request: RunRequest, config: PipelineConfig, candidate_fi
                        cluster_files: Sequence[str], options: PipelineOptions,
                        pipeline_factory: PipelineFactory) -> dict[str, Any]:
     out = request.output
-    mf.delete_matching([FileSystems.join(out, "examples", "*.parquet"),
+    delete_matching([FileSystems.join(out, "examples", "*.parquet"),
                         FileSystems.join(out, "scores", "*.parquet"),
                         FileSystems.join(out, "rejects", "assemble-*.parquet"),
                         FileSystems.join(out, STATS_FOLDER, "assemble.*.json")])
@@ -461,12 +474,12 @@ def run_assemble_phase(request: RunRequest, config: PipelineConfig, candidate_fi
     p = pipeline_factory(options)
     build_assemble_pipeline(p, config, candidate_files, cluster_files, out)
     result = _run_pipeline(p, "assemble")
-    mf.remove_temp_dirs(out, ["examples", "scores", "rejects"])
+    remove_temp_dirs(out, ["examples", "scores", "rejects"])
     counters = mf.beam_counters(result)
     examples = examples_summary(out)
     rejects = mf.reject_summary(out, "assemble")
     rejected = rejects["rows"]  # one row per candidate
-    scored = mf.read_columns(FileSystems.join(out, "scores", "*.parquet"), ["candidate_id"])
+    scored = read_columns(FileSystems.join(out, "scores", "*.parquet"), ["candidate_id"])
     accounted = examples["examples"] + sum(rejected.values())
     candidates: dict[str, Any] = {
         "input": n_input,
@@ -564,7 +577,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
             _run_phase(phase, request, config, options, factory, manifest, files, cluster_files, candidate_files)
         except BaseException:
             # A failed phase leaves no temporary folders behind (its writers' half-written shards).
-            removed_temp = mf.remove_temp_dirs(request.output, PHASE_FOLDERS[phase], only_empty=False)
+            removed_temp = remove_temp_dirs(request.output, PHASE_FOLDERS[phase], only_empty=False)
             if removed_temp:
                 LOG.warning("phase %s failed; removed its temporary folders: %s", phase, ", ".join(removed_temp))
             raise
@@ -586,7 +599,7 @@ def _run_phase(phase: str, request: RunRequest, config: PipelineConfig, options:
         summary = run_synthesize_phase(request, config, cluster_files, options, factory)
     elif phase == "assemble":
         if request.phases[0] != "assemble":  # chained: what the earlier phases wrote (maybe nothing)
-            candidate_files = mf.matching_files(FileSystems.join(request.output, "candidates", "*.parquet"))
+            candidate_files = matching_files(FileSystems.join(request.output, "candidates", "*.parquet"))
             cluster_files = assemble_cluster_files(request, config)
         summary = run_assemble_phase(request, config, candidate_files, cluster_files, options, factory)
         manifest["candidates"] = summary["candidates"]
@@ -622,7 +635,7 @@ def stale_outputs(output_dir: str, phases: Sequence[str]) -> dict[str, list[str]
     stale: dict[str, list[str]] = {}
     for phase in later:
         files = [path for pattern in PHASE_OUTPUTS[phase]
-                 for path in mf.matching_files(FileSystems.join(output_dir, *pattern.split("/")))]
+                 for path in matching_files(FileSystems.join(output_dir, *pattern.split("/")))]
         if files:
             stale[phase] = files
     return stale

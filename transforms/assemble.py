@@ -32,7 +32,7 @@ import apache_beam as beam
 from schemas.ids import stable_id
 from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate, ScoringUnit
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
-from transforms.settings import AssembleConfig, OutputConfig
+from transforms.settings import AssembleConfig
 
 STAGE = "assemble"
 
@@ -125,8 +125,3 @@ class Assemble(beam.PTransform):
         out = units | "AssembleExamples" >> beam.ParDo(AssembleFn(self._config, self._run)).with_outputs(
             REJECTS, main="examples")
         return StageOutput(out.examples, out[REJECTS])
-
-
-def examples_output(config: AssembleConfig, codec: str) -> OutputConfig:
-    """How ``examples/`` is written: files of ``assemble.shard_bytes``, row groups of ``assemble.row_group_bytes``."""
-    return OutputConfig(shard_bytes=config.shard_bytes, row_group_bytes=config.row_group_bytes, codec=codec)

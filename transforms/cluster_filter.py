@@ -18,8 +18,8 @@ Score first, threshold second:
    ``ApproximateQuantiles`` (exact while the clusters fit its buffers, within a ``1/QUANTILES`` rank
    error beyond), passed to the threshold step as a side input.
 
-The threshold used, the mode, and the quantiles of ``mean_sim`` are written with
-:class:`transforms.stats.WriteStats` and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
+The threshold used, the mode, and the quantiles of ``mean_sim`` leave the stage as its ``stats`` (an extra
+output the phase writes to ``OUT/stats/``) and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
 so a run records the numbers it filtered with and thresholds can be retuned from them.
 
 A calibrated threshold is a global decision, and it carries only ids and scores: each scored cluster sends
@@ -41,7 +41,6 @@ import numpy as np
 from schemas.records import Cluster, ImageRecord, with_images
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.settings import ClusterFilterConfig
-from transforms.stats import WriteStats
 
 STAGE = "cluster_filter"
 
@@ -243,31 +242,28 @@ class JoinVerdictFn(beam.DoFn):
 
 
 class ClusterFilter(beam.PTransform):
-    """Scored ``Cluster``s that pass the coherence filter; stats to ``OUT/stats`` when ``output_dir`` is set."""
+    """Scored ``Cluster``s that pass the coherence filter, and (``extra["stats"]``) the threshold used with the
+    quantiles of the scores, for ``OUT/stats`` and the manifest."""
 
-    def __init__(self, config: ClusterFilterConfig, min_images: int, output_dir: str | None = None,
-                 phase: str = "clusters") -> None:
+    def __init__(self, config: ClusterFilterConfig, min_images: int) -> None:
         super().__init__()
         self._config = config
         self._min_images = min_images
-        self._output_dir = output_dir
-        self._phase = phase
 
     def expand(self, clusters: beam.PCollection) -> StageOutput:
         config = self._config
         scored = clusters | "ScoreCoherence" >> beam.ParDo(ScoreClustersFn(config, self._min_images)).with_outputs(
             REJECTS, main="scored")
+        scores = scored.scored | "ClusterScores" >> beam.Map(cluster_score)
+        values = scores | "MeanSimilarities" >> beam.Map(lambda score: score.mean_sim)
+        quantiles = values | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
+        n_scored = values | "CountScored" >> beam.combiners.Count.Globally()
         if config.target_keep_rate is None:
             # A fixed threshold is a plain argument: thresholding fuses with scoring, no barrier.
             kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
                 ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
-            threshold = None
-        if config.target_keep_rate is not None or self._output_dir is not None:
-            scores = scored.scored | "ClusterScores" >> beam.Map(cluster_score)
-            values = scores | "MeanSimilarities" >> beam.Map(lambda score: score.mean_sim)
-            quantiles = values | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
-            n_scored = values | "CountScored" >> beam.combiners.Count.Globally()
-        if config.target_keep_rate is not None:
+            threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
+        else:
             threshold = quantiles | "CalibrateThreshold" >> beam.Map(
                 threshold_for_keep_rate, config.target_keep_rate, beam.pvalue.AsSingleton(n_scored))
             verdicts = scores | "Decide" >> beam.Map(decide, beam.pvalue.AsSingleton(threshold))
@@ -277,14 +273,7 @@ class ClusterFilter(beam.PTransform):
                 | "JoinVerdicts" >> beam.CoGroupByKey()
                 | "ApplyThreshold" >> beam.ParDo(JoinVerdictFn()).with_outputs(REJECTS, main="kept")
             )
-        if self._output_dir is not None:
-            if threshold is None:
-                threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
-            _ = (
-                quantiles
-                | "DescribeCalibration" >> beam.Map(calibration_stats, beam.pvalue.AsSingleton(n_scored),
-                                                    beam.pvalue.AsSingleton(threshold), config)
-                | "WriteCalibration" >> WriteStats(self._output_dir, self._phase, STAGE)
-            )
+        stats = quantiles | "DescribeCalibration" >> beam.Map(
+            calibration_stats, beam.pvalue.AsSingleton(n_scored), beam.pvalue.AsSingleton(threshold), config)
         rejects = (scored[REJECTS], kept[REJECTS]) | "FilterRejects" >> beam.Flatten()
-        return StageOutput(kept.kept, rejects)
+        return StageOutput(kept.kept, rejects, {"stats": stats})

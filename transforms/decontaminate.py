@@ -39,7 +39,6 @@ from transforms.common import REJECTS, StageOutput, count, internal_error, rejec
 from transforms.models.clip import ImagePixels, decode_image, embed_inference, image_transform
 from transforms.normalize import NormalizeConfig, Rejected, normalize_image
 from transforms.settings import DecontaminateConfig, EmbedConfig
-from transforms.stats import WriteStats
 
 LOG = logging.getLogger(__name__)
 
@@ -226,21 +225,20 @@ def reference_stats(references: ReferenceSet, unreadable: list[str], config: Dec
 
 
 class Decontaminate(beam.PTransform):
-    """``Cluster``s -> those holding no near duplicate of an image under ``config.against``.
+    """``Cluster``s -> those holding no near duplicate of an image under ``config.against``; ``extra["stats"]``:
+    the reference set checked against (``stats.clusters.decontaminate`` of the manifest).
 
     ``embed`` is the embed stage's config when embeddings exist (enables the CLIP check), else ``None``.
     """
 
-    def __init__(self, config: DecontaminateConfig, normalize: NormalizeConfig, embed: EmbedConfig | None = None,
-                 output_dir: str | None = None, phase: str = "clusters") -> None:
+    def __init__(self, config: DecontaminateConfig, normalize: NormalizeConfig,
+                 embed: EmbedConfig | None = None) -> None:
         super().__init__()
         if not config.against:
             raise ValueError("Decontaminate needs decontaminate.against")
         self._config = config
         self._normalize = normalize
         self._embed = embed if config.clip_threshold is not None else None
-        self._output_dir = output_dir
-        self._phase = phase
 
     def expand(self, clusters: beam.PCollection) -> StageOutput:
         pattern, images_only = reference_pattern(self._config.against)
@@ -266,11 +264,7 @@ class Decontaminate(beam.PTransform):
         )
         result = clusters | "CheckClusters" >> beam.ParDo(
             DecontaminateFn(self._config), beam.pvalue.AsSingleton(reference_set)).with_outputs(REJECTS, main="kept")
-        if self._output_dir is not None:
-            unreadable = beam.pvalue.AsList(read[ReadReferenceFn.UNREADABLE])
-            _ = (
-                reference_set
-                | "DescribeReferences" >> beam.Map(reference_stats, unreadable, self._config, self._embed is not None)
-                | "WriteReferenceStats" >> WriteStats(self._output_dir, self._phase, STAGE)
-            )
-        return StageOutput(result.kept, result[REJECTS])
+        unreadable = beam.pvalue.AsList(read[ReadReferenceFn.UNREADABLE])
+        stats = reference_set | "DescribeReferences" >> beam.Map(reference_stats, unreadable, self._config,
+                                                                  self._embed is not None)
+        return StageOutput(result.kept, result[REJECTS], {"stats": stats})

@@ -37,15 +37,11 @@ from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
 from dreambooth_synth.prompts import class_noun_or_default, render_prompt
-from schemas.ids import hamming, stable_id
-from schemas.parquet import candidate_from_row, check_schema_version
+from schemas.ids import hamming
 from schemas.records import Candidate, ImageRecord, ScoredCandidate, ScoringUnit, TargetScores
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.models.clip import ImagesAndTexts, clip_text_inference, decode_image, image_transform, model_id
@@ -129,49 +125,6 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
-
-
-# --- reading candidates ------------------------------------------------------------------------------------
-
-
-class ReadCandidateFileFn(beam.DoFn):
-    """A ``candidates/*.parquet`` path -> ``Candidate`` records, a few rows at a time; a row that does not
-    convert is an ``internal_error`` reject (the rest of the file goes on)."""
-
-    def __init__(self, batch_rows: int = 16) -> None:
-        self._batch_rows = batch_rows
-
-    def process(self, path: str) -> Iterator[Any]:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            parquet = pq.ParquetFile(handle)
-            check_schema_version(parquet.schema_arrow, "candidates", path)
-            n = 0
-            for batch in parquet.iter_batches(batch_size=self._batch_rows):
-                for row in batch.to_pylist():
-                    count(STAGE, "candidates_read")
-                    try:
-                        yield candidate_from_row(row)
-                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
-                        cid = row.get("candidate_id") or stable_id("unreadable-candidate", path, n)
-                        yield internal_error(STAGE, error, id=cid, cluster_id=row.get("cluster_id"),
-                                             page_url=row.get("page_url"), source=f"{path}:{n}")
-                    n += 1
-
-
-class ReadCandidates(beam.PTransform):
-    """``PBegin`` -> ``Candidate``s of checked ``candidates/*.parquet`` paths."""
-
-    def __init__(self, files: Sequence[str]) -> None:
-        super().__init__()
-        self._files = list(files)
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
-        read = (
-            pbegin
-            | "ListCandidateFiles" >> beam.Create(self._files)
-            | "ReadCandidateFiles" >> beam.ParDo(ReadCandidateFileFn()).with_outputs(REJECTS, main="candidates")
-        )
-        return StageOutput(read.candidates, read[REJECTS])
 
 
 # --- the DoFns ------------------------------------------------------------------------------------------

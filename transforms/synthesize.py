@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -34,24 +33,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
 from dreambooth_synth.errors import SynthesisError
 from schemas.ids import stable_id
-from schemas.parquet import (
-    CANDIDATES_SCHEMA,
-    candidate_from_row,
-    candidate_to_row,
-    check_schema_version,
-    cluster_from_row,
-)
 from schemas.records import Candidate, Cluster, Prompt
 from transforms.common import REJECTS, StageOutput, count, internal_error, reject
 from transforms.models import diffusion
+from transforms.outputs import candidates_from_parquet, candidates_to_parquet
 from transforms.scene_templates import template_prompts
 from transforms.settings import SynthConfig
 
@@ -152,63 +143,6 @@ def inputs_hash(cluster: Cluster, prompts: Sequence[Prompt]) -> str:
 
 def cache_path(cache_dir: str, synth_hash: str, cluster: Cluster, prompts: Sequence[Prompt]) -> str:
     return FileSystems.join(cache_dir, synth_hash, f"{cluster.cluster_id}-{inputs_hash(cluster, prompts)}.parquet")
-
-
-def candidates_to_parquet(candidates: Sequence[Candidate]) -> bytes:
-    table = pa.Table.from_pylist([candidate_to_row(c) for c in candidates], schema=CANDIDATES_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="none")  # PNG renders: compressing again gains nothing
-    return buffer.getvalue()
-
-
-def candidates_from_parquet(data: bytes, path: str = "") -> list[Candidate]:
-    table = pq.read_table(io.BytesIO(data))
-    check_schema_version(table.schema, "candidates", path)
-    return [candidate_from_row(row) for row in table.to_pylist()]
-
-
-# --- reading clusters -----------------------------------------------------------------------------------
-
-
-class ReadClusterFileFn(beam.DoFn):
-    """A ``clusters/*.parquet`` path -> ``Cluster`` records, a few rows (row-group batches) at a time; counters
-    and dead letters under ``stage``."""
-
-    def __init__(self, batch_rows: int = 8, stage: str = STAGE) -> None:
-        self._batch_rows = batch_rows
-        self._stage = stage
-
-    def process(self, path: str) -> Iterator[Any]:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            parquet = pq.ParquetFile(handle)
-            check_schema_version(parquet.schema_arrow, "clusters", path)
-            for batch in parquet.iter_batches(batch_size=self._batch_rows):
-                for i, row in enumerate(batch.to_pylist()):
-                    count(self._stage, "clusters_read")
-                    try:
-                        yield cluster_from_row(row)
-                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
-                        cid = row.get("cluster_id") or stable_id("unreadable-cluster", path, i)
-                        yield internal_error(self._stage, error, id=cid, cluster_id=cid, page_url=row.get("page_url"),
-                                             n_images=len(row.get("images") or ()), source=path)
-
-
-class ReadClusters(beam.PTransform):
-    """``PBegin`` -> ``Cluster``s from checked ``clusters/*.parquet`` paths."""
-
-    def __init__(self, files: Sequence[str], stage: str = STAGE) -> None:
-        super().__init__()
-        self._files = list(files)
-        self._stage = stage
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
-        read = (
-            pbegin
-            | "ListClusterFiles" >> beam.Create(self._files)
-            | "ReadClusterFiles" >> beam.ParDo(ReadClusterFileFn(stage=self._stage)).with_outputs(
-                REJECTS, main="clusters")
-        )
-        return StageOutput(read.clusters, read[REJECTS])
 
 
 # --- the synthesis step ----------------------------------------------------------------------------------

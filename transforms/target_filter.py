@@ -52,9 +52,7 @@ import apache_beam as beam
 
 from schemas.records import ScoredCandidate, ScoringUnit
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
-from transforms.outputs import write_scores
-from transforms.settings import OutputConfig, TargetFilterConfig
-from transforms.stats import WriteStats
+from transforms.settings import TargetFilterConfig
 
 STAGE = "target_filter"
 
@@ -325,28 +323,22 @@ class KeepDecidedFn(beam.DoFn):
 
 
 class TargetFilter(beam.PTransform):
-    """Scored ``ScoringUnit``s -> units of the kept candidates; with ``output_dir``, also ``scores/`` and the
-    stats file of the phase."""
+    """Scored ``ScoringUnit``s -> units of the kept candidates; ``extra["scores"]``: every candidate's
+    ``(scored, decision, failed)`` (``OUT/scores/``), ``extra["stats"]``: the bounds used, the calibration and the
+    score quantiles (``stats.assemble.target_filter`` of the manifest)."""
 
-    def __init__(self, config: TargetFilterConfig, output_dir: str | None = None,
-                 output: OutputConfig | None = None, phase: str = "assemble") -> None:
+    def __init__(self, config: TargetFilterConfig) -> None:
         super().__init__()
         self._config = config
-        self._output_dir = output_dir
-        self._output = output or OutputConfig()
-        self._phase = phase
 
     def expand(self, units: beam.PCollection) -> StageOutput:
         config = self._config
         calibrated = config.target_keep_rate is not None
-        quantiles = n_scored = None
-        if calibrated or self._output_dir is not None:
-            n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
-                        | "CountScored" >> beam.CombineGlobally(sum))
-        if self._output_dir is not None:
-            quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
-                         | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
-                         | "AllScoreQuantiles" >> beam.combiners.ToList())
+        n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
+                    | "CountScored" >> beam.CombineGlobally(sum))
+        quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
+                     | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
+                     | "AllScoreQuantiles" >> beam.combiners.ToList())
         if calibrated:
             # A global decision on ids and scores only: the bounds come from the light candidates, each light
             # candidate is decided under them, and the decisions are joined back to the units (their images)
@@ -375,21 +367,16 @@ class TargetFilter(beam.PTransform):
                 | "JoinDecisions" >> beam.CoGroupByKey()
                 | "ApplyBounds" >> beam.ParDo(KeepDecidedFn())
             )
-            if quantiles is not None:
-                stats = calibration | "DescribeFilter" >> beam.Map(
-                    lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
-                    beam.pvalue.AsSingleton(n_scored))
+            stats = calibration | "DescribeFilter" >> beam.Map(
+                lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
+                beam.pvalue.AsSingleton(n_scored))
         else:
             # Fixed bounds are plain arguments: thresholding fuses with scoring, no barrier.
             fixed = fixed_bounds(config)
             decided = units | "ApplyBounds" >> beam.ParDo(ApplyBoundsFn(config), fixed).with_outputs(
                 REJECTS, DECISIONS, main="kept")
             kept = decided.kept
-            if quantiles is not None:
-                described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
-                stats = n_scored | "DescribeFilter" >> beam.Map(
-                    lambda n, q: filter_stats(described, q, n, config), beam.pvalue.AsSingleton(quantiles))
-        if self._output_dir is not None:
-            decided[DECISIONS] | "WriteScores" >> write_scores(self._output_dir, self._output)
-            stats | "WriteFilterStats" >> WriteStats(self._output_dir, self._phase, STAGE)
-        return StageOutput(kept, decided[REJECTS])
+            described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
+            stats = n_scored | "DescribeFilter" >> beam.Map(
+                lambda n, q: filter_stats(described, q, n, config), beam.pvalue.AsSingleton(quantiles))
+        return StageOutput(kept, decided[REJECTS], {"scores": decided[DECISIONS], "stats": stats})
