@@ -5,7 +5,7 @@ Inputs, built once: phase 1 on the bundled sample (demo profile: real clusters w
 embeddings), and ``--per-cluster`` candidates per cluster whose renders are real sample photos of *other* clusters
 resized to 512 px PNGs (the size and encoding of SD 1.5 renders).
 
-* **Beam**: ``pipeline.run.build_assemble_pipeline`` on the in-memory DirectRunner: read, join, RunInference,
+* **Beam**: ``pipeline.phases.build_assemble_pipeline`` on the in-memory DirectRunner: read, join, RunInference,
   calibration with side inputs, assembly, byte-sized shards -- the phase as it runs, start-up and model load
   included (they are also in the loop's time).
 * **plain loop**: the project's plain functions called directly: read both files with pyarrow, per cluster
@@ -50,7 +50,8 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import PipelineConfig, build_config, config_hash  # noqa: E402
-from pipeline.run import build_assemble_pipeline, run  # noqa: E402
+from pipeline.phases import build_assemble_pipeline  # noqa: E402
+from pipeline.run import run  # noqa: E402
 from schemas.ids import hamming, stable_id  # noqa: E402
 from schemas.parquet import (  # noqa: E402
     CANDIDATES_SCHEMA,

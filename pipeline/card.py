@@ -132,7 +132,7 @@ FOLDERS = (
 def dataset_card(manifest: dict[str, Any], config: CardConfig, present: set[str] | None = None) -> str:
     """The card's Markdown text (with a Hugging Face YAML header). ``present``: the entries of :data:`FOLDERS`
     the output holds (all when ``None``)."""
-    from pipeline.manifest import departures
+    from pipeline.accounting import departures
     from schemas.parquet import EXAMPLES_SCHEMA
 
     run_config = manifest.get("config", {})

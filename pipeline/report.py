@@ -293,7 +293,7 @@ def _run_section(manifest: dict[str, Any]) -> str:
 
 
 def _funnel_section(manifest: dict[str, Any]) -> str:
-    from pipeline.manifest import departures
+    from pipeline.accounting import departures
 
     steps = manifest.get("funnel") or _fallback_funnel(manifest)
     if not steps:
@@ -324,7 +324,7 @@ def _funnel_section(manifest: dict[str, Any]) -> str:
 
 
 def _fallback_funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    from pipeline.manifest import funnel
+    from pipeline.accounting import funnel
 
     return funnel(manifest)
 

@@ -31,12 +31,14 @@ import apache_beam as beam
 
 from schemas.ids import stable_id
 from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate, ScoringUnit
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.settings import AssembleConfig
 
 STAGE = "assemble"
 
 TOO_FEW_DEMOS = "too_few_demos"
+
+REASONS = (Reason(TOO_FEW_DEMOS),)
 
 
 @dataclass(frozen=True)

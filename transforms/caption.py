@@ -27,6 +27,7 @@ from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance
 from transforms.alt_text import clean_alt_text
+from transforms.common import Reason
 from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
@@ -39,6 +40,8 @@ from transforms.settings import CaptionConfig, LLMConfig
 STAGE = "caption"
 
 CAPTION_FAILED = "caption_failed"
+
+REASONS = (Reason(CAPTION_FAILED, whole_cluster=True),)
 
 
 # --- the VLM backend ------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import apache_beam as beam
 import numpy as np
 
 from schemas.records import Cluster, ImageRecord, with_images
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.settings import ClusterFilterConfig
 
 STAGE = "cluster_filter"
@@ -47,6 +47,9 @@ STAGE = "cluster_filter"
 OUTLIER_IMAGE = "outlier_image"
 INCOHERENT_CLUSTER = "incoherent_cluster"
 CLUSTER_TOO_SMALL = "cluster_too_small"
+
+REASONS = (Reason(OUTLIER_IMAGE), Reason(CLUSTER_TOO_SMALL, whole_cluster=True),
+           Reason(INCOHERENT_CLUSTER, whole_cluster=True))
 
 QUANTILES = 1001
 """Quantiles computed of the cluster scores: a rank resolution of 0.1% for calibration."""

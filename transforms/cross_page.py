@@ -36,12 +36,14 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 
 from schemas.records import Cluster
-from transforms.common import REJECTS, StageOutput, count, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, reject
 from transforms.settings import CrossPageConfig
 
 STAGE = "cross_page"
 
 DUPLICATE_CLUSTER = "duplicate_cluster"
+
+REASONS = (Reason(DUPLICATE_CLUSTER, whole_cluster=True),)
 
 
 class ClusterSketch(NamedTuple):

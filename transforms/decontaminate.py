@@ -35,7 +35,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import Cluster
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.models.clip import ImagePixels, decode_image, embed_inference, image_transform
 from transforms.normalize import NormalizeConfig, Rejected, normalize_image
 from transforms.settings import DecontaminateConfig, EmbedConfig
@@ -45,6 +45,8 @@ LOG = logging.getLogger(__name__)
 STAGE = "decontaminate"
 
 CONTAMINATED = "contaminated"
+
+REASONS = (Reason(CONTAMINATED, whole_cluster=True),)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif")
 

@@ -27,7 +27,7 @@ import apache_beam as beam
 
 from schemas.ids import cluster_id, hamming
 from schemas.records import BoilerplateHit, Cluster, ClusterStats, ImageRecord, PageGroup
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.settings import DedupeConfig
 
 STAGE = "dedupe"
@@ -36,6 +36,10 @@ BOILERPLATE = "boilerplate"
 DUPLICATE_EXACT = "duplicate_exact"
 DUPLICATE_NEAR = "duplicate_near"
 CLUSTER_TOO_SMALL = "cluster_too_small"
+
+REASONS = (Reason(BOILERPLATE), Reason(DUPLICATE_EXACT), Reason(DUPLICATE_NEAR),
+           Reason(CLUSTER_TOO_SMALL, whole_cluster=True))
+"""``boilerplate`` rejects leave where pages are grouped (:mod:`transforms.group`), under this stage's name."""
 
 
 # --- boilerplate ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
 from schemas.records import Cluster, ImageRecord, with_images
-from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Progress, Reason, StageOutput, count, internal_error, reject
 from transforms.models.clip import ImagePixels, decode_image, embed_inference, image_transform
 from transforms.settings import EmbedConfig
 
@@ -46,6 +46,8 @@ STAGE = "embed"
 EMBEDDING_DECODE_ERROR = "embedding_decode_error"
 EMBEDDING_FAILED = "embedding_failed"
 CLUSTER_TOO_SMALL = "cluster_too_small"
+
+REASONS = (Reason(EMBEDDING_DECODE_ERROR), Reason(EMBEDDING_FAILED), Reason(CLUSTER_TOO_SMALL, whole_cluster=True))
 
 
 class PrepareImagesFn(beam.DoFn):

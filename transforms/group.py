@@ -3,8 +3,9 @@
 A page can hold thousands of images (galleries, category pages): the cap keeps the first
 ``group.max_images_per_page`` images in a deterministic order (by image id, then image URL, record id
 and source -- content first, so the choice depends neither on input order nor on format) and rejects the
-rest as ``page_cap``. Images whose perceptual hash is boilerplate on this page (a
-:class:`~transforms.dedupe.FindBoilerplate` flag) take no place under the cap and leave as ``boilerplate``.
+rest as ``page_cap``. Images whose perceptual hash is boilerplate on this page (a flag of
+:class:`~transforms.dedupe.FindBoilerplate`, which runs inside this stage with the ``dedupe`` settings) take no
+place under the cap and leave as ``boilerplate``.
 
 The choice is made **before any image bytes are grouped**, so one huge page never gathers its payloads in
 one worker:
@@ -31,13 +32,15 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.records import BoilerplateHit, ImageRecord, PageGroup
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
-from transforms.dedupe import boilerplate_reject
-from transforms.settings import GroupConfig
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.dedupe import FindBoilerplate, boilerplate_reject
+from transforms.settings import DedupeConfig, GroupConfig
 
 STAGE = "group"
 
 PAGE_CAP = "page_cap"
+
+REASONS = (Reason(PAGE_CAP),)
 
 KEEP, CAPPED, BOILERPLATE = "keep", "page_cap", "boilerplate"
 
@@ -162,18 +165,16 @@ class BuildPageFn(beam.DoFn):
 
 
 class GroupByPage(beam.PTransform):
-    """``(ImageRecord``s, ``(page_url, BoilerplateHit)``s``)`` -> ``PageGroup``s, one per canonical page.
+    """``ImageRecord``s -> ``PageGroup``s, one per canonical page, without boilerplate (found with
+    :class:`~transforms.dedupe.FindBoilerplate` and the ``dedupe`` settings) and capped."""
 
-    ``boilerplate_max_pages`` is the dedupe bound, quoted in the ``boilerplate`` dead letters.
-    """
-
-    def __init__(self, config: GroupConfig, boilerplate_max_pages: int) -> None:
+    def __init__(self, config: GroupConfig, dedupe: DedupeConfig) -> None:
         super().__init__()
         self._config = config
-        self._boilerplate_max_pages = boilerplate_max_pages
+        self._dedupe = dedupe
 
-    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> StageOutput:
-        images, boilerplate = inputs
+    def expand(self, images: beam.PCollection) -> StageOutput:
+        boilerplate = images | "FindBoilerplate" >> FindBoilerplate(self._dedupe)
         entries = images | "CapEntries" >> beam.Map(lambda image: (image.page_url, CapEntry(cap_key(image),
                                                                                              image.phash)))
         decisions = (
@@ -185,7 +186,7 @@ class GroupByPage(beam.PTransform):
         routed = (
             {"image": keyed, "decision": decisions}
             | "JoinDecisions" >> beam.CoGroupByKey()
-            | "RouteImages" >> beam.ParDo(RouteImageFn(self._config, self._boilerplate_max_pages)).with_outputs(
+            | "RouteImages" >> beam.ParDo(RouteImageFn(self._config, self._dedupe.boilerplate_max_pages)).with_outputs(
                 REJECTS, main="kept")
         )
         built = (

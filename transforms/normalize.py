@@ -37,7 +37,7 @@ from w3lib.url import canonicalize_url, url_query_cleaner
 
 from schemas.ids import content_id
 from schemas.records import ImageRecord, InputRecord
-from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Progress, Reason, StageOutput, count, internal_error, reject
 from transforms.settings import DEFAULT_TRACKING_PARAMS, NormalizeConfig
 
 LOG = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ UNSUPPORTED_FORMAT = "unsupported_format"
 DECOMPRESSION_BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
+
+REASONS = tuple(Reason(code) for code in (
+    MISSING_PAGE_URL, RELATIVE_PAGE_URL, UNSUPPORTED_URL_SCHEME, MALFORMED_PAGE_URL, MISSING_IMAGE, FILE_TOO_LARGE,
+    DECODE_ERROR, TRUNCATED_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT_RATIO))
 
 
 class Rejected(Exception):

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance, Prompt
+from transforms.common import Reason
 from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
@@ -45,6 +46,8 @@ from transforms.settings import LLMConfig, PromptsConfig
 STAGE = "prompts"
 
 PROMPTS_FAILED = "prompts_failed"
+
+REASONS = (Reason(PROMPTS_FAILED, whole_cluster=True),)
 
 
 # --- the LLM backend ----------------------------------------------------------------------------------------------

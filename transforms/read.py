@@ -36,7 +36,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas.ids import content_id, stable_id
 from schemas.records import InputRecord
-from transforms.common import REJECTS, InputFormatError, Progress, StageOutput, count, reject
+from transforms.common import REJECTS, InputFormatError, Progress, Reason, StageOutput, count, reject
 from transforms.settings import ReadConfig
 
 LOG = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ IMAGE_UNREADABLE = "image_unreadable"
 TRUNCATED_FILE = "truncated_file"
 """A file-level reject: a compressed (or tar) input that ends early. Its row accounts for no record (the
 records it held past the cut were never read); the records before the cut go on."""
+
+REASONS = (Reason(MALFORMED_RECORD), Reason(IMAGE_UNREADABLE), Reason(TRUNCATED_FILE))
 
 
 @dataclass(frozen=True)

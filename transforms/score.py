@@ -43,7 +43,7 @@ from PIL import Image
 from dreambooth_synth.prompts import class_noun_or_default, render_prompt
 from schemas.ids import hamming
 from schemas.records import Candidate, ImageRecord, ScoredCandidate, ScoringUnit, TargetScores
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.models.clip import ImagesAndTexts, clip_text_inference, decode_image, image_transform, model_id
 from transforms.settings import EmbedConfig, ScoreConfig
 
@@ -55,7 +55,7 @@ CLUSTER_MISSING = "cluster_missing"
 TARGET_DECODE_ERROR = "target_decode_error"
 NO_REFERENCE_IMAGES = "no_reference_images"
 SCORING_FAILED = "scoring_failed"
-REASONS = (CLUSTER_MISSING, TARGET_DECODE_ERROR, NO_REFERENCE_IMAGES, SCORING_FAILED)
+REASONS = tuple(Reason(code) for code in (CLUSTER_MISSING, TARGET_DECODE_ERROR, NO_REFERENCE_IMAGES, SCORING_FAILED))
 
 
 # --- plain functions -------------------------------------------------------------------------------------

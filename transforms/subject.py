@@ -27,7 +27,7 @@ from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance
 from transforms.alt_text import clean_alt_text
-from transforms.common import count
+from transforms.common import Reason, count
 from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
@@ -43,6 +43,8 @@ from transforms.settings import MIN_SHARE, LLMConfig, SubjectConfig
 STAGE = "subject"
 
 SUBJECT_FAILED = "subject_failed"
+
+REASONS = (Reason(SUBJECT_FAILED, whole_cluster=True),)
 
 
 @dataclass(frozen=True)

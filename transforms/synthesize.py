@@ -40,7 +40,7 @@ from apache_beam.utils import shared
 from dreambooth_synth.errors import SynthesisError
 from schemas.ids import stable_id
 from schemas.records import Candidate, Cluster, Prompt
-from transforms.common import REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.models import diffusion
 from transforms.outputs import candidates_from_parquet, candidates_to_parquet
 from transforms.scene_templates import template_prompts
@@ -54,7 +54,8 @@ SYNTHESIS_FAILED = "synthesis_failed"
 NO_USABLE_IMAGES = "no_usable_images"
 NON_FINITE_LOSS = "non_finite_loss"
 OUT_OF_MEMORY = "out_of_memory"
-REASONS = (SYNTHESIS_FAILED, NO_USABLE_IMAGES, NON_FINITE_LOSS, OUT_OF_MEMORY)
+REASONS = tuple(Reason(code, whole_cluster=True)
+                for code in (SYNTHESIS_FAILED, NO_USABLE_IMAGES, NON_FINITE_LOSS, OUT_OF_MEMORY))
 """Whole-cluster reject reasons of this stage (``dreambooth_synth`` errors carry the same codes)."""
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import apache_beam as beam
 
 from schemas.records import ScoredCandidate, ScoringUnit
-from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
+from transforms.common import INTERNAL_ERROR, REJECTS, Reason, StageOutput, count, internal_error, reject
 from transforms.settings import TargetFilterConfig
 
 STAGE = "target_filter"
@@ -70,6 +70,8 @@ PROMPT_NOT_FOLLOWED = "prompt_not_followed"
 ORDER = (NSFW, TARGET_TOO_SMALL, BLANK_IMAGE, TOO_DARK, TOO_BRIGHT, BLURRY, COPY_PHASH, COPY_CLIP,
          SUBJECT_NOT_PRESERVED, PROMPT_NOT_FOLLOWED)
 """Every criterion, in the order that decides which reason a candidate failing several is counted under."""
+
+REASONS = tuple(Reason(code) for code in ORDER)
 
 ABSOLUTE = ORDER[:8]
 """Criteria whose bounds never depend on the run (not calibrated)."""
