@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     from pipeline.config import ConfigError
     from pipeline.run import RunError, UsageError
-    from transforms.read import InputFormatError
+    from transforms.common import InputFormatError
 
     try:
         if command == "run":
