@@ -5,7 +5,8 @@
   computes about its own data (``stats/``), :func:`write_stage_extras` for what a stage hands over besides its
   main output.
 * Readers: :class:`ReadClusters` and :class:`ReadCandidates` (the inputs of phases 2 and 3),
-  :func:`read_stats`, :func:`read_columns`, and the checks a later phase runs on its input files before it
+  :func:`read_stats`, :func:`read_columns` (the accounting), :func:`sample_rows` (the report's galleries: the
+  same rows on every call, within a byte budget), and the checks a later phase runs on its input files before it
   starts (:func:`expand_phase_inputs`).
 * Housekeeping: a phase's previous files (:func:`delete_matching`), the writers' temporary folders
   (:func:`remove_temp_dirs`), and phase 2's resume-cache entries (:func:`candidates_to_parquet`).
@@ -40,6 +41,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -531,6 +533,83 @@ class ReadCandidates(beam.PTransform):
                 REJECTS, main="candidates")
         )
         return StageOutput(read.candidates, read[REJECTS])
+
+
+# --- sampled reading (the report's galleries) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file, with the ids of its rows."""
+
+    path: str
+    row_group: int
+    nbytes: int
+    ids: tuple[str, ...]
+
+
+def row_group_ids(paths: Sequence[str], id_column: str) -> list[Unit]:
+    """Every row group of ``paths`` with its size and the ids of its rows (only the id column is read)."""
+    units = []
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for i in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(i, columns=[id_column]).column(id_column).to_pylist()
+                units.append(Unit(path, i, parquet.metadata.row_group(i).total_byte_size, tuple(map(str, ids))))
+    return units
+
+
+def choose_units(units: Sequence[Unit], wanted: Iterable[str], budget_bytes: int) -> list[Unit]:
+    """The row groups holding the ``wanted`` ids, in the order of the ids, while they fit ``budget_bytes`` (at
+    least one)."""
+    where = {id_: unit for unit in units for id_ in unit.ids}
+    chosen: list[Unit] = []
+    spent = 0
+    for id_ in wanted:
+        unit = where.get(id_)
+        if unit is None or unit in chosen:
+            continue
+        if chosen and spent + unit.nbytes > budget_bytes:
+            continue  # a later id may sit in a row group already chosen
+        chosen.append(unit)
+        spent += unit.nbytes
+    return chosen
+
+
+def read_row_group(path: str, row_group: int, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).read_row_group(row_group, columns=list(columns) if columns else None).to_pylist()
+
+
+def read_present_columns(pattern: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of every file matching ``pattern``, with those of ``columns`` the file has."""
+    rows: list[dict[str, Any]] = []
+    for path in matching_files(pattern):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            rows.extend(parquet.read(columns=present).to_pylist())
+    return rows
+
+
+def sample_order(key: str) -> str:
+    """The order rows are sampled in: a hash of their id (the same rows on every call, spread over the run)."""
+    return stable_id("report", key)
+
+
+def sample_rows(pattern: str, id_column: str, n: int, budget_bytes: int,
+                columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Up to ``n`` rows of the files matching ``pattern``: those with the smallest hashes of ``id_column`` among
+    the row groups that hold the smallest hashes and fit ``budget_bytes`` (the same rows on every call)."""
+    if n <= 0:
+        return []
+    units = row_group_ids(matching_files(pattern), id_column)
+    ranked = sorted((id_ for unit in units for id_ in unit.ids), key=sample_order)
+    rows: list[dict[str, Any]] = []
+    for unit in choose_units(units, ranked, budget_bytes):
+        rows.extend(read_row_group(unit.path, unit.row_group, columns))
+    return sorted(rows, key=lambda row: sample_order(str(row[id_column])))[:n]
 
 
 # --- housekeeping ---------------------------------------------------------------------------------------
