@@ -5,7 +5,7 @@ Inputs, built once: phase 1 on the bundled sample (demo profile: real clusters w
 embeddings), and ``--per-cluster`` candidates per cluster whose renders are real sample photos of *other* clusters
 resized to 512 px PNGs (the size and encoding of SD 1.5 renders).
 
-* **Beam**: ``pipeline.run.build_assemble_pipeline`` on the in-memory DirectRunner: read, join, RunInference,
+* **Beam**: ``pipeline.phases.build_assemble_pipeline`` on the in-memory DirectRunner: read, join, RunInference,
   calibration with side inputs, assembly, byte-sized shards -- the phase as it runs, start-up and model load
   included (they are also in the loop's time).
 * **plain loop**: the project's plain functions called directly: read both files with pyarrow, per cluster
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import itertools
 import json
 import logging
 import os
@@ -50,19 +51,21 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import PipelineConfig, build_config, config_hash  # noqa: E402
-from pipeline.run import build_assemble_pipeline, run  # noqa: E402
-from schemas.ids import stable_id  # noqa: E402
+from pipeline.phases import build_assemble_pipeline  # noqa: E402
+from pipeline.run import run  # noqa: E402
+from schemas.ids import hamming, stable_id  # noqa: E402
 from schemas.parquet import (  # noqa: E402
     CANDIDATES_SCHEMA,
+    EXAMPLES_SCHEMA,
     candidate_from_row,
     candidate_to_row,
     cluster_from_row,
     example_to_row,
 )
 from schemas.records import Candidate, SampleSettings, ScoredCandidate, SynthSeconds, TrainSettings  # noqa: E402
-from transforms.assemble import RunProvenance, choose_demos, make_example, write_shard  # noqa: E402
-from transforms.dedupe import hamming  # noqa: E402
-from transforms.embed import decode_image, image_transform, load_image_encoder, model_id  # noqa: E402
+from transforms.assemble import RunProvenance, choose_demos, make_example  # noqa: E402
+from transforms.models.clip import decode_image, image_transform, load_image_encoder, model_id  # noqa: E402
+from transforms.outputs import cut_row_groups, row_bytes  # noqa: E402
 from transforms.score import image_quality, nearest_image, target_prompt, target_scores  # noqa: E402
 from transforms.target_filter import Bounds, calibrate, failures, level_of  # noqa: E402
 
@@ -171,9 +174,20 @@ def plain_loop(config: PipelineConfig, candidates_path: str, cluster_files: list
         if demos is not None:
             rows.append(example_to_row(make_example(cluster, s, demos, provenance)))
     os.makedirs(out, exist_ok=True)
-    write_shard(os.path.join(out, "part-00000-of-00001.parquet"), rows, config.assemble.row_group_bytes,
+    write_plain(os.path.join(out, "part-00000-of-00001.parquet"), rows, config.assemble.row_group_bytes,
                 config.output.codec)
     return time.perf_counter() - started, len(rows)
+
+
+def write_plain(path: str, rows: list[dict[str, Any]], row_group_bytes: int, codec: str) -> None:
+    """One examples file as the phase writes it (rows in id order, row groups of about ``row_group_bytes``), by one
+    process with pyarrow."""
+    rows = sorted(rows, key=lambda row: row["example_id"])
+    group_of = dict(cut_row_groups(((row["example_id"], row_bytes(row)) for row in rows), row_group_bytes))
+    with pq.ParquetWriter(path, EXAMPLES_SCHEMA, compression=codec) as writer:
+        for _, group in itertools.groupby(rows, key=lambda row: group_of[row["example_id"]]):
+            batch = list(group)
+            writer.write_table(pa.Table.from_pylist(batch, schema=EXAMPLES_SCHEMA), row_group_size=len(batch))
 
 
 def bench_model(model: str, folder: str, candidates: str, clusters: list[str], n: int,

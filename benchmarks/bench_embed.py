@@ -5,7 +5,7 @@ model's eval transform into a pool -- with the same model object settings:
 
 * **plain loop**: batches of ``batch_size`` images stacked from the pool, ``model.encode_image`` and
   L2 normalization under ``torch.inference_mode`` (and autocast where the stage uses it);
-* **Beam stage**: ``RunInference`` with :class:`transforms.embed.OpenClipImageHandler` on the in-memory
+* **Beam stage**: ``RunInference`` with :class:`transforms.models.clip.OpenClipImageHandler` on the in-memory
   DirectRunner, one element per cluster of ``images_per_element`` images (as the stage batches),
   ``BatchElements`` weighted by image count.
 
@@ -48,8 +48,7 @@ import torch  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from benchmarks.common import header, write_results  # noqa: E402
-from transforms.embed import (  # noqa: E402
-    EmbedConfig,
+from transforms.models.clip import (  # noqa: E402
     ImagePixels,
     decode_image,
     embed_inference,
@@ -57,6 +56,7 @@ from transforms.embed import (  # noqa: E402
     load_image_encoder,
 )
 from transforms.normalize import NormalizeConfig, normalize_image  # noqa: E402
+from transforms.settings import EmbedConfig  # noqa: E402
 
 LOG = logging.getLogger("bench_embed")
 

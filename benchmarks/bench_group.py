@@ -38,13 +38,14 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 from benchmarks.bench_scale import PeakMemory  # noqa: E402
 from benchmarks.common import header, write_results  # noqa: E402
 from benchmarks.crawl_gen import build_crawl  # noqa: E402
-from pipeline.manifest import largest_elements  # noqa: E402
+from pipeline.accounting import largest_elements  # noqa: E402
 from pipeline.runners import fnapi_data_plane_fix  # noqa: E402
 from schemas.ids import content_id  # noqa: E402
 from schemas.records import ImageRecord  # noqa: E402
-from transforms.dedupe import DedupeConfig, FindBoilerplate  # noqa: E402
-from transforms.group import GroupByPage, GroupConfig, cap_key  # noqa: E402
-from transforms.read import InputFile, ReadConfig, ReadPairs  # noqa: E402
+from transforms.dedupe import FindBoilerplate  # noqa: E402
+from transforms.group import GroupByPage, cap_key  # noqa: E402
+from transforms.read import InputFile, ReadPairs  # noqa: E402
+from transforms.settings import DedupeConfig, GroupConfig, ReadConfig  # noqa: E402
 
 CAP = 32
 
@@ -74,11 +75,11 @@ def run(variant: str, files: list[str], kept_path: str) -> dict[str, Any]:
     p = beam.Pipeline(options=options)
     records, _ = p | "Read" >> ReadPairs([InputFile(path, "parquet") for path in files], ReadConfig())
     images = records | "ToImages" >> beam.Map(to_image)
-    flags = images | "FindBoilerplate" >> FindBoilerplate(DedupeConfig())
     if variant == "group_by_page":
-        pages, _ = (images, flags) | "GroupByPage" >> GroupByPage(GroupConfig(max_images_per_page=CAP), 10)
+        pages, _ = images | "GroupByPage" >> GroupByPage(GroupConfig(max_images_per_page=CAP), DedupeConfig())
         kept = pages | "KeptSources" >> beam.FlatMap(lambda g: [im.source for im in g.images])
     else:
+        flags = images | "FindBoilerplate" >> FindBoilerplate(DedupeConfig())
         keyed = images | "KeyByPage" >> beam.Map(lambda im: (im.page_url, im))
         kept = ({"images": keyed, "boilerplate": flags} | "JoinByPage" >> beam.CoGroupByKey()
                 | "Cap" >> beam.FlatMap(group_then_cap))

@@ -47,8 +47,10 @@ from transforms.caption import (  # noqa: E402
     clean_alt_text,
     validate_caption,
 )
-from transforms.llm_client import ChatClient, LLMConfig, load_prompt  # noqa: E402
+from transforms.models.llm_client import ChatClient  # noqa: E402
+from transforms.prompt_files import load_prompt  # noqa: E402
 from transforms.prompts import PromptsConfig, ScenePrompts, cluster_template_prompts  # noqa: E402
+from transforms.settings import LLMConfig  # noqa: E402
 from transforms.subject import Subject, SubjectConfig, offline_result  # noqa: E402
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "sample", "crawl.parquet")

@@ -17,10 +17,6 @@ from typing import Any
 LOG = logging.getLogger(__name__)
 
 
-class NoUsableImagesError(ValueError):
-    """None of a subject's images could be decoded."""
-
-
 def decode_images(images: Sequence[bytes]) -> tuple[list[Any], list[str]]:
     """PIL RGB images of the decodable inputs, and a note for each one that could not be decoded."""
     from PIL import Image

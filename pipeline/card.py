@@ -8,29 +8,13 @@ Hugging Face dataset-card header, so the output folder can be pushed to the Hub 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from transforms.common import option
+from pipeline.config import CardConfig
 
 CARD = "README.md"
-
-
-@dataclass(frozen=True)
-class CardConfig:
-    """The dataset card (config section ``card``)."""
-
-    enabled: bool = option(True, "Write the dataset card OUT/README.md at the end of phase assemble.")
-    title: str = option("ICL examples for subject-driven text-to-image", "Title of the dataset card.")
-    license: str = option("unknown", "Licence of the input images and texts, as a Hugging Face licence id "
-                                     "(cc-by-4.0, other, ...); 'unknown' unless you know it.")
-    license_note: str = option("", "Free text about the inputs' licences and attribution, printed in the card.")
-
-    def __post_init__(self) -> None:
-        if not self.license.strip():
-            raise ValueError("license must not be empty (use 'unknown')")
 
 
 EXAMPLE_FIELDS: dict[str, str] = {
@@ -148,7 +132,7 @@ FOLDERS = (
 def dataset_card(manifest: dict[str, Any], config: CardConfig, present: set[str] | None = None) -> str:
     """The card's Markdown text (with a Hugging Face YAML header). ``present``: the entries of :data:`FOLDERS`
     the output holds (all when ``None``)."""
-    from pipeline.manifest import departures
+    from pipeline.accounting import departures
     from schemas.parquet import EXAMPLES_SCHEMA
 
     run_config = manifest.get("config", {})

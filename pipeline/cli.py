@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-PROFILES = ("demo", "local", "dataflow")  # checked against pipeline.config.PROFILES by the tests
+from pipeline.config import PROFILES
 
 DESCRIPTION = """\
 Build in-context-learning clusters and synthesized training examples for subject-driven
@@ -70,10 +70,17 @@ def _cmd_config(argv: Sequence[str]) -> int:
 
 
 def _cmd_run(argv: Sequence[str]) -> int:
+    # The run's modules (every stage, Beam, the model libraries) load here, not for the other commands.
     from pipeline.console import funnel_table, output_listing
-    from pipeline.run import parse_run_args, run
+    from pipeline.run import RunError, UsageError, parse_run_args, run
+    from transforms.common import InputFormatError
 
-    manifest = run(list(argv))
+    try:
+        manifest = run(list(argv))
+    except (InputFormatError, UsageError) as error:
+        return _failed("run", error, 2)
+    except RunError as error:
+        return _failed("run", error, 1)
     phases = list(parse_run_args(list(argv))[0].phases)  # this invocation's, not an earlier run's
     for phase in phases:
         print(funnel_table(manifest, phase))
@@ -181,8 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     from pipeline.config import ConfigError
-    from pipeline.run import RunError, UsageError
-    from transforms.read import InputFormatError
 
     try:
         if command == "run":
@@ -194,14 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_config(rest)
         if command == "report":
             return _cmd_report(rest)
-    except (ConfigError, InputFormatError, UsageError) as error:
-        print(f"icl-pipeline {command}: error: {error}", file=sys.stderr)
-        return 2
-    except RunError as error:
-        print(f"icl-pipeline {command}: error: {error}", file=sys.stderr)
-        return 1
+    except ConfigError as error:
+        return _failed(command, error, 2)
     print(f"icl-pipeline: unknown command {command!r}\n\n{DESCRIPTION}", file=sys.stderr)
     return 2
+
+
+def _failed(command: str, error: Exception, status: int) -> int:
+    """Exit status 2: invalid arguments, configuration or input files; 1: a phase failed or did not reconcile."""
+    print(f"icl-pipeline {command}: error: {error}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

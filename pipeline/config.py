@@ -1,8 +1,9 @@
 """The one typed configuration object of a run, and how it is built.
 
-``PipelineConfig`` has one section per stage; each section is the stage's own frozen dataclass, which
-validates itself in ``__post_init__``. A run's configuration is built in three layers, later ones
-winning:
+``PipelineConfig`` has one section per stage; each section is a frozen dataclass of
+:mod:`transforms.settings` (``card`` and ``report``, the launcher's own, are here), which validates itself in
+``__post_init__``; none of them imports a stage, so reading a configuration is quick. A run's configuration is
+built in three layers, later ones winning:
 
 1. the profile (``pipeline/profiles/<name>.yaml``: ``demo``, ``local`` or ``dataflow``),
 2. an optional YAML file (``--config FILE.yaml``, any Beam file system path),
@@ -28,27 +29,74 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.card import CardConfig
-from pipeline.report import ReportConfig
-from transforms.assemble import AssembleConfig
-from transforms.caption import CaptionConfig
-from transforms.cluster_filter import ClusterFilterConfig
-from transforms.cross_page import CrossPageConfig
-from transforms.decontaminate import DecontaminateConfig
-from transforms.dedupe import DedupeConfig
-from transforms.embed import EmbedConfig
-from transforms.group import GroupConfig
-from transforms.llm_client import LLMConfig
-from transforms.normalize import NormalizeConfig
-from transforms.outputs import OutputConfig
-from transforms.prompts import PromptsConfig
-from transforms.read import ReadConfig
-from transforms.score import ScoreConfig
-from transforms.subject import SubjectConfig
-from transforms.synthesize import SynthConfig
-from transforms.target_filter import TargetFilterConfig
+from transforms.settings import (
+    AssembleConfig,
+    CaptionConfig,
+    ClusterFilterConfig,
+    CrossPageConfig,
+    DecontaminateConfig,
+    DedupeConfig,
+    EmbedConfig,
+    GroupConfig,
+    LLMConfig,
+    NormalizeConfig,
+    OutputConfig,
+    PromptsConfig,
+    ReadConfig,
+    ScoreConfig,
+    SubjectConfig,
+    SynthConfig,
+    TargetFilterConfig,
+    option,
+)
 
 PROFILES = ("demo", "local", "dataflow")
+"""The configuration profiles (``pipeline/profiles/<name>.yaml``)."""
+
+
+# --- the launcher's own sections (the stages' are in transforms/settings.py) --------------------------------
+
+
+@dataclass(frozen=True)
+class CardConfig:
+    """The dataset card (config section ``card``)."""
+
+    enabled: bool = option(True, "Write the dataset card OUT/README.md at the end of phase assemble.")
+    title: str = option("ICL examples for subject-driven text-to-image", "Title of the dataset card.")
+    license: str = option("unknown", "Licence of the input images and texts, as a Hugging Face licence id "
+                                     "(cc-by-4.0, other, ...); 'unknown' unless you know it.")
+    license_note: str = option("", "Free text about the inputs' licences and attribution, printed in the card.")
+
+    def __post_init__(self) -> None:
+        if not self.license.strip():
+            raise ValueError("license must not be empty (use 'unknown')")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The visual report (config section ``report``)."""
+
+    enabled: bool = option(True, "Write OUT/report/index.html at the end of a run that includes phase assemble "
+                                 "(icl-pipeline report OUT writes it for any run).")
+    examples: int = option(48, "Kept examples shown in the gallery (a deterministic sample).")
+    rejects_per_reason: int = option(6, "Rejected candidates shown per reject reason.")
+    clusters: int = option(12, "Clusters shown in the cluster gallery.")
+    thumbnail_px: int = option(160, "Longest side of the thumbnails, in pixels.")
+    read_budget_mb: int = option(256, "Megabytes of Parquet row groups (at least one) read per gallery: bounds the "
+                                      "time to write the report whatever the size of the run.")
+    bins: int = option(30, "Bins per histogram.")
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "rejects_per_reason", "clusters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.thumbnail_px < 16:
+            raise ValueError(f"thumbnail_px must be at least 16, got {self.thumbnail_px}")
+        if self.read_budget_mb < 1 or self.bins < 2:
+            raise ValueError("read_budget_mb must be at least 1 and bins at least 2")
+
+
+# --- the whole configuration -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

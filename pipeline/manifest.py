@@ -1,26 +1,19 @@
-"""``OUT/manifest.json``: what a run did, with counts that must reconcile.
-
-The record funnel is computed from what was actually written, not from what the stages believe they
-did: ``kept`` is the number of images in ``clusters/``, ``rejected`` the images accounted for by
-``rejects/`` rows, per reason. ``input`` is the ``read/records`` Beam counter. ``input == kept +
-sum(rejected)`` must hold; :func:`reconcile` says whether it does, and the command fails when it does
-not (a record was lost: a bug). Beam counters of every stage are recorded alongside, per phase.
-"""
+"""``OUT/manifest.json``: what a run did -- its command, configuration and versions, and per phase the counts
+that must reconcile (:mod:`pipeline.accounting`) -- read and written through Beam ``FileSystems``."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import platform
-import sys
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from pipeline.config import PipelineConfig, config_hash, to_dict
+from schemas.parquet import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 
@@ -42,112 +35,6 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def beam_counters(result: Any) -> dict[str, dict[str, int]]:
-    """``{namespace: {name: value}}`` of a finished pipeline's counters (committed where supported)."""
-    counters: dict[str, dict[str, int]] = {}
-    for counter in result.metrics().query()["counters"]:
-        try:
-            value = counter.committed
-        except Exception:  # noqa: BLE001 -- some runners support only attempted metrics
-            value = None
-        if value is None:
-            value = counter.attempted
-        name = counter.key.metric
-        section = counters.setdefault(name.namespace, {})
-        section[name.name] = section.get(name.name, 0) + int(value or 0)
-    return {ns: dict(sorted(values.items())) for ns, values in sorted(counters.items())}
-
-
-def largest_elements(result: Any, pipeline: Any = None, top: int = 3) -> dict[str, Any]:
-    """The largest element Beam sampled in any PCollection (its ``sampled_byte_size`` monitoring info), with the
-    ``top`` PCollections holding the largest; empty where the runner does not report it (the portable runner's
-    results carry user metrics only). Beam's data plane warns at 512 MB per element and fails at 2 GB."""
-    infos = getattr(result, "monitoring_infos", None)
-    if infos is None:
-        return {}
-    from apache_beam.metrics import monitoring_infos as mi
-
-    largest: dict[str, int] = {}
-    for info in infos():
-        if info.urn != mi.SAMPLED_BYTE_SIZE_URN:
-            continue
-        _, _, _, maximum = mi.extract_distribution(info)
-        pcollection = info.labels.get(mi.PCOLLECTION_LABEL, "?")
-        largest[pcollection] = max(largest.get(pcollection, 0), int(maximum))
-    if not largest:
-        return {}
-    names: dict[str, str] = {}
-    if pipeline is not None:  # PCollection ids -> the labels a data engineer knows ("Normalize/Normalize.None")
-        names = {pid: pc.unique_name.lstrip("0123456789")
-                 for pid, pc in pipeline.to_runner_api().components.pcollections.items()}
-    ranked = sorted(largest.items(), key=lambda kv: -kv[1])[:top]
-    return {"max_bytes": ranked[0][1],
-            "largest": [{"pcollection": names.get(p, p), "max_bytes": b} for p, b in ranked]}
-
-
-def matching_files(pattern: str) -> list[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-def read_columns(pattern: str, columns: list[str]) -> pa.Table | None:
-    """The named columns of every Parquet file matching ``pattern`` (``None`` when none matches)."""
-    tables = []
-    for path in matching_files(pattern):
-        with FileSystems.open(path) as handle:
-            tables.append(pq.ParquetFile(handle).read(columns=columns))
-    return pa.concat_tables(tables) if tables else None
-
-
-def reject_summary(output_dir: str, phase: str) -> dict[str, Any]:
-    """Images and rows per reason (and per stage) in ``OUT/rejects/<phase>-*.parquet``."""
-    table = read_columns(FileSystems.join(output_dir, "rejects", f"{phase}-*.parquet"),
-                         ["stage", "reason", "n_images"])
-    images: Counter[str] = Counter()
-    rows: Counter[str] = Counter()
-    by_stage: dict[str, Counter[str]] = {}
-    if table is not None:
-        for stage, reason, n in zip(*(table.column(c).to_pylist() for c in ("stage", "reason", "n_images")),
-                                    strict=True):
-            images[reason] += n
-            rows[reason] += 1
-            by_stage.setdefault(stage, Counter())[reason] += n
-    return {
-        "images": dict(sorted(images.items())),
-        "rows": dict(sorted(rows.items())),
-        "by_stage": {stage: dict(sorted(c.items())) for stage, c in sorted(by_stage.items())},
-    }
-
-
-def reject_rows(output_dir: str, phase: str, reason: str, columns: list[str]) -> list[dict[str, Any]]:
-    """The ``columns`` of the rows of ``OUT/rejects/<phase>-*.parquet`` with ``reason``, sorted by the first column."""
-    table = read_columns(FileSystems.join(output_dir, "rejects", f"{phase}-*.parquet"), ["reason", *columns])
-    if table is None:
-        return []
-    rows = [row for row in table.to_pylist() if row.pop("reason") == reason]
-    return sorted(rows, key=lambda row: str(row[columns[0]]))
-
-
-def cluster_summary(output_dir: str) -> dict[str, int]:
-    """Clusters and images in ``OUT/clusters/*.parquet``."""
-    table = read_columns(FileSystems.join(output_dir, "clusters", "*.parquet"), ["stats"])
-    if table is None:
-        return {"clusters": 0, "images": 0}
-    n_images = table.column("stats").combine_chunks().field("n_images").to_pylist()
-    return {"clusters": len(n_images), "images": int(sum(n_images))}
-
-
-def reconcile(n_input: int, kept: int, rejected: dict[str, int]) -> dict[str, Any]:
-    """The ``records`` block: ``input == kept + sum(rejected)`` or ``reconciled: false``."""
-    total = kept + sum(rejected.values())
-    return {
-        "input": n_input,
-        "kept": kept,
-        "rejected": dict(sorted(rejected.items())),
-        "reconciled": n_input == total,
-        **({} if n_input == total else {"unaccounted": n_input - total}),
-    }
-
-
 def load_manifest(output_dir: str) -> dict[str, Any]:
     path = FileSystems.join(output_dir, MANIFEST)
     if not FileSystems.exists(path):
@@ -164,84 +51,17 @@ def write_manifest(output_dir: str, manifest: dict[str, Any]) -> str:
     return path
 
 
-def delete_matching(patterns: Iterable[str]) -> int:
-    """Delete the files matching ``patterns`` (a phase's previous output); returns how many."""
-    paths = [path for pattern in patterns for path in matching_files(pattern)]
-    if paths:
-        FileSystems.delete(paths)
-    return len(paths)
-
-
-TEMP_PREFIXES = ("beam-temp-", ".tmp-")
-"""Names of the temporary folders writers make beside their output (Beam's file sinks, our sharded writer)."""
-
-
-def remove_temp_dirs(output_dir: str, folders: Iterable[str], *, only_empty: bool = True) -> list[str]:
-    """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>``: the empty ones a finished
-    phase leaves, or, after a failed phase (``only_empty=False``), all of them with their files. Returns them."""
-    removed = []
-    for folder in folders:
-        base = FileSystems.join(output_dir, folder)
-        for prefix in TEMP_PREFIXES:
-            for match in FileSystems.match([FileSystems.join(base, f"{prefix}*")])[0].metadata_list:
-                path = match.path.rstrip("/")
-                if only_empty and _has_files(path):
-                    continue
-                FileSystems.delete([path])
-                removed.append(path)
-    return removed
-
-
-def _has_files(path: str) -> bool:
-    return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
-
-
-def command_line() -> list[str]:
-    return list(sys.argv)
-
-
-def funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The steps from input records to examples that the manifest knows of, each with its count, its unit and
-    what left the pipeline between the previous step and it, by reason.
-
-    Within a unit the counts chain: a step's count is the previous step's minus its ``rejected``. The unit
-    changes twice: records become clusters (a cluster holds several images) and clusters become candidates
-    (a cluster renders several).
-    """
-    steps: list[dict[str, Any]] = []
-    records = manifest.get("records")
-    if records:
-        steps.append({"step": "input records", "unit": "records", "count": records["input"]})
-        steps.append({"step": "images kept in clusters", "unit": "records", "count": records["kept"],
-                      "rejected": records["rejected"]})
-    clusters = manifest.get("clusters")
-    if clusters:
-        steps.append({"step": "clusters written", "unit": "clusters", "count": clusters["written"],
-                      "dropped_whole": clusters.get("rejected", {})})
-    phases = manifest.get("phases", {})
-    synth = phases.get("synthesize")
-    if synth:
-        if not clusters:
-            steps.append({"step": "input clusters", "unit": "clusters", "count": synth["clusters"]["input"]})
-        steps.append({"step": "clusters synthesized", "unit": "clusters", "count": synth["clusters"]["written"],
-                      "rejected": synth["clusters"]["rejected"]})
-        steps.append({"step": "candidates rendered", "unit": "candidates", "count": synth["candidates"]})
-    candidates = manifest.get("candidates")
-    assemble = phases.get("assemble")
-    if candidates and assemble:
-        by_stage = assemble.get("rejects_by_stage", {})
-        if not synth:
-            steps.append({"step": "input candidates", "unit": "candidates", "count": candidates["input"]})
-        steps.append({"step": "candidates scored", "unit": "candidates", "count": candidates["scored"],
-                      "rejected": by_stage.get("score", {})})
-        steps.append({"step": "kept by the target filter", "unit": "candidates",
-                      "count": candidates["kept_by_filter"], "rejected": by_stage.get("target_filter", {})})
-        steps.append({"step": "examples", "unit": "examples", "count": candidates["examples"],
-                      "rejected": by_stage.get("assemble", {})})
-    return steps
-
-
-def departures(step: dict[str, Any]) -> dict[str, int]:
-    """What left before a :func:`funnel` step, by reason (whole-cluster drops marked as such)."""
-    return {**step.get("rejected", {}),
-            **{f"{reason} (whole clusters)": n for reason, n in step.get("dropped_whole", {}).items()}}
+def describe_run(argv: Sequence[str], profile: str, runner: str, config: PipelineConfig) -> dict[str, Any]:
+    """The manifest's header: the command (``icl-pipeline run`` and ``argv``), the configuration and the versions."""
+    return {
+        "pipeline": "icl-cluster-pipeline",
+        "version": package_versions().get("icl-cluster-pipeline"),
+        "schema_version": SCHEMA_VERSION,
+        "created": now(),
+        "command": ["icl-pipeline", "run", *argv],
+        "profile": profile,
+        "runner": runner,
+        "config": to_dict(config),
+        "config_hash": config_hash(config),
+        "versions": package_versions(),
+    }

@@ -21,129 +21,22 @@ import base64
 import html
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from transforms.common import option
+from pipeline.config import ReportConfig
+from transforms.outputs import (
+    choose_units,
+    matching_files,
+    read_present_columns,
+    read_row_group,
+    row_group_ids,
+    sample_order,
+    sample_rows,
+)
 
 REPORT = "report/index.html"
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """The visual report (config section ``report``)."""
-
-    enabled: bool = option(True, "Write OUT/report/index.html at the end of a run that includes phase assemble "
-                                 "(icl-pipeline report OUT writes it for any run).")
-    examples: int = option(48, "Kept examples shown in the gallery (a deterministic sample).")
-    rejects_per_reason: int = option(6, "Rejected candidates shown per reject reason.")
-    clusters: int = option(12, "Clusters shown in the cluster gallery.")
-    thumbnail_px: int = option(160, "Longest side of the thumbnails, in pixels.")
-    read_budget_mb: int = option(256, "Megabytes of Parquet row groups (at least one) read per gallery: bounds the "
-                                      "time to write the report whatever the size of the run.")
-    bins: int = option(30, "Bins per histogram.")
-
-    def __post_init__(self) -> None:
-        for name in ("examples", "rejects_per_reason", "clusters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.thumbnail_px < 16:
-            raise ValueError(f"thumbnail_px must be at least 16, got {self.thumbnail_px}")
-        if self.read_budget_mb < 1 or self.bins < 2:
-            raise ValueError("read_budget_mb must be at least 1 and bins at least 2")
-
-
-# --- reading ---------------------------------------------------------------------------------------------
-
-
-def _files(pattern: str) -> list[str]:
-    from apache_beam.io.filesystems import FileSystems
-
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One row group of one file, with the ids of its rows."""
-
-    path: str
-    row_group: int
-    nbytes: int
-    ids: tuple[str, ...]
-
-
-def row_group_ids(paths: Sequence[str], id_column: str) -> list[Unit]:
-    """Every row group of ``paths`` with its size and the ids of its rows (only the id column is read)."""
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    units = []
-    for path in paths:
-        with FileSystems.open(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            for i in range(parquet.num_row_groups):
-                ids = parquet.read_row_group(i, columns=[id_column]).column(id_column).to_pylist()
-                units.append(Unit(path, i, parquet.metadata.row_group(i).total_byte_size, tuple(map(str, ids))))
-    return units
-
-
-def choose_units(units: Sequence[Unit], wanted: Iterable[str], budget_bytes: int) -> list[Unit]:
-    """The row groups holding the ``wanted`` ids, in the order of the ids, while they fit ``budget_bytes`` (at
-    least one)."""
-    where = {id_: unit for unit in units for id_ in unit.ids}
-    chosen: list[Unit] = []
-    spent = 0
-    for id_ in wanted:
-        unit = where.get(id_)
-        if unit is None or unit in chosen:
-            continue
-        if chosen and spent + unit.nbytes > budget_bytes:
-            continue  # a later id may sit in a row group already chosen
-        chosen.append(unit)
-        spent += unit.nbytes
-    return chosen
-
-
-def _read_row_group(path: str, row_group: int, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as handle:
-        return pq.ParquetFile(handle).read_row_group(row_group, columns=list(columns) if columns else None).to_pylist()
-
-
-def _read_columns(pattern: str, columns: Sequence[str]) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    rows: list[dict[str, Any]] = []
-    for path in _files(pattern):
-        with FileSystems.open(path) as handle:
-            parquet = pq.ParquetFile(handle)
-            present = [c for c in columns if c in parquet.schema_arrow.names]
-            rows.extend(parquet.read(columns=present).to_pylist())
-    return rows
-
-
-def _order(key: str) -> str:
-    from schemas.ids import stable_id
-
-    return stable_id("report", key)
-
-
-def sample_rows(pattern: str, id_column: str, n: int, budget_bytes: int,
-                columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Up to ``n`` rows of the files matching ``pattern``: those with the smallest hashes of ``id_column`` among
-    the row groups that hold the smallest hashes and fit ``budget_bytes`` (the same rows on every call)."""
-    if n <= 0:
-        return []
-    units = row_group_ids(_files(pattern), id_column)
-    ranked = sorted((id_ for unit in units for id_ in unit.ids), key=_order)
-    rows: list[dict[str, Any]] = []
-    for unit in choose_units(units, ranked, budget_bytes):
-        rows.extend(_read_row_group(unit.path, unit.row_group, columns))
-    return sorted(rows, key=lambda row: _order(str(row[id_column])))[:n]
 
 
 # --- pictures ------------------------------------------------------------------------------------------------
@@ -189,15 +82,6 @@ class Line:
 
     x: float
     label: str
-
-
-def histogram_counts(values: Sequence[float], lo: float, hi: float, bins: int) -> list[int]:
-    counts = [0] * bins
-    width = (hi - lo) / bins if hi > lo else 1.0
-    for value in values:
-        i = int((value - lo) / width) if hi > lo else 0
-        counts[min(bins - 1, max(0, i))] += 1
-    return counts
 
 
 def svg_histogram(series: Sequence[tuple[str, Sequence[float], str]], lines: Sequence[Line], title: str,
@@ -326,7 +210,7 @@ def _run_section(manifest: dict[str, Any]) -> str:
 
 
 def _funnel_section(manifest: dict[str, Any]) -> str:
-    from pipeline.manifest import departures
+    from pipeline.accounting import departures
 
     steps = manifest.get("funnel") or _fallback_funnel(manifest)
     if not steps:
@@ -357,7 +241,7 @@ def _funnel_section(manifest: dict[str, Any]) -> str:
 
 
 def _fallback_funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    from pipeline.manifest import funnel
+    from pipeline.accounting import funnel
 
     return funnel(manifest)
 
@@ -376,7 +260,7 @@ def _histograms_section(output_dir: str, manifest: dict[str, Any], config: Repor
                                     config.bins, weights=[[w * n for w in weights]]))
     target_filter = manifest.get("phases", {}).get("assemble", {}).get("stats", {}).get("target_filter", {})
     bounds = target_filter.get("bounds", {})
-    rows = _read_columns(FileSystems.join(output_dir, "scores", "*.parquet"), ["scores", "decision"])
+    rows = read_present_columns(FileSystems.join(output_dir, "scores", "*.parquet"), ["scores", "decision"])
     if rows:
         for name, bound_keys in SCORE_BOUNDS.items():
             kept = [r["scores"][name] for r in rows if r["decision"] == "kept" and r["scores"][name] is not None]
@@ -416,7 +300,7 @@ def _examples_section(output_dir: str, config: ReportConfig) -> str:
     from apache_beam.io.filesystems import FileSystems
 
     pattern = FileSystems.join(output_dir, "examples", "*.parquet")
-    if not _files(pattern):
+    if not matching_files(pattern):
         return _section("examples", "Kept examples", "<p>No examples yet: phase assemble has not run on this "
                         "output (or kept nothing).</p>")
     rows = sample_rows(pattern, "example_id", config.examples, config.read_budget_mb << 20)
@@ -444,7 +328,7 @@ def _count_rows(pattern: str) -> int:
     from apache_beam.io.filesystems import FileSystems
 
     total = 0
-    for path in _files(pattern):
+    for path in matching_files(pattern):
         with FileSystems.open(path) as handle:
             total += pq.ParquetFile(handle).metadata.num_rows
     return total
@@ -453,7 +337,7 @@ def _count_rows(pattern: str) -> int:
 def _rejected_section(output_dir: str, manifest: dict[str, Any], config: ReportConfig) -> str:
     from apache_beam.io.filesystems import FileSystems
 
-    rejects = _read_columns(FileSystems.join(output_dir, "rejects", "assemble-*.parquet"),
+    rejects = read_present_columns(FileSystems.join(output_dir, "rejects", "assemble-*.parquet"),
                             ["id", "stage", "reason", "detail"])
     if not rejects:
         body = ("<p>No rejected candidates" + ("" if manifest.get("phases", {}).get("assemble") else
@@ -462,22 +346,22 @@ def _rejected_section(output_dir: str, manifest: dict[str, Any], config: ReportC
     by_reason: dict[str, list[dict[str, Any]]] = {}
     for row in rejects:
         by_reason.setdefault(row["reason"], []).append(row)
-    scores = {r["candidate_id"]: r for r in _read_columns(FileSystems.join(output_dir, "scores", "*.parquet"),
+    scores = {r["candidate_id"]: r for r in read_present_columns(FileSystems.join(output_dir, "scores", "*.parquet"),
                                                          ["candidate_id", "prompt", "scores"])}
-    inputs = manifest.get("phases", {}).get("assemble", {}).get("inputs") or _files(
+    inputs = manifest.get("phases", {}).get("assemble", {}).get("inputs") or matching_files(
         FileSystems.join(output_dir, "candidates", "*.parquet"))
     units = row_group_ids([p for p in inputs if FileSystems.exists(p)], "candidate_id")
     # The first ids of every reason, then the next ones, ...: each reason gets its share of the read budget.
-    ranked = {reason: sorted((r["id"] for r in rows), key=_order) for reason, rows in by_reason.items()}
+    ranked = {reason: sorted((r["id"] for r in rows), key=sample_order) for reason, rows in by_reason.items()}
     interleaved = [ids[k] for k in range(config.rejects_per_reason) for ids in ranked.values() if k < len(ids)]
     chosen_units = choose_units(units, interleaved, config.read_budget_mb << 20)
     images: dict[str, dict[str, Any]] = {}
     for unit in chosen_units:
-        for row in _read_row_group(unit.path, unit.row_group, ["candidate_id", "image", "prompt", "skill"]):
+        for row in read_row_group(unit.path, unit.row_group, ["candidate_id", "image", "prompt", "skill"]):
             images[row["candidate_id"]] = row
     readable = {id_ for unit in chosen_units for id_ in unit.ids}
     known = {id_ for unit in units for id_ in unit.ids}
-    chosen = {reason: [row for row in sorted(rows, key=lambda r: _order(r["id"]))
+    chosen = {reason: [row for row in sorted(rows, key=lambda r: sample_order(r["id"]))
                        if row["id"] in readable or row["id"] not in known][:config.rejects_per_reason]
               for reason, rows in by_reason.items()}
     blocks = []
@@ -499,7 +383,7 @@ def _clusters_section(output_dir: str, config: ReportConfig) -> str:
     from apache_beam.io.filesystems import FileSystems
 
     pattern = FileSystems.join(output_dir, "clusters", "*.parquet")
-    if not _files(pattern):
+    if not matching_files(pattern):
         return _section("clusters", "Clusters", "<p>No clusters in this output.</p>")
     rows = sample_rows(pattern, "cluster_id", config.clusters, config.read_budget_mb << 20,
                        ["cluster_id", "page_url", "subject", "class_noun", "images", "stats", "prompts"])
@@ -591,11 +475,3 @@ def write_report(output_dir: str, config: ReportConfig | None = None,
     with FileSystems.create(path, mime_type="text/html") as handle:
         handle.write(page.encode("utf-8"))
     return path
-
-
-def report_config_of(manifest: dict[str, Any]) -> ReportConfig:
-    """The ``report`` section a run was configured with (defaults for keys it lacks)."""
-    from pipeline.config import from_dict
-
-    section = manifest.get("config", {}).get("report") or {}
-    return from_dict(ReportConfig, section, "report")

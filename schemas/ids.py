@@ -7,6 +7,7 @@ the same ids and records can be matched across runs (dedupe, resume, joins with 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 ID_HEX_DIGITS = 32
 """128-bit ids: collisions are out of reach at web scale, and the ids stay short in file names."""
@@ -31,3 +32,13 @@ def stable_id(*parts: str | bytes | int | None) -> str:
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
     return digest.hexdigest()[:ID_HEX_DIGITS]
+
+
+def cluster_id(page_url: str, image_ids: Iterable[str]) -> str:
+    """Stable id of a cluster: its canonical page URL and the (sorted) ids of its images."""
+    return stable_id("cluster", page_url, *sorted(image_ids))
+
+
+def hamming(phash_a: str, phash_b: str) -> int:
+    """Bits that differ between two hex perceptual hashes (``ImageRecord.phash``)."""
+    return (int(phash_a, 16) ^ int(phash_b, 16)).bit_count()

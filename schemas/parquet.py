@@ -352,7 +352,10 @@ def reject_to_row(reject: Reject) -> dict[str, Any]:
 
 
 def reject_from_row(row: dict[str, Any]) -> Reject:
-    return Reject(**{name: row.get(name) for name in REJECTS_SCHEMA.names})
+    fields = {name: row.get(name) for name in REJECTS_SCHEMA.names}
+    for name in ("image_ids", "record_ids"):  # lists in Parquet, tuples in the record
+        fields[name] = tuple(fields[name] or ())
+    return Reject(**fields)
 
 
 # --- candidates (phase 2) ------------------------------------------------------------------------------
@@ -430,10 +433,6 @@ def candidate_from_row(row: dict[str, Any]) -> Candidate:
 
 def scores_to_row(scores: TargetScores) -> dict[str, Any]:
     return dataclasses.asdict(scores)
-
-
-def scores_from_row(row: dict[str, Any]) -> TargetScores:
-    return TargetScores(**{f.name: row[f.name] for f in dataclasses.fields(TargetScores)})
 
 
 def example_to_row(example: Example) -> dict[str, Any]:

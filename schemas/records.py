@@ -8,8 +8,11 @@ Every stage takes and returns these frozen dataclasses; the Parquet layouts that
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+from schemas.ids import cluster_id
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,13 @@ class Cluster:
         return dataclasses.replace(self, **changes)
 
 
+def with_images(cluster: Cluster, images: Iterable[ImageRecord]) -> Cluster:
+    """``cluster`` holding only ``images``: its id and ``stats.n_images`` follow the new image set."""
+    images = tuple(images)
+    return cluster.replace(cluster_id=cluster_id(cluster.page_url, (im.image_id for im in images)), images=images,
+                           stats=dataclasses.replace(cluster.stats, n_images=len(images)))
+
+
 @dataclass(frozen=True)
 class Reject:
     """A record, cluster or candidate that left the pipeline, and why.
@@ -340,6 +350,14 @@ class ScoredCandidate:
     """The target's source: the real image of the cluster it is nearest to -- highest CLIP similarity, ties
     broken by the smaller perceptual-hash distance, then the smaller image id. It is the image the target
     could be copying, and never one of its example's demos."""
+
+
+class ScoringUnit(NamedTuple):
+    """A cluster and its candidates: the unit the score, filter and assembly stages of phase 3 work on."""
+
+    cluster: Cluster
+    candidates: tuple[Any, ...]
+    """``Candidate``s (before scoring) or ``ScoredCandidate``s (after), sorted by candidate id."""
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         except (InputFormatError, ConfigError) as error:
             if "unknown input format" in str(error) or "'fetch'" in str(error):
                 print(f"demo-web: this pipeline does not read WARC files yet ({error}); the extract and fetch "
-                      "stages await wiring into pipeline/run.py", file=sys.stderr)
+                      "stages await wiring into pipeline/phases.py", file=sys.stderr)
                 return 2
             raise
         print(f"requests the site answered: {len(site.requests)} (robots.txt: {site.count('/robots.txt')}, "

@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from schemas.ids import stable_id
+from schemas.ids import cluster_id, stable_id
 from schemas.records import Cluster, ClusterStats, ImageRecord
-from transforms.dedupe import cluster_id
-from transforms.embed import EmbedConfig
 from transforms.normalize import NormalizeConfig, normalize_image, url_host
+from transforms.settings import EmbedConfig
 
 TINY = EmbedConfig(model="tiny-random", pretrained=None, device="cpu", batch_size=8)
 """The embed config of the tests: the tiny-random preset on CPU."""

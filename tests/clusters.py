@@ -5,8 +5,8 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from schemas.ids import cluster_id
 from schemas.records import Cluster, ClusterStats, ImageRecord
-from transforms.dedupe import cluster_id
 from transforms.normalize import NormalizeConfig, normalize_image, url_host
 
 

@@ -65,6 +65,6 @@ def scored(scores: TargetScores = PASSING, *, tag: str = "", size: int = 512, ns
 
 
 def units_of(candidates: Sequence[ScoredCandidate], cluster: Cluster) -> Any:
-    from transforms.score import ScoringUnit
+    from schemas.records import ScoringUnit
 
     return ScoringUnit(cluster, tuple(sorted(candidates, key=lambda c: c.candidate.candidate_id)))

@@ -25,10 +25,9 @@ from transforms.assemble import (
     AssembleConfig,
     RunProvenance,
     choose_demos,
-    examples_output,
     make_example,
 )
-from transforms.outputs import row_bytes, write_examples
+from transforms.outputs import examples_output, row_bytes, write_examples
 
 RUN = RunProvenance("0.1.0", "cafe", "open_clip:tiny-random/random(seed=0)")
 

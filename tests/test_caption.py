@@ -23,8 +23,10 @@ from transforms.caption import (
     clean_alt_text,
     validate_caption,
 )
-from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid, load_prompt
-from transforms.llm_stage import FailedBatchFn, Outcome
+from transforms.models.llm_client import ChatResponse, OutputInvalid
+from transforms.models.model_stage import FailedBatchFn, Outcome
+from transforms.prompt_files import load_prompt
+from transforms.settings import LLMConfig
 
 ALT_TEXTS = json.loads((Path(__file__).parent / "data" / "alt_texts.json").read_text(encoding="utf-8"))
 
@@ -248,13 +250,13 @@ def test_a_server_that_never_starts_fails_the_job_with_its_error(monkeypatch, sa
     import sys
     import uuid
 
-    from transforms import llm_client
+    from transforms.models import vllm_server
 
-    real = llm_client.start_process
+    real = vllm_server.start_process
     crash = [sys.executable, "-c", "import sys; print('torch.OutOfMemoryError: CUDA out of memory', flush=True); "
                                    "sys.exit(1)"]
     commands: list[list[str]] = []
-    monkeypatch.setattr(llm_client, "start_process", lambda cmd: commands.append(cmd) or real(crash))
+    monkeypatch.setattr(vllm_server, "start_process", lambda cmd: commands.append(cmd) or real(crash))
     model = f"test/vlm-{uuid.uuid4().hex[:8]}"
     config = CaptionConfig(backend="vllm", model=model)
     clusters = sample_clusters(sample_rows, ["/products/backpack"])

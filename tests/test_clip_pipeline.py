@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import build_config
 from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
-from transforms.embed import model_id
+from transforms.models.clip import model_id
 
 CLIP_STAGES = {"embed", "cluster_filter", "cross_page", "decontaminate"}
 

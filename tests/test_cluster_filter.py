@@ -17,7 +17,8 @@ from transforms.cluster_filter import (
     score_cluster,
     threshold_for_keep_rate,
 )
-from transforms.stats import read_stats
+from transforms.outputs import read_stats, write_stage_extras
+from transforms.settings import OutputConfig
 
 # --- the math ---------------------------------------------------------------------------------------------
 
@@ -141,7 +142,8 @@ def test_calibration_keeps_the_requested_share(tmp_path, keep_rate: float) -> No
     clusters = [vector_cluster(f"https://shop{i}.example/p", equicorrelated(3, s, seed=i)) for i, s in enumerate(sims)]
     config = ClusterFilterConfig(outlier_threshold=None, target_keep_rate=keep_rate)
     with TestPipeline() as p:
-        kept, rejects = p | beam.Create(clusters) | ClusterFilter(config, 3, output_dir=str(tmp_path))
+        filtered = p | beam.Create(clusters) | ClusterFilter(config, 3)
+        write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
     result = counters(p.result, "cluster_filter")
     assert abs(result["clusters"] - keep_rate * 150) <= 1
     assert result["clusters"] + result["incoherent_cluster_clusters"] == 150
@@ -159,16 +161,18 @@ def test_calibration_keeps_the_requested_share(tmp_path, keep_rate: float) -> No
 
 def test_fixed_threshold_is_recorded_too(tmp_path) -> None:
     with TestPipeline() as p:
-        _ = p | beam.Create([COHERENT, INCOHERENT]) | ClusterFilter(ClusterFilterConfig(), 3, output_dir=str(tmp_path))
+        filtered = p | beam.Create([COHERENT, INCOHERENT]) | ClusterFilter(ClusterFilterConfig(), 3)
+        write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
     stats = read_stats(str(tmp_path), "clusters")["cluster_filter"]
     assert stats["mode"] == "fixed" and stats["coherence_threshold"] == 0.75 and stats["clusters_scored"] == 2
 
 
 def test_calibration_with_no_clusters_writes_no_threshold(tmp_path) -> None:
     with TestPipeline() as p:
-        kept, _ = (p | beam.Create([], reshuffle=False).with_output_types(object)
-                   | ClusterFilter(ClusterFilterConfig(target_keep_rate=0.5), 3, output_dir=str(tmp_path)))
-        assert_that(kept, equal_to([]))
+        filtered = (p | beam.Create([], reshuffle=False).with_output_types(object)
+                    | ClusterFilter(ClusterFilterConfig(target_keep_rate=0.5), 3))
+        write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
+        assert_that(filtered.output, equal_to([]))
     stats = read_stats(str(tmp_path), "clusters")["cluster_filter"]
     assert stats["coherence_threshold"] is None and stats["clusters_scored"] == 0
 

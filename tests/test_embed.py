@@ -15,9 +15,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.config import ConfigError, build_config
 from tests.clip_helpers import TINY, counters, image_record, make_cluster, photo_cluster
 from tests.conftest import SAMPLE, run_pipeline
-from transforms.embed import (
-    Embed,
-    EmbedConfig,
+from transforms.embed import Embed, inference_failure_rejects
+from transforms.models.clip import (
     ImagePixels,
     ModelWeightsUnavailable,
     PixelTransform,
@@ -25,11 +24,11 @@ from transforms.embed import (
     decode_image,
     embed_inference,
     image_transform,
-    inference_failure_rejects,
     load_image_encoder,
     open_clip_transform,
     preprocess_config,
 )
+from transforms.settings import EmbedConfig
 
 # --- the model ------------------------------------------------------------------------------------------
 

@@ -10,15 +10,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw
 
+from schemas.ids import cluster_id, hamming
 from schemas.records import BoilerplateHit, ImageRecord, PageGroup
-from transforms.dedupe import (
-    Dedupe,
-    DedupeConfig,
-    FindBoilerplate,
-    cluster_id,
-    dedupe_page,
-    hamming,
-)
+from transforms.dedupe import Dedupe, DedupeConfig, dedupe_page
 from transforms.group import BOILERPLATE, CAPPED, KEEP, CapEntry, GroupByPage, GroupConfig, cap_key, decide_page
 from transforms.normalize import NormalizeConfig, normalize_image, url_host
 
@@ -128,8 +122,7 @@ def test_stages_on_real_photos(product_photos: list[bytes]) -> None:
 
     with TestPipeline() as p:
         images = p | beam.Create(records)
-        flags = images | FindBoilerplate(DedupeConfig(boilerplate_max_pages=3))
-        pages, group_rejects = (images, flags) | GroupByPage(GroupConfig(), boilerplate_max_pages=3)
+        pages, group_rejects = images | GroupByPage(GroupConfig(), DedupeConfig(boilerplate_max_pages=3))
         clusters, rejects = pages | Dedupe(DedupeConfig(boilerplate_max_pages=3), min_images=3)
         assert_that(clusters | beam.Map(lambda c: (c.page_url, sorted(im.source for im in c.images), c.stats.n_images,
                                                    c.stats.n_page_images)),

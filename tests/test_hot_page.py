@@ -22,7 +22,7 @@ from PIL import Image
 from schemas.ids import content_id
 from schemas.records import ImageRecord
 from tests.conftest import portable_args
-from transforms.dedupe import DedupeConfig, FindBoilerplate
+from transforms.dedupe import DedupeConfig
 from transforms.group import PAYLOADS_PER_GROUP, GroupByPage, GroupConfig, cap_key
 
 pytestmark = pytest.mark.slow
@@ -71,8 +71,7 @@ def _expected(records: list[ImageRecord]) -> tuple[list, list]:
 def _run(records: list[ImageRecord], options: PipelineOptions) -> dict:
     p = TestPipeline(options=options)
     images = p | beam.Create(records)
-    flags = images | FindBoilerplate(DedupeConfig(boilerplate_max_pages=10))
-    pages, rejects = (images, flags) | GroupByPage(GroupConfig(max_images_per_page=CAP), boilerplate_max_pages=10)
+    pages, rejects = images | GroupByPage(GroupConfig(max_images_per_page=CAP), DedupeConfig(boilerplate_max_pages=10))
     kept, fates = _expected(records)
     assert_that(pages | beam.FlatMap(lambda g: [im.source for im in g.images]), equal_to(kept), label="Kept")
     assert_that(rejects | beam.Map(lambda r: (r.source, r.reason)), equal_to(fates), label="Rejects")

@@ -15,25 +15,23 @@ from PIL import Image
 
 from tests.fake_openai_server import caption_for, image_content_id
 from tests.llm_server import FAKE_SERVER, TEXT_MODEL, VL_MODEL, FakeOpenAIServer
-from transforms import llm_client
-from transforms.llm_client import (
+from transforms.models import model_stage, vllm_server
+from transforms.models.llm_client import (
     BadResponse,
     ChatClient,
     ChatResponse,
     DeadlineExceeded,
     HTTPStatusError,
-    LLMConfig,
     OutputInvalid,
     RetriesExhausted,
-    ServerStartError,
     TransportError,
-    VLLMServer,
     image_data_url,
     json_schema_params,
     parse_json_object,
     parse_retry_after,
-    vllm_server_command,
 )
+from transforms.models.vllm_server import ServerStartError, VLLMServer, vllm_server_command
+from transforms.settings import LLMConfig
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +195,7 @@ def test_broken_bodies_every_time_raise_a_clear_error(server, fault: str, error:
 
 
 def test_connection_refused_is_retried_then_reported() -> None:
-    from transforms.llm_client import pick_free_port
+    from transforms.models.vllm_server import pick_free_port
 
     waits: list[float] = []
     client = ChatClient(f"http://127.0.0.1:{pick_free_port()}/v1", max_retries=3, backoff_s=0.5, backoff_max_s=1.0,
@@ -244,7 +242,7 @@ def test_invalid_output_is_asked_again_with_the_error_fed_back(server, fault: st
 
 
 def test_feedback_message_names_the_error_and_the_cut() -> None:
-    from transforms.llm_client import feedback_message
+    from transforms.models.llm_client import feedback_message
 
     text = feedback_message(OutputInvalid("expected 3 captions, got 2"), ChatResponse("{", "length", None, {}))
     assert "expected 3 captions, got 2" in text and "cut off" in text
@@ -352,8 +350,8 @@ def test_vllm_command_line() -> None:
 
 
 def _launch_fake_instead(commands: list[list[str]]):
-    """Patch for ``llm_client.start_process``: record the vLLM command, run the fake server with its arguments."""
-    real = llm_client.start_process
+    """Patch for ``vllm_server.start_process``: record the vLLM command, run the fake server with its arguments."""
+    real = vllm_server.start_process
 
     def start(cmd):
         commands.append(list(cmd))
@@ -365,7 +363,7 @@ def _launch_fake_instead(commands: list[list[str]]):
 
 def test_server_is_started_health_checked_and_killed_on_stop(monkeypatch) -> None:
     commands: list[list[str]] = []
-    monkeypatch.setattr(llm_client, "start_process", _launch_fake_instead(commands))
+    monkeypatch.setattr(vllm_server, "start_process", _launch_fake_instead(commands))
     server = VLLMServer(TEXT_MODEL, {"max-model-len": 4096, "enforce-eager": True}, startup_timeout_s=30,
                         poll_interval_s=0.1).start()
     try:
@@ -396,9 +394,9 @@ def test_server_that_never_becomes_healthy_is_killed_with_a_clear_error() -> Non
 
 def test_server_that_exits_is_restarted_then_reported(monkeypatch) -> None:
     commands: list[list[str]] = []
-    real = llm_client.start_process
+    real = vllm_server.start_process
     crash = [sys.executable, "-c", "import sys; print('CUDA out of memory', flush=True); sys.exit(3)"]
-    monkeypatch.setattr(llm_client, "start_process", lambda cmd: commands.append(cmd) or real(crash))
+    monkeypatch.setattr(vllm_server, "start_process", lambda cmd: commands.append(cmd) or real(crash))
     with pytest.raises(ServerStartError) as caught:
         VLLMServer("some/model", startup_timeout_s=30, poll_interval_s=0.1, start_attempts=2).start()
     assert "exited with code 3" in str(caught.value) and "CUDA out of memory" in str(caught.value)
@@ -414,11 +412,11 @@ def test_server_serving_another_model_is_not_healthy() -> None:
 
 def test_connect_starts_one_shared_server_per_model_when_no_endpoint(monkeypatch) -> None:
     commands: list[list[str]] = []
-    monkeypatch.setattr(llm_client, "start_process", _launch_fake_instead(commands))
+    monkeypatch.setattr(vllm_server, "start_process", _launch_fake_instead(commands))
     model = f"test/model-{uuid.uuid4().hex[:8]}"  # a fresh MultiProcessShared tag
     config = LLMConfig(server_args={model: {"max-model-len": 2048}}, server_startup_timeout_s=30)
-    first = llm_client.connect(model, "", config)
-    second = llm_client.connect(model, "", config)
+    first = model_stage.connect(model, "", config)
+    second = model_stage.connect(model, "", config)
     try:
         assert first.base_url == second.base_url and len(commands) == 1
         assert commands[0][-2:] == ["--max-model-len", "2048"]
@@ -426,23 +424,38 @@ def test_connect_starts_one_shared_server_per_model_when_no_endpoint(monkeypatch
     finally:
         first.server.stop()
     # An endpoint in the config: no server at all.
-    assert llm_client.connect(model, "", LLMConfig(endpoint="http://10.0.0.1:8000/v1")).base_url == (
+    assert model_stage.connect(model, "", LLMConfig(endpoint="http://10.0.0.1:8000/v1")).base_url == (
         "http://10.0.0.1:8000/v1")
-    assert llm_client.connect(model, "http://h:1/v1", LLMConfig(endpoint="http://10.0.0.1:8000/v1")).base_url == (
+    assert model_stage.connect(model, "http://h:1/v1", LLMConfig(endpoint="http://10.0.0.1:8000/v1")).base_url == (
         "http://h:1/v1")
     assert len(commands) == 1
 
 
 def test_stopped_process_is_really_gone(monkeypatch) -> None:
     started: list[subprocess.Popen] = []
-    real = llm_client.start_process
+    real = vllm_server.start_process
 
     def start(cmd):
         process = real([sys.executable, str(FAKE_SERVER), *cmd[3:]])
         started.append(process)
         return process
 
-    monkeypatch.setattr(llm_client, "start_process", start)
+    monkeypatch.setattr(vllm_server, "start_process", start)
     server = VLLMServer(TEXT_MODEL, startup_timeout_s=30, poll_interval_s=0.1).start()
     server.stop()
     assert started[0].poll() is not None
+
+
+def test_a_server_in_a_with_block_is_stopped_at_its_end(monkeypatch) -> None:
+    started: list[subprocess.Popen] = []
+    real = vllm_server.start_process
+
+    def start(cmd):
+        process = real([sys.executable, str(FAKE_SERVER), *cmd[3:]])
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(vllm_server, "start_process", start)
+    with VLLMServer(TEXT_MODEL, startup_timeout_s=30, poll_interval_s=0.1) as server:
+        assert server.healthy() and started[0].poll() is None
+    assert started[0].poll() is not None and not server.healthy()

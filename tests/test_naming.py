@@ -17,7 +17,6 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.clusters import sample_clusters
-from transforms.llm_client import LLMConfig
 from transforms.naming import (
     EXTENSION,
     build_lexicon,
@@ -30,7 +29,9 @@ from transforms.naming import (
     runs,
     slug_words,
 )
-from transforms.prompts import LIVE_ONLY, PromptsConfig, ScenePrompts, allowed_skills
+from transforms.prompts import PromptsConfig, ScenePrompts
+from transforms.scene_templates import LIVE_ONLY, allowed_skills
+from transforms.settings import LLMConfig
 from transforms.subject import Subject, SubjectConfig, offline_result
 
 # --- the lexicon -------------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import build_config, to_dict
+from schemas.ids import cluster_id
 from schemas.parquet import CLUSTERS_SCHEMA, REJECTS_SCHEMA, check_schema_version
 from tests.conftest import REPO, SAMPLE, PhaseOutput, read_rows, run_pipeline
 from tests.formats import write_jsonl, write_webdataset
-from transforms.dedupe import cluster_id
 from transforms.normalize import NormalizeConfig, normalize_image
 
 # Phase 1 without model stages: what the `expected` column describes. (tests/test_phase1_models.py

@@ -13,8 +13,9 @@ from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
 from tests.fake_openai_server import caption_for, subject_for
 from tests.llm_server import TEXT_MODEL, VL_MODEL, FakeOpenAIServer
 from transforms.caption import clean_alt_text
-from transforms.llm_client import load_prompt
-from transforms.prompts import LIVE_ONLY, PLACEHOLDER, load_grammar, template_prompts
+from transforms.prompt_files import load_prompt
+from transforms.scene_templates import LIVE_ONLY, load_grammar, template_prompts
+from transforms.settings import PLACEHOLDER
 
 N_CLUSTERS = 33
 KEPT = 199

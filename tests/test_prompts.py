@@ -16,24 +16,18 @@ from apache_beam.testing.util import assert_that, equal_to
 from schemas.records import Prompt
 from tests.clusters import beam_counters, sample_clusters
 from tests.llm_server import TEXT_MODEL, FakeOpenAIServer
-from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid, load_prompt
-from transforms.prompts import (
-    DEFAULT_MIX,
+from transforms.models.llm_client import ChatResponse, OutputInvalid
+from transforms.prompt_files import load_prompt
+from transforms.prompts import ScenePrompts, cluster_counts, prompts_messages, prompts_schema, validate_prompts
+from transforms.scene_templates import (
     LIVE_ONLY,
-    PLACEHOLDER,
-    SKILLS,
-    PromptsConfig,
-    ScenePrompts,
     check_prompts,
-    cluster_counts,
     load_grammar,
-    prompts_messages,
-    prompts_schema,
     similarity,
     skill_counts,
     template_prompts,
-    validate_prompts,
 )
+from transforms.settings import DEFAULT_MIX, PLACEHOLDER, SKILLS, LLMConfig, PromptsConfig
 
 IDS = [f"{i:032x}" for i in range(1, 1501)]  # content-hash-like cluster ids
 LIMITS = {"min_chars": 12, "max_chars": 160, "max_similarity": 0.6}

@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report import (
-    Line,
-    ReportConfig,
-    Unit,
-    build_report,
-    choose_units,
-    row_group_ids,
-    sample_rows,
-    svg_histogram,
-)
+from pipeline.report import Line, ReportConfig, build_report, svg_histogram
 from schemas.reader import list_shards
 from tests.conftest import REPO, PhaseOutput, read_rows
+from transforms.outputs import Unit, choose_units, row_group_ids, sample_rows
 
 SECTIONS = ("run", "funnel", "histograms", "examples", "rejected", "clusters")
 

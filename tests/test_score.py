@@ -18,7 +18,7 @@ from schemas.records import Candidate
 from tests.clip_helpers import TINY, counters, reencode
 from tests.clusters import sample_clusters
 from tests.phase3_helpers import as_png, candidate, png, scored
-from transforms.embed import decode_image, image_transform, load_image_encoder, model_id
+from transforms.models.clip import decode_image, image_transform, load_image_encoder, model_id
 from transforms.score import (
     Score,
     ScoreConfig,
@@ -207,8 +207,9 @@ def test_a_black_render_flagged_nsfw_is_scored_and_rejected_first_as_nsfw(cluste
 
 
 def test_a_batch_the_model_fails_on_rejects_each_of_its_candidates(clusters) -> None:
-    from transforms.embed import ImagesAndTexts
-    from transforms.score import Prepared, ScoringUnit, scoring_failure_rejects
+    from schemas.records import ScoringUnit
+    from transforms.models.clip import ImagesAndTexts
+    from transforms.score import Prepared, scoring_failure_rejects
 
     teapot = clusters[0]
     targets = (candidate(teapot, b"", tag="a"), candidate(teapot, b"", tag="b"))

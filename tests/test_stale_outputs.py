@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run import PHASE_OUTPUTS, UsageError, stale_outputs
+from pipeline.phases import PHASE_OUTPUTS
+from pipeline.run import UsageError, stale_outputs
 from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
 
 FAST_PHASE1 = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",

@@ -18,8 +18,10 @@ from tests.clusters import beam_counters, sample_clusters
 from tests.fake_openai_server import subject_for
 from tests.llm_server import TEXT_MODEL, FakeOpenAIServer
 from transforms.caption import clean_alt_text
-from transforms.llm_client import ChatResponse, LLMConfig, OutputInvalid, load_prompt
+from transforms.models.llm_client import ChatResponse, OutputInvalid
 from transforms.naming import name_subject
+from transforms.prompt_files import load_prompt
+from transforms.settings import LLMConfig
 from transforms.subject import (
     Subject,
     SubjectConfig,

@@ -57,7 +57,7 @@ from dreambooth_synth.train import (
     train_many,
 )
 from pipeline.config import build_config
-from pipeline.run import build_synthesize_pipeline
+from pipeline.phases import build_synthesize_pipeline
 from tests.clusters import sample_clusters
 from tests.tiny_models import NOT_AN_IMAGE, broken_copy, one_torch_thread, subject_of, with_prompts, write_clusters_file
 

@@ -21,7 +21,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from pipeline.config import ConfigError, build_config
-from pipeline.run import UsageError, build_synthesize_pipeline, run
+from pipeline.phases import build_synthesize_pipeline
+from pipeline.run import UsageError, run
 from schemas.parquet import CANDIDATES_SCHEMA, candidate_from_row, candidate_to_row
 from tests.conftest import SAMPLE, read_rows
 from tests.tiny_models import (
@@ -31,8 +32,8 @@ from tests.tiny_models import (
     with_prompts,
     write_clusters_file,
 )
-from transforms.prompts import LIVE_ONLY, template_prompts
 from transforms.read import InputFormatError
+from transforms.scene_templates import LIVE_ONLY, template_prompts
 from transforms.synthesize import (
     BeamStorage,
     SynthConfig,

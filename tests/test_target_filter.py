@@ -16,6 +16,8 @@ from pipeline.config import ConfigError, build_config
 from schemas.parquet import check_schema_version
 from tests.clip_helpers import counters, orthonormal, vector_cluster
 from tests.phase3_helpers import scored, units_of
+from transforms.outputs import write_stage_extras
+from transforms.settings import OutputConfig
 from transforms.target_filter import (
     ABSOLUTE,
     ORDER,
@@ -157,7 +159,9 @@ def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
     units, candidates = _hand_made_units()
     config = TargetFilterConfig(target_keep_rate=0.25)
     p = TestPipeline()
-    kept, rejects = p | beam.Create(units) | TargetFilter(config, str(tmp_path))
+    filtered = p | beam.Create(units) | TargetFilter(config)
+    write_stage_extras(filtered, "TargetFilter", str(tmp_path), "assemble", "target_filter", OutputConfig())
+    kept, rejects = filtered
     # What the pure functions decide (exact quantiles), which the stage must reproduce with Beam's.
     n_kept, requested, calibration = _calibrated_kept(candidates, 0.25)
     bounds = Bounds(calibration["min_subject_sim"], calibration["min_text_sim"])
@@ -199,7 +203,10 @@ def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
 def test_stage_with_fixed_bounds(tmp_path, write: bool) -> None:
     units, candidates = _hand_made_units()
     p = TestPipeline()
-    kept, rejects = p | beam.Create(units) | TargetFilter(FIXED, str(tmp_path) if write else None)
+    filtered = p | beam.Create(units) | TargetFilter(FIXED)
+    if write:
+        write_stage_extras(filtered, "TargetFilter", str(tmp_path), "assemble", "target_filter", OutputConfig())
+    kept, rejects = filtered
     expected = [c.candidate.candidate_id for c in candidates if not failures(c, FIXED, BOUNDS)]
     assert_that(kept | beam.FlatMap(lambda u: [c.candidate.candidate_id for c in u.candidates]), equal_to(expected))
     p.run().wait_until_finish()

@@ -30,38 +30,15 @@ from typing import Any
 import apache_beam as beam
 
 from schemas.ids import stable_id
-from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.outputs import OutputConfig
-from transforms.score import ScoringUnit
+from schemas.records import Cluster, Demo, Example, ExampleProvenance, ImageRecord, ScoredCandidate, ScoringUnit
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.settings import AssembleConfig
 
 STAGE = "assemble"
 
 TOO_FEW_DEMOS = "too_few_demos"
 
-@dataclass(frozen=True)
-class AssembleConfig:
-    """Settings of example assembly (config section ``assemble``); see docs/defaults.md."""
-
-    demos: int = option(3, "Real demonstrations per example.")
-    min_demos: int = option(3, "Fewest demos an example may have when its cluster has fewer than `demos` images "
-                               "besides the target's source; under it the target is rejected (too_few_demos).")
-    clusters: str = option("", "Glob of the clusters files the candidates were made from (any Beam file system "
-                               "path); empty: OUT/clusters/*.parquet.")
-    shard_bytes: int = option(512 * 1024 * 1024, "Target size of one examples/ file; the number of files is the "
-                                                 "total size divided by this, rounded up.")
-    row_group_bytes: int = option(64 * 1024 * 1024, "Target size of one Parquet row group (at least one row): "
-                                                    "what a streaming reader holds in memory at a time.")
-    def __post_init__(self) -> None:
-        if self.demos < 1:
-            raise ValueError(f"demos must be at least 1, got {self.demos}")
-        if not 1 <= self.min_demos <= self.demos:
-            raise ValueError(f"min_demos must be within 1..demos ({self.demos}), got {self.min_demos}")
-        if self.shard_bytes < 1 or self.row_group_bytes < 1:
-            raise ValueError("shard_bytes and row_group_bytes must be positive")
-        if self.row_group_bytes > self.shard_bytes:
-            raise ValueError(f"row_group_bytes ({self.row_group_bytes}) must not exceed shard_bytes "
-                             f"({self.shard_bytes})")
+REASONS = (Reason(TOO_FEW_DEMOS),)
 
 
 @dataclass(frozen=True)
@@ -150,8 +127,3 @@ class Assemble(beam.PTransform):
         out = units | "AssembleExamples" >> beam.ParDo(AssembleFn(self._config, self._run)).with_outputs(
             REJECTS, main="examples")
         return StageOutput(out.examples, out[REJECTS])
-
-
-def examples_output(config: AssembleConfig, codec: str) -> OutputConfig:
-    """How ``examples/`` is written: files of ``assemble.shard_bytes``, row groups of ``assemble.row_group_bytes``."""
-    return OutputConfig(shard_bytes=config.shard_bytes, row_group_bytes=config.row_group_bytes, codec=codec)

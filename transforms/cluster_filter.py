@@ -18,8 +18,8 @@ Score first, threshold second:
    ``ApproximateQuantiles`` (exact while the clusters fit its buffers, within a ``1/QUANTILES`` rank
    error beyond), passed to the threshold step as a side input.
 
-The threshold used, the mode, and the quantiles of ``mean_sim`` are written with
-:class:`transforms.stats.WriteStats` and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
+The threshold used, the mode, and the quantiles of ``mean_sim`` leave the stage as its ``stats`` (an extra
+output the phase writes to ``OUT/stats/``) and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
 so a run records the numbers it filtered with and thresholds can be retuned from them.
 
 A calibrated threshold is a global decision, and it carries only ids and scores: each scored cluster sends
@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 
-from schemas.records import Cluster, ImageRecord
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import with_images
-from transforms.stats import WriteStats
+from schemas.records import Cluster, ImageRecord, with_images
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.settings import ClusterFilterConfig
 
 STAGE = "cluster_filter"
 
@@ -50,34 +48,14 @@ OUTLIER_IMAGE = "outlier_image"
 INCOHERENT_CLUSTER = "incoherent_cluster"
 CLUSTER_TOO_SMALL = "cluster_too_small"
 
+REASONS = (Reason(OUTLIER_IMAGE), Reason(CLUSTER_TOO_SMALL, whole_cluster=True),
+           Reason(INCOHERENT_CLUSTER, whole_cluster=True))
+
 QUANTILES = 1001
 """Quantiles computed of the cluster scores: a rank resolution of 0.1% for calibration."""
 
 RECORDED_QUANTILES = tuple(range(0, 101, 5))
 """Percentiles of ``mean_sim`` written to the manifest."""
-
-
-@dataclass(frozen=True)
-class ClusterFilterConfig:
-    """Settings of the coherence filter (config section ``cluster_filter``); see docs/defaults.md."""
-
-    enabled: bool = option(True, "Drop incoherent clusters and outlier images (needs embed.enabled).")
-    outlier_threshold: float | None = option(0.6, "An image whose mean cosine similarity to the other images of "
-                                                  "its cluster is under this leaves it (outlier_image), unless "
-                                                  "most images are under it; null: no outlier removal.")
-    coherence_threshold: float = option(0.75, "Smallest mean pairwise cosine similarity of a kept cluster "
-                                              "(incoherent_cluster). Ignored with target_keep_rate.")
-    target_keep_rate: float | None = option(None, "Calibrate the coherence threshold on this run so that this "
-                                                  "share of the scored clusters is kept (0 < rate <= 1); the "
-                                                  "threshold used goes to manifest.json.")
-
-    def __post_init__(self) -> None:
-        for name in ("outlier_threshold", "coherence_threshold"):
-            value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
-        if self.target_keep_rate is not None and not 0.0 < self.target_keep_rate <= 1.0:
-            raise ValueError(f"target_keep_rate must be within (0, 1], got {self.target_keep_rate}")
 
 
 # --- the math -------------------------------------------------------------------------------------------
@@ -267,31 +245,28 @@ class JoinVerdictFn(beam.DoFn):
 
 
 class ClusterFilter(beam.PTransform):
-    """Scored ``Cluster``s that pass the coherence filter; stats to ``OUT/stats`` when ``output_dir`` is set."""
+    """Scored ``Cluster``s that pass the coherence filter, and (``extra["stats"]``) the threshold used with the
+    quantiles of the scores, for ``OUT/stats`` and the manifest."""
 
-    def __init__(self, config: ClusterFilterConfig, min_images: int, output_dir: str | None = None,
-                 phase: str = "clusters") -> None:
+    def __init__(self, config: ClusterFilterConfig, min_images: int) -> None:
         super().__init__()
         self._config = config
         self._min_images = min_images
-        self._output_dir = output_dir
-        self._phase = phase
 
     def expand(self, clusters: beam.PCollection) -> StageOutput:
         config = self._config
         scored = clusters | "ScoreCoherence" >> beam.ParDo(ScoreClustersFn(config, self._min_images)).with_outputs(
             REJECTS, main="scored")
+        scores = scored.scored | "ClusterScores" >> beam.Map(cluster_score)
+        values = scores | "MeanSimilarities" >> beam.Map(lambda score: score.mean_sim)
+        quantiles = values | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
+        n_scored = values | "CountScored" >> beam.combiners.Count.Globally()
         if config.target_keep_rate is None:
             # A fixed threshold is a plain argument: thresholding fuses with scoring, no barrier.
             kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
                 ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
-            threshold = None
-        if config.target_keep_rate is not None or self._output_dir is not None:
-            scores = scored.scored | "ClusterScores" >> beam.Map(cluster_score)
-            values = scores | "MeanSimilarities" >> beam.Map(lambda score: score.mean_sim)
-            quantiles = values | "ScoreQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES)
-            n_scored = values | "CountScored" >> beam.combiners.Count.Globally()
-        if config.target_keep_rate is not None:
+            threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
+        else:
             threshold = quantiles | "CalibrateThreshold" >> beam.Map(
                 threshold_for_keep_rate, config.target_keep_rate, beam.pvalue.AsSingleton(n_scored))
             verdicts = scores | "Decide" >> beam.Map(decide, beam.pvalue.AsSingleton(threshold))
@@ -301,14 +276,7 @@ class ClusterFilter(beam.PTransform):
                 | "JoinVerdicts" >> beam.CoGroupByKey()
                 | "ApplyThreshold" >> beam.ParDo(JoinVerdictFn()).with_outputs(REJECTS, main="kept")
             )
-        if self._output_dir is not None:
-            if threshold is None:
-                threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
-            _ = (
-                quantiles
-                | "DescribeCalibration" >> beam.Map(calibration_stats, beam.pvalue.AsSingleton(n_scored),
-                                                    beam.pvalue.AsSingleton(threshold), config)
-                | "WriteCalibration" >> WriteStats(self._output_dir, self._phase, STAGE)
-            )
+        stats = quantiles | "DescribeCalibration" >> beam.Map(
+            calibration_stats, beam.pvalue.AsSingleton(n_scored), beam.pvalue.AsSingleton(threshold), config)
         rejects = (scored[REJECTS], kept[REJECTS]) | "FilterRejects" >> beam.Flatten()
-        return StageOutput(kept.kept, rejects)
+        return StageOutput(kept.kept, rejects, {"stats": stats})

@@ -1,9 +1,10 @@
-"""Pieces every stage shares: dead-letter output, reason counters, progress logging, config fields.
+"""Pieces every stage shares: dead-letter output, reason counters, progress logging.
 
 Conventions (see ARCHITECTURE.md):
 
-* a stage is a composite ``PTransform`` returning a :class:`StageOutput` (its main output and its
-  dead letters);
+* a stage is a composite ``PTransform`` returning a :class:`StageOutput` (its main output, its dead letters,
+  and any side products the phase writes), and declares the reasons it rejects for in ``REASONS``
+  (:class:`Reason`);
 * a DoFn that can fail on a record yields :func:`reject` for it on the :data:`REJECTS` tag, which
   also counts the reason with a Beam counter in the stage's namespace;
 * nothing is dropped silently: an unexpected exception on one record becomes an ``internal_error``
@@ -12,17 +13,17 @@ Conventions (see ARCHITECTURE.md):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.records import Cluster, ImageRecord, InputRecord, Reject
+from transforms.settings import option  # noqa: F401 -- where stages not yet in settings.py make their fields
 
 LOG = logging.getLogger(__name__)
 
@@ -33,19 +34,43 @@ INTERNAL_ERROR = "internal_error"
 """Reason code of a record whose processing raised an exception no stage anticipated (a bug)."""
 
 
-class StageOutput(NamedTuple):
-    """What a stage returns: its main output and its dead letters (``Reject`` records)."""
-
+class _StageOutputs(NamedTuple):
     output: beam.PCollection
     rejects: beam.PCollection
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A config dataclass field with the help text that ``icl-pipeline config --list`` shows."""
-    metadata = {"help": help}
-    if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+class StageOutput(_StageOutputs):
+    """What a stage returns: its main output and its dead letters (``Reject`` records) -- ``kept, rejects =
+    stage_output`` -- and, in ``extra``, named side products that the phase builder hands to the writers of
+    :mod:`transforms.outputs` (``"stats"``: dicts for ``OUT/stats/``, ``"scores"``: the target filter's decisions),
+    so that no stage writes files of its own.
+    """
+
+    extra: Mapping[str, beam.PCollection]
+
+    def __new__(cls, output: beam.PCollection, rejects: beam.PCollection,
+                extra: Mapping[str, beam.PCollection] | None = None) -> StageOutput:
+        self = super().__new__(cls, output, rejects)
+        self.extra = dict(extra or {})
+        # Beam knows a composite's outputs from what expand() returns, which unpacks as the two above; the extras
+        # are declared to the composite being expanded, so that the job graph shows them leaving it.
+        for name, pcoll in self.extra.items():
+            current = pcoll.pipeline._current_transform()
+            if current.transform is not None and name not in current.outputs:
+                current.add_output(pcoll, name)
+        return self
+
+
+class Reason(NamedTuple):
+    """A reject reason a stage declares (its module's ``REASONS``; each is documented in docs/reasons.md)."""
+
+    code: str
+    whole_cluster: bool = False
+    """Its reject row stands for a whole cluster (one row, ``n_images`` images), not for one record or candidate."""
+
+
+class InputFormatError(ValueError):
+    """An input file is not in the format its extension promises, or lacks required fields."""
 
 
 def count(stage: str, name: str, n: int = 1) -> None:

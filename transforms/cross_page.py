@@ -31,42 +31,19 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 
 from schemas.records import Cluster
-from transforms.common import REJECTS, StageOutput, count, option, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, reject
+from transforms.settings import CrossPageConfig
 
 STAGE = "cross_page"
 
 DUPLICATE_CLUSTER = "duplicate_cluster"
 
-
-@dataclass(frozen=True)
-class CrossPageConfig:
-    """Settings of cross-page duplicate detection (config section ``cross_page``); see docs/defaults.md."""
-
-    enabled: bool = option(True, "Drop clusters that mostly repeat another page's cluster (duplicate_cluster).")
-    max_distance: int = option(5, "Images of two clusters whose 64-bit perceptual hashes differ in at most this "
-                                  "many bits are near duplicates (as in dedupe).")
-    min_shared_fraction: float = option(0.5, "Two clusters are duplicates when at least this share of either "
-                                             "one's images have a near duplicate in the other.")
-    bands: int = option(4, "The 64-bit hash is cut into this many bands; clusters sharing a band value of "
-                           "some image are compared.")
-    max_bucket_clusters: int = option(1000, "A band value shared by more clusters than this is skipped "
-                                            "(counted as cross_page/hot_buckets).")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_distance <= 64:
-            raise ValueError(f"max_distance must be within 0..64, got {self.max_distance}")
-        if not 0.0 < self.min_shared_fraction <= 1.0:
-            raise ValueError(f"min_shared_fraction must be within (0, 1], got {self.min_shared_fraction}")
-        if not 1 <= self.bands <= 64:
-            raise ValueError(f"bands must be within 1..64, got {self.bands}")
-        if self.max_bucket_clusters < 2:
-            raise ValueError(f"max_bucket_clusters must be at least 2, got {self.max_bucket_clusters}")
+REASONS = (Reason(DUPLICATE_CLUSTER, whole_cluster=True),)
 
 
 class ClusterSketch(NamedTuple):

@@ -35,10 +35,10 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
 from schemas.records import Cluster
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.embed import EmbedConfig, ImagePixels, decode_image, embed_inference, image_transform
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.models.clip import ImagePixels, decode_image, embed_inference, image_transform
 from transforms.normalize import NormalizeConfig, Rejected, normalize_image
-from transforms.stats import WriteStats
+from transforms.settings import DecontaminateConfig, EmbedConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -46,32 +46,11 @@ STAGE = "decontaminate"
 
 CONTAMINATED = "contaminated"
 
+REASONS = (Reason(CONTAMINATED, whole_cluster=True),)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "avif", "heic", "heif")
 
 _GLOB_CHARS = set("*?[")
-
-
-@dataclass(frozen=True)
-class DecontaminateConfig:
-    """Settings of benchmark decontamination (config section ``decontaminate``); see docs/defaults.md."""
-
-    against: str | None = option(None, "Evaluation images no cluster may contain: a directory (searched "
-                                       "recursively for image files) or a glob, on any Beam file system. "
-                                       "Unset: no decontamination.")
-    max_distance: int = option(8, "An image within this many bits (64-bit perceptual hash) of an evaluation "
-                                  "image is a near duplicate of it.")
-    clip_threshold: float | None = option(0.95, "An image whose CLIP cosine similarity to an evaluation image "
-                                                "reaches this is a near duplicate of it (when embeddings "
-                                                "exist); null: perceptual hash only.")
-
-    def __post_init__(self) -> None:
-        if self.against is not None and not self.against.strip():
-            raise ValueError("against must be a directory or a glob (or null for no decontamination)")
-        if not 0 <= self.max_distance <= 64:
-            raise ValueError(f"max_distance must be within 0..64, got {self.max_distance}")
-        if self.clip_threshold is not None and not -1.0 <= self.clip_threshold <= 1.0:
-            raise ValueError(f"clip_threshold is a cosine similarity and must be within -1..1, got "
-                             f"{self.clip_threshold}")
 
 
 # --- the reference set ----------------------------------------------------------------------------------
@@ -248,21 +227,20 @@ def reference_stats(references: ReferenceSet, unreadable: list[str], config: Dec
 
 
 class Decontaminate(beam.PTransform):
-    """``Cluster``s -> those holding no near duplicate of an image under ``config.against``.
+    """``Cluster``s -> those holding no near duplicate of an image under ``config.against``; ``extra["stats"]``:
+    the reference set checked against (``stats.clusters.decontaminate`` of the manifest).
 
     ``embed`` is the embed stage's config when embeddings exist (enables the CLIP check), else ``None``.
     """
 
-    def __init__(self, config: DecontaminateConfig, normalize: NormalizeConfig, embed: EmbedConfig | None = None,
-                 output_dir: str | None = None, phase: str = "clusters") -> None:
+    def __init__(self, config: DecontaminateConfig, normalize: NormalizeConfig,
+                 embed: EmbedConfig | None = None) -> None:
         super().__init__()
         if not config.against:
             raise ValueError("Decontaminate needs decontaminate.against")
         self._config = config
         self._normalize = normalize
         self._embed = embed if config.clip_threshold is not None else None
-        self._output_dir = output_dir
-        self._phase = phase
 
     def expand(self, clusters: beam.PCollection) -> StageOutput:
         pattern, images_only = reference_pattern(self._config.against)
@@ -288,11 +266,7 @@ class Decontaminate(beam.PTransform):
         )
         result = clusters | "CheckClusters" >> beam.ParDo(
             DecontaminateFn(self._config), beam.pvalue.AsSingleton(reference_set)).with_outputs(REJECTS, main="kept")
-        if self._output_dir is not None:
-            unreadable = beam.pvalue.AsList(read[ReadReferenceFn.UNREADABLE])
-            _ = (
-                reference_set
-                | "DescribeReferences" >> beam.Map(reference_stats, unreadable, self._config, self._embed is not None)
-                | "WriteReferenceStats" >> WriteStats(self._output_dir, self._phase, STAGE)
-            )
-        return StageOutput(result.kept, result[REJECTS])
+        unreadable = beam.pvalue.AsList(read[ReadReferenceFn.UNREADABLE])
+        stats = reference_set | "DescribeReferences" >> beam.Map(reference_stats, unreadable, self._config,
+                                                                  self._embed is not None)
+        return StageOutput(result.kept, result[REJECTS], {"stats": stats})

@@ -20,16 +20,15 @@ reject row for the page, counting its images.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 
-from schemas.ids import stable_id
+from schemas.ids import cluster_id, hamming
 from schemas.records import BoilerplateHit, Cluster, ClusterStats, ImageRecord, PageGroup
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.settings import DedupeConfig
 
 STAGE = "dedupe"
 
@@ -38,39 +37,9 @@ DUPLICATE_EXACT = "duplicate_exact"
 DUPLICATE_NEAR = "duplicate_near"
 CLUSTER_TOO_SMALL = "cluster_too_small"
 
-
-@dataclass(frozen=True)
-class DedupeConfig:
-    """Settings of deduplication (config section ``dedupe``); defaults justified in docs/defaults.md."""
-
-    near_duplicate_max_distance: int = option(5, "Images on one page whose 64-bit perceptual hashes differ "
-                                                 "in at most this many bits are near duplicates (MMC4: 5).")
-    boilerplate_max_pages: int = option(10, "An image (by perceptual hash) on more than this many distinct "
-                                            "pages is boilerplate and leaves every page (OBELICS: 10).")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.near_duplicate_max_distance <= 64:
-            raise ValueError(f"near_duplicate_max_distance must be within 0..64, got "
-                             f"{self.near_duplicate_max_distance}")
-        if self.boilerplate_max_pages < 1:
-            raise ValueError(f"boilerplate_max_pages must be at least 1, got {self.boilerplate_max_pages}")
-
-
-def hamming(phash_a: str, phash_b: str) -> int:
-    """Bits that differ between two hex perceptual hashes."""
-    return (int(phash_a, 16) ^ int(phash_b, 16)).bit_count()
-
-
-def cluster_id(page_url: str, image_ids: Iterable[str]) -> str:
-    """Stable id of a cluster: its canonical page URL and the (sorted) ids of its images."""
-    return stable_id("cluster", page_url, *sorted(image_ids))
-
-
-def with_images(cluster: Cluster, images: Iterable[ImageRecord]) -> Cluster:
-    """``cluster`` holding only ``images``: its id and ``stats.n_images`` follow the new image set."""
-    images = tuple(images)
-    return cluster.replace(cluster_id=cluster_id(cluster.page_url, (im.image_id for im in images)), images=images,
-                           stats=dataclasses.replace(cluster.stats, n_images=len(images)))
+REASONS = (Reason(BOILERPLATE), Reason(DUPLICATE_EXACT), Reason(DUPLICATE_NEAR),
+           Reason(CLUSTER_TOO_SMALL, whole_cluster=True))
+"""``boilerplate`` rejects leave where pages are grouped (:mod:`transforms.group`), under this stage's name."""
 
 
 # --- boilerplate ------------------------------------------------------------------------------------

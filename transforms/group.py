@@ -3,8 +3,9 @@
 A page can hold thousands of images (galleries, category pages): the cap keeps the first
 ``group.max_images_per_page`` images in a deterministic order (by image id, then image URL, record id
 and source -- content first, so the choice depends neither on input order nor on format) and rejects the
-rest as ``page_cap``. Images whose perceptual hash is boilerplate on this page (a
-:class:`~transforms.dedupe.FindBoilerplate` flag) take no place under the cap and leave as ``boilerplate``.
+rest as ``page_cap``. Images whose perceptual hash is boilerplate on this page (a flag of
+:class:`~transforms.dedupe.FindBoilerplate`, which runs inside this stage with the ``dedupe`` settings) take no
+place under the cap and leave as ``boilerplate``.
 
 The choice is made **before any image bytes are grouped**, so one huge page never gathers its payloads in
 one worker:
@@ -25,41 +26,27 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.records import BoilerplateHit, ImageRecord, PageGroup
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import boilerplate_reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.dedupe import FindBoilerplate, boilerplate_reject
+from transforms.settings import DedupeConfig, GroupConfig
 
 STAGE = "group"
 
 PAGE_CAP = "page_cap"
+
+REASONS = (Reason(PAGE_CAP),)
 
 KEEP, CAPPED, BOILERPLATE = "keep", "page_cap", "boilerplate"
 
 PAYLOADS_PER_GROUP = "payloads_per_group"
 """Beam distribution ``group/payloads_per_group``: image payloads in each grouped value the stage handles (its
 max is at most ``max_images_per_page``; the manifest and the hot-key tests read it)."""
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    """Settings of page grouping (config section ``group``); defaults justified in docs/defaults.md."""
-
-    max_images_per_page: int = option(32, "Images kept per page; the excess is rejected as page_cap.")
-    min_images: int = option(3, "Smallest cluster kept (after dedupe and every later filter): a training "
-                                "example needs 3 demos.")
-
-    def __post_init__(self) -> None:
-        if self.min_images < 1:
-            raise ValueError(f"min_images must be at least 1, got {self.min_images}")
-        if self.max_images_per_page < self.min_images:
-            raise ValueError(f"max_images_per_page ({self.max_images_per_page}) must be >= min_images "
-                             f"({self.min_images})")
 
 
 CapKey = tuple[str, str, str, str]
@@ -178,18 +165,16 @@ class BuildPageFn(beam.DoFn):
 
 
 class GroupByPage(beam.PTransform):
-    """``(ImageRecord``s, ``(page_url, BoilerplateHit)``s``)`` -> ``PageGroup``s, one per canonical page.
+    """``ImageRecord``s -> ``PageGroup``s, one per canonical page, without boilerplate (found with
+    :class:`~transforms.dedupe.FindBoilerplate` and the ``dedupe`` settings) and capped."""
 
-    ``boilerplate_max_pages`` is the dedupe bound, quoted in the ``boilerplate`` dead letters.
-    """
-
-    def __init__(self, config: GroupConfig, boilerplate_max_pages: int) -> None:
+    def __init__(self, config: GroupConfig, dedupe: DedupeConfig) -> None:
         super().__init__()
         self._config = config
-        self._boilerplate_max_pages = boilerplate_max_pages
+        self._dedupe = dedupe
 
-    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> StageOutput:
-        images, boilerplate = inputs
+    def expand(self, images: beam.PCollection) -> StageOutput:
+        boilerplate = images | "FindBoilerplate" >> FindBoilerplate(self._dedupe)
         entries = images | "CapEntries" >> beam.Map(lambda image: (image.page_url, CapEntry(cap_key(image),
                                                                                              image.phash)))
         decisions = (
@@ -201,7 +186,7 @@ class GroupByPage(beam.PTransform):
         routed = (
             {"image": keyed, "decision": decisions}
             | "JoinDecisions" >> beam.CoGroupByKey()
-            | "RouteImages" >> beam.ParDo(RouteImageFn(self._config, self._boilerplate_max_pages)).with_outputs(
+            | "RouteImages" >> beam.ParDo(RouteImageFn(self._config, self._dedupe.boilerplate_max_pages)).with_outputs(
                 REJECTS, main="kept")
         )
         built = (

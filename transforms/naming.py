@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from transforms.settings import MIN_SHARE
+
 LOG = logging.getLogger(__name__)
 
 # --- words ------------------------------------------------------------------------------------------------
@@ -540,10 +542,6 @@ class SubjectName:
 
 NO_SUBJECT = SubjectName(None, None, None)
 
-
-MIN_SHARE = 1 / 3
-"""Default share of the images with text that must name a class the slug does not name: on a page whose texts
-wander (a blog post, a listing), two images of nine mentioning a "table" do not make it the subject."""
 
 
 @dataclass

@@ -34,7 +34,6 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -47,7 +46,8 @@ from w3lib.url import canonicalize_url, url_query_cleaner
 
 from schemas.ids import content_id
 from schemas.records import ImageRecord, InputRecord
-from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, Progress, Reason, StageOutput, count, internal_error, reject
+from transforms.settings import DEFAULT_TRACKING_PARAMS, NormalizeConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -68,59 +68,9 @@ TOO_SMALL = "too_small"
 BAD_ASPECT_RATIO = "bad_aspect_ratio"
 BLANK_IMAGE = "blank_image"  # the same code and meaning as the target filter's (phase 3)
 
-DEFAULT_TRACKING_PARAMS = (
-    "utm_*", "fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "mc_cid", "mc_eid",
-    "_ga", "_gl", "igshid", "srsltid", "_hsenc", "_hsmi", "mkt_tok", "oly_anon_id", "oly_enc_id",
-    "vero_id", "rb_clickid", "s_cid",
-)
-
-_OUTPUT_FORMATS = ("JPEG", "PNG", "WEBP")
-
-# What crawls serve as photos. Pillow opens more (EPS through Ghostscript, PSD, ICO, ...), which we
-# neither want in training data nor want to hand to external decoders.
-DEFAULT_ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
-
-
-@dataclass(frozen=True)
-class NormalizeConfig:
-    """Settings of the normalize stage (config section ``normalize``); defaults justified in docs/defaults.md."""
-
-    tracking_params: tuple[str, ...] = option(
-        DEFAULT_TRACKING_PARAMS, "Query parameters removed from page URLs (shell-style patterns, case-insensitive).")
-    max_bytes: int = option(32 * 1024 * 1024, "Largest encoded image accepted, in bytes (file_too_large).")
-    max_pixels: int = option(89_478_485, "Largest width x height accepted, checked from the header before "
-                                         "decoding (decompression_bomb). Default: Pillow's own limit.")
-    min_side: int = option(256, "Smallest accepted shorter side, in pixels, as crawled (too_small).")
-    max_aspect_ratio: float = option(2.0, "Largest accepted long side / short side (bad_aspect_ratio).")
-    max_side: int = option(768, "Images are shrunk so that their longest side is at most this (never enlarged).")
-    output_format: str = option("JPEG", "Format of the normalized image bytes: JPEG, PNG or WEBP.")
-    quality: int = option(90, "Encoder quality for JPEG and WEBP (1-100).")
-    allowed_formats: tuple[str, ...] = option(DEFAULT_ALLOWED_FORMATS, "Pillow format names accepted as "
-                                                                       "input (others: unsupported_format).")
-    min_contrast: float | None = option(0.015, "Smallest contrast (0..0.5): the standard deviation of the luma "
-                                               "(or of an RGB channel, if larger) of the image shrunk to 32 x 32, "
-                                               "values scaled to 0..1; under it the image is blank or a single "
-                                               "colour (blank_image). null: no check.")
-    max_text_chars: int | None = option(1000, "Longest alt text stored, in characters; a longer one is cut "
-                                              "(ImageRecord.text_truncated is then true). null: no cap.")
-
-    def __post_init__(self) -> None:
-        if self.output_format not in _OUTPUT_FORMATS:
-            raise ValueError(f"output_format must be one of {', '.join(_OUTPUT_FORMATS)}, got {self.output_format!r}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be within 1..100, got {self.quality}")
-        if self.min_side < 1 or self.max_side < self.min_side:
-            raise ValueError(f"need 1 <= min_side <= max_side, got min_side={self.min_side}, max_side={self.max_side}")
-        if self.max_aspect_ratio < 1:
-            raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio}")
-        if self.max_pixels < self.min_side * self.min_side:
-            raise ValueError(f"max_pixels ({self.max_pixels}) is below min_side^2 ({self.min_side ** 2})")
-        if self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
-        if self.min_contrast is not None and not 0 <= self.min_contrast < 0.5:
-            raise ValueError(f"min_contrast must be within [0, 0.5) or null, got {self.min_contrast}")
-        if self.max_text_chars is not None and self.max_text_chars < 1:
-            raise ValueError(f"max_text_chars must be positive or null, got {self.max_text_chars}")
+REASONS = tuple(Reason(code) for code in (
+    MISSING_PAGE_URL, RELATIVE_PAGE_URL, UNSUPPORTED_URL_SCHEME, MALFORMED_PAGE_URL, MISSING_IMAGE, FILE_TOO_LARGE,
+    DECODE_ERROR, TRUNCATED_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, TOO_SMALL, BAD_ASPECT_RATIO, BLANK_IMAGE))
 
 
 class Rejected(Exception):

@@ -1,9 +1,22 @@
-"""Phase outputs: every Parquet file a phase writes goes through :class:`WriteShards`.
+"""Phase outputs: every file a phase writes under ``OUT/`` and a later phase (or the launcher) reads back.
 
-Beam's ``WriteToParquet`` can fix a number of files but not their size, and with a fixed number it groups
-each file's rows into *one* element: a file of all clusters becomes an element of hundreds of megabytes that
-a portable runner (Flink, Dataflow's runner v2, the multi-process DirectRunner) must move whole. This writer
-sizes files by bytes and never builds an element larger than a row group:
+* Writers: :class:`WriteShards` for every Parquet output (``clusters/``, ``candidates/``, ``scores/``,
+  ``examples/``, ``rejects/``: :func:`write_clusters` and the others), :class:`WriteStats` for the values a phase
+  computes about its own data (``stats/``), :func:`write_stage_extras` for what a stage hands over besides its
+  main output.
+* Readers: :class:`ReadClusters` and :class:`ReadCandidates` (the inputs of phases 2 and 3),
+  :func:`read_stats`, :func:`read_columns` (the accounting), :func:`sample_rows` (the report's galleries: the
+  same rows on every call, within a byte budget), and the checks a later phase runs on its input files before it
+  starts (:func:`expand_phase_inputs`).
+* Housekeeping: a phase's previous files (:func:`delete_matching`), the writers' temporary folders
+  (:func:`remove_temp_dirs`), and phase 2's resume-cache entries (:func:`candidates_to_parquet`).
+
+Everything goes through Beam ``FileSystems``, so ``gs://`` and ``s3://`` work.
+
+**Files sized in bytes.** Beam's ``WriteToParquet`` can fix a number of files but not their size, and with a fixed
+number it groups each file's rows into *one* element: a file of all clusters becomes an element of hundreds of
+megabytes that a portable runner (Flink, Dataflow's runner v2, the multi-process DirectRunner) must move whole.
+:class:`WriteShards` sizes files by bytes and never builds an element larger than a row group:
 
 1. every row is measured once (:func:`row_bytes`: its bytes and text) and keyed by a sort key;
 2. a light global step (ids and sizes only) sets the number of files: ``ceil(total bytes / shard_bytes)``, or
@@ -20,13 +33,14 @@ So files are deterministic (the same rows make the same files, rows in key order
 a list of ids, or one row group, and a retried bundle rewrites the same temporary names. An output with no
 row is one empty file with the schema, so that the next phase finds a valid (empty) input.
 """
-
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import math
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -36,35 +50,27 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.common import count, option
+from schemas.ids import stable_id
+from schemas.parquet import (
+    CANDIDATES_SCHEMA,
+    CLUSTERS_SCHEMA,
+    EXAMPLES_SCHEMA,
+    REJECTS_SCHEMA,
+    TARGET_SCORES_SCHEMA,
+    candidate_from_row,
+    candidate_to_row,
+    check_schema_version,
+    cluster_from_row,
+    cluster_to_row,
+    example_to_row,
+    reject_to_row,
+    target_scores_row,
+)
+from schemas.records import Candidate
+from transforms.common import REJECTS, InputFormatError, StageOutput, count, internal_error
+from transforms.settings import AssembleConfig, OutputConfig
 
 STAGE = "write"
-
-_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """How outputs are written (config section ``output``)."""
-
-    num_shards: int = option(0, "Files per output; 0 sizes them by bytes (shard_bytes).")
-    shard_bytes: int = option(512 * 1024 * 1024, "Target size of one output file when num_shards is 0.")
-    row_group_bytes: int = option(64 * 1024 * 1024, "Target size of one Parquet row group (at least one row): "
-                                                    "what a reader holds in memory at a time, and the largest "
-                                                    "element the writer builds.")
-    codec: str = option("zstd", f"Parquet compression codec: {', '.join(_CODECS)}. Images are already "
-                                "compressed; the codec matters for text and ids.")
-
-    def __post_init__(self) -> None:
-        if self.num_shards < 0:
-            raise ValueError(f"num_shards must be >= 0, got {self.num_shards}")
-        if self.shard_bytes < 1 or self.row_group_bytes < 1:
-            raise ValueError("shard_bytes and row_group_bytes must be positive")
-        if self.row_group_bytes > self.shard_bytes:
-            raise ValueError(f"row_group_bytes ({self.row_group_bytes}) must not exceed shard_bytes "
-                             f"({self.shard_bytes})")
-        if self.codec not in _CODECS:
-            raise ValueError(f"codec must be one of {', '.join(_CODECS)}, got {self.codec!r}")
 
 
 # --- sizes and places -----------------------------------------------------------------------------------
@@ -278,16 +284,12 @@ class WriteShards(beam.PTransform):
 
 def write_clusters(output_dir: str, config: OutputConfig) -> WriteShards:
     """``Cluster``s -> ``OUT/clusters/part-*.parquet``."""
-    from schemas.parquet import CLUSTERS_SCHEMA, cluster_to_row
-
     return WriteShards(output_dir, "clusters", "part", CLUSTERS_SCHEMA, cluster_to_row,
                        lambda row: row["cluster_id"], config)
 
 
 def write_candidates(output_dir: str, config: OutputConfig) -> WriteShards:
     """``Candidate``s (phase 2) -> ``OUT/candidates/part-*.parquet``."""
-    from schemas.parquet import CANDIDATES_SCHEMA, candidate_to_row
-
     return WriteShards(output_dir, "candidates", "part", CANDIDATES_SCHEMA, candidate_to_row,
                        lambda row: row["candidate_id"], config)
 
@@ -298,15 +300,11 @@ def _reject_key(row: dict[str, Any]) -> str:
 
 def write_rejects(output_dir: str, phase: str, config: OutputConfig) -> WriteShards:
     """``Reject``s of one phase -> ``OUT/rejects/<phase>-*.parquet`` (each phase rewrites only its own)."""
-    from schemas.parquet import REJECTS_SCHEMA, reject_to_row
-
     return WriteShards(output_dir, "rejects", phase, REJECTS_SCHEMA, reject_to_row, _reject_key, config)
 
 
 def write_scores(output_dir: str, config: OutputConfig) -> WriteShards:
     """The target filter's ``(ScoredCandidate, decision, failed)`` -> ``OUT/scores/part-*.parquet``."""
-    from schemas.parquet import TARGET_SCORES_SCHEMA, target_scores_row
-
     return WriteShards(output_dir, "scores", "part", TARGET_SCORES_SCHEMA, lambda d: target_scores_row(*d),
                        lambda row: row["candidate_id"], config)
 
@@ -314,7 +312,352 @@ def write_scores(output_dir: str, config: OutputConfig) -> WriteShards:
 def write_examples(output_dir: str, config: OutputConfig) -> WriteShards:
     """``Example``s -> ``OUT/examples/part-*.parquet`` (files of ``config.shard_bytes``, row groups of
     ``config.row_group_bytes``: what a trainer streams)."""
-    from schemas.parquet import EXAMPLES_SCHEMA, example_to_row
-
     return WriteShards(output_dir, "examples", "part", EXAMPLES_SCHEMA, example_to_row,
                        lambda row: row["example_id"], config)
+
+
+def examples_output(config: AssembleConfig, codec: str) -> OutputConfig:
+    """How ``examples/`` is written: files of ``assemble.shard_bytes``, row groups of ``assemble.row_group_bytes``."""
+    return OutputConfig(shard_bytes=config.shard_bytes, row_group_bytes=config.row_group_bytes, codec=codec)
+
+
+# --- stats: values a phase computes about its own data --------------------------------------------------
+
+STATS_FOLDER = "stats"
+
+
+def stats_path(output_dir: str, phase: str, name: str) -> str:
+    return FileSystems.join(output_dir, STATS_FOLDER, f"{phase}.{name}.json")
+
+
+def _write_stats(parts: Iterable[dict[str, Any]], path: str) -> str:
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged.update(part)
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(merged, indent=2, sort_keys=True, default=float).encode("utf-8"))
+    return path
+
+
+class WriteStats(beam.PTransform):
+    """``dict``s -> ``OUT/stats/<phase>.<name>.json`` (their merge). Writes ``{}`` when there are none.
+
+    A stage that derives values from the run's own data (a calibrated threshold, score quantiles) hands them over as
+    its ``extra["stats"]``; when the phase has finished, the launcher merges every ``stats/<phase>.*.json`` into
+    ``manifest.json`` under ``stats.<phase>.<name>`` (:func:`read_stats`), so the numbers a run used are recorded
+    next to the counts they produced.
+    """
+
+    def __init__(self, output_dir: str, phase: str, name: str) -> None:
+        super().__init__()
+        self._path = stats_path(output_dir, phase, name)
+
+    def expand(self, stats: beam.PCollection) -> beam.PCollection:
+        return (
+            stats
+            | "CollectStats" >> beam.combiners.ToList()
+            | "WriteStatsJson" >> beam.Map(_write_stats, self._path)
+        )
+
+
+def read_stats(output_dir: str, phase: str) -> dict[str, Any]:
+    """``{name: values}`` of every ``OUT/stats/<phase>.<name>.json``."""
+    pattern = FileSystems.join(output_dir, STATS_FOLDER, f"{phase}.*.json")
+    out: dict[str, Any] = {}
+    for metadata in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+        name = metadata.path.rsplit("/", 1)[-1][len(phase) + 1:-len(".json")]
+        with FileSystems.open(metadata.path) as handle:
+            out[name] = json.loads(handle.read().decode("utf-8"))
+    return out
+
+
+def write_stage_extras(result: StageOutput, label: str, output_dir: str, phase: str, stage: str,
+                       config: OutputConfig) -> None:
+    """Write what a stage handed over besides its main output: ``"stats"`` to ``OUT/stats/<phase>.<stage>.json``,
+    ``"scores"`` to ``OUT/scores/`` (steps ``Write<label>Stats``, ``Write<label>Scores``)."""
+    for name, pcoll in sorted(result.extra.items()):
+        if name == "stats":
+            _ = pcoll | f"Write{label}Stats" >> WriteStats(output_dir, phase, stage)
+        elif name == "scores":
+            _ = pcoll | f"Write{label}Scores" >> write_scores(output_dir, config)
+        else:
+            raise ValueError(f"stage {stage}: no writer for its extra output {name!r}")
+
+
+# --- finding and checking the files a later phase reads -------------------------------------------------
+
+
+def matching_files(pattern: str) -> list[str]:
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def parquet_footer(path: str) -> tuple[pq.FileMetaData, pa.Schema]:
+    """The footer of a Parquet file (row and row-group counts, Arrow schema with its metadata), read through
+    Beam's FileSystems; no data page is read."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        parquet = pq.ParquetFile(handle)
+        return parquet.metadata, parquet.schema_arrow
+
+
+def count_parquet_rows(files: list[str]) -> int:
+    """Rows of Parquet files, from their footers."""
+    return sum(parquet_footer(path)[0].num_rows for path in files)
+
+
+def check_output_file(path: str, name: str, required: tuple[str, ...] = ()) -> None:
+    """Raise ``SchemaVersionError`` unless ``path`` is one of our ``name`` files (``clusters``, ``candidates``)
+    of the current schema version, ``ValueError`` when it lacks one of the ``required`` columns."""
+    schema = parquet_footer(path)[1]
+    check_schema_version(schema, name, path)
+    missing = [column for column in required if column not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: not a {name} file (no {', '.join(missing)})")
+
+
+_WRITTEN_BY = {"clusters": "clusters", "candidates": "synthesize"}
+"""The phase that writes each kind of file a later phase reads."""
+
+
+def expand_phase_inputs(patterns: list[str], name: str, *, phase: str, where: str = "--input",
+                        required: tuple[str, ...] = ()) -> list[str]:
+    """The files of globs that a later phase reads (an earlier phase's ``OUT/<name>/*.parquet``), each checked
+    with :func:`check_output_file`; raises :class:`InputFormatError` naming the pattern or the file."""
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+        if not matched:
+            raise InputFormatError(f"{where} {pattern!r} matches no file (phase {phase} reads the "
+                                   f"{_WRITTEN_BY[name]} phase's OUT/{name}/*.parquet)")
+        files.extend(path for path in matched if path not in files)
+    for path in files:
+        try:
+            check_output_file(path, name, required)
+        except (ValueError, OSError) as error:  # SchemaVersionError is a ValueError
+            raise InputFormatError(f"phase {phase}: {error}") from error
+    return sorted(files)
+
+
+def read_columns(pattern: str, columns: list[str]) -> pa.Table | None:
+    """The named columns of every Parquet file matching ``pattern`` (``None`` when none matches)."""
+    tables = []
+    for path in matching_files(pattern):
+        with FileSystems.open(path) as handle:
+            tables.append(pq.ParquetFile(handle).read(columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
+# --- reading phase outputs ------------------------------------------------------------------------------
+
+
+class ReadClusterFileFn(beam.DoFn):
+    """A ``clusters/*.parquet`` path -> ``Cluster`` records, a few rows (row-group batches) at a time; counters
+    and dead letters under ``stage``."""
+
+    def __init__(self, stage: str, batch_rows: int = 8) -> None:
+        self._batch_rows = batch_rows
+        self._stage = stage
+
+    def process(self, path: str) -> Iterator[Any]:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            parquet = pq.ParquetFile(handle)
+            check_schema_version(parquet.schema_arrow, "clusters", path)
+            for batch in parquet.iter_batches(batch_size=self._batch_rows):
+                for i, row in enumerate(batch.to_pylist()):
+                    count(self._stage, "clusters_read")
+                    try:
+                        yield cluster_from_row(row)
+                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
+                        cid = row.get("cluster_id") or stable_id("unreadable-cluster", path, i)
+                        yield internal_error(self._stage, error, id=cid, cluster_id=cid, page_url=row.get("page_url"),
+                                             n_images=len(row.get("images") or ()), source=path)
+
+
+class ReadClusters(beam.PTransform):
+    """``PBegin`` -> ``Cluster``s from checked ``clusters/*.parquet`` paths (phase 1's output); the counter
+    ``<stage>/clusters_read`` and the rejects of unreadable rows are the reading stage's."""
+
+    def __init__(self, files: Sequence[str], stage: str) -> None:
+        super().__init__()
+        self._files = list(files)
+        self._stage = stage
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
+        read = (
+            pbegin
+            | "ListClusterFiles" >> beam.Create(self._files)
+            | "ReadClusterFiles" >> beam.ParDo(ReadClusterFileFn(self._stage)).with_outputs(
+                REJECTS, main="clusters")
+        )
+        return StageOutput(read.clusters, read[REJECTS])
+
+
+class ReadCandidateFileFn(beam.DoFn):
+    """A ``candidates/*.parquet`` path -> ``Candidate`` records, a few rows at a time; a row that does not
+    convert is an ``internal_error`` reject (the rest of the file goes on)."""
+
+    def __init__(self, stage: str, batch_rows: int = 16) -> None:
+        self._stage = stage
+        self._batch_rows = batch_rows
+
+    def process(self, path: str) -> Iterator[Any]:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            parquet = pq.ParquetFile(handle)
+            check_schema_version(parquet.schema_arrow, "candidates", path)
+            n = 0
+            for batch in parquet.iter_batches(batch_size=self._batch_rows):
+                for row in batch.to_pylist():
+                    count(self._stage, "candidates_read")
+                    try:
+                        yield candidate_from_row(row)
+                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
+                        cid = row.get("candidate_id") or stable_id("unreadable-candidate", path, n)
+                        yield internal_error(self._stage, error, id=cid, cluster_id=row.get("cluster_id"),
+                                             page_url=row.get("page_url"), source=f"{path}:{n}")
+                    n += 1
+
+
+class ReadCandidates(beam.PTransform):
+    """``PBegin`` -> ``Candidate``s of checked ``candidates/*.parquet`` paths (phase 2's output); the counter
+    ``<stage>/candidates_read`` and the rejects of unreadable rows are the reading stage's."""
+
+    def __init__(self, files: Sequence[str], stage: str) -> None:
+        super().__init__()
+        self._files = list(files)
+        self._stage = stage
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
+        read = (
+            pbegin
+            | "ListCandidateFiles" >> beam.Create(self._files)
+            | "ReadCandidateFiles" >> beam.ParDo(ReadCandidateFileFn(self._stage)).with_outputs(
+                REJECTS, main="candidates")
+        )
+        return StageOutput(read.candidates, read[REJECTS])
+
+
+# --- sampled reading (the report's galleries) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file, with the ids of its rows."""
+
+    path: str
+    row_group: int
+    nbytes: int
+    ids: tuple[str, ...]
+
+
+def row_group_ids(paths: Sequence[str], id_column: str) -> list[Unit]:
+    """Every row group of ``paths`` with its size and the ids of its rows (only the id column is read)."""
+    units = []
+    for path in paths:
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            for i in range(parquet.num_row_groups):
+                ids = parquet.read_row_group(i, columns=[id_column]).column(id_column).to_pylist()
+                units.append(Unit(path, i, parquet.metadata.row_group(i).total_byte_size, tuple(map(str, ids))))
+    return units
+
+
+def choose_units(units: Sequence[Unit], wanted: Iterable[str], budget_bytes: int) -> list[Unit]:
+    """The row groups holding the ``wanted`` ids, in the order of the ids, while they fit ``budget_bytes`` (at
+    least one)."""
+    where = {id_: unit for unit in units for id_ in unit.ids}
+    chosen: list[Unit] = []
+    spent = 0
+    for id_ in wanted:
+        unit = where.get(id_)
+        if unit is None or unit in chosen:
+            continue
+        if chosen and spent + unit.nbytes > budget_bytes:
+            continue  # a later id may sit in a row group already chosen
+        chosen.append(unit)
+        spent += unit.nbytes
+    return chosen
+
+
+def read_row_group(path: str, row_group: int, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    with FileSystems.open(path) as handle:
+        return pq.ParquetFile(handle).read_row_group(row_group, columns=list(columns) if columns else None).to_pylist()
+
+
+def read_present_columns(pattern: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of every file matching ``pattern``, with those of ``columns`` the file has."""
+    rows: list[dict[str, Any]] = []
+    for path in matching_files(pattern):
+        with FileSystems.open(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            rows.extend(parquet.read(columns=present).to_pylist())
+    return rows
+
+
+def sample_order(key: str) -> str:
+    """The order rows are sampled in: a hash of their id (the same rows on every call, spread over the run)."""
+    return stable_id("report", key)
+
+
+def sample_rows(pattern: str, id_column: str, n: int, budget_bytes: int,
+                columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Up to ``n`` rows of the files matching ``pattern``: those with the smallest hashes of ``id_column`` among
+    the row groups that hold the smallest hashes and fit ``budget_bytes`` (the same rows on every call)."""
+    if n <= 0:
+        return []
+    units = row_group_ids(matching_files(pattern), id_column)
+    ranked = sorted((id_ for unit in units for id_ in unit.ids), key=sample_order)
+    rows: list[dict[str, Any]] = []
+    for unit in choose_units(units, ranked, budget_bytes):
+        rows.extend(read_row_group(unit.path, unit.row_group, columns))
+    return sorted(rows, key=lambda row: sample_order(str(row[id_column])))[:n]
+
+
+# --- housekeeping ---------------------------------------------------------------------------------------
+
+
+def delete_matching(patterns: Iterable[str]) -> int:
+    """Delete the files matching ``patterns`` (a phase's previous output); returns how many."""
+    paths = [path for pattern in patterns for path in matching_files(pattern)]
+    if paths:
+        FileSystems.delete(paths)
+    return len(paths)
+
+
+TEMP_PREFIXES = ("beam-temp-", ".tmp-")
+"""Names of the temporary folders writers make beside their output (Beam's file sinks, our sharded writer)."""
+
+
+def remove_temp_dirs(output_dir: str, folders: Iterable[str], *, only_empty: bool = True) -> list[str]:
+    """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>``: the empty ones a finished
+    phase leaves, or, after a failed phase (``only_empty=False``), all of them with their files. Returns them."""
+    removed = []
+    for folder in folders:
+        base = FileSystems.join(output_dir, folder)
+        for prefix in TEMP_PREFIXES:
+            for match in FileSystems.match([FileSystems.join(base, f"{prefix}*")])[0].metadata_list:
+                path = match.path.rstrip("/")
+                if only_empty and _has_files(path):
+                    continue
+                FileSystems.delete([path])
+                removed.append(path)
+    return removed
+
+
+def _has_files(path: str) -> bool:
+    return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
+
+
+# --- phase 2's resume cache: one finished cluster's candidates per file ---------------------------------
+
+
+def candidates_to_parquet(candidates: Sequence[Candidate]) -> bytes:
+    table = pa.Table.from_pylist([candidate_to_row(c) for c in candidates], schema=CANDIDATES_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="none")  # PNG renders: compressing again gains nothing
+    return buffer.getvalue()
+
+
+def candidates_from_parquet(data: bytes, path: str = "") -> list[Candidate]:
+    table = pq.read_table(io.BytesIO(data))
+    check_schema_version(table.schema, "candidates", path)
+    return [candidate_from_row(row) for row in table.to_pylist()]

@@ -35,9 +35,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from schemas.ids import content_id, stable_id
-from schemas.parquet import check_schema_version
 from schemas.records import InputRecord
-from transforms.common import REJECTS, Progress, StageOutput, count, option, reject
+from transforms.common import REJECTS, InputFormatError, Progress, Reason, StageOutput, count, reject
+from transforms.settings import ReadConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -63,30 +63,7 @@ TRUNCATED_FILE = "truncated_file"
 """A file-level reject: a compressed (or tar) input that ends early. Its row accounts for no record (the
 records it held past the cut were never read); the records before the cut go on."""
 
-
-class InputFormatError(ValueError):
-    """An input file is not in the format its extension promises, or lacks required fields."""
-
-
-@dataclass(frozen=True)
-class ReadConfig:
-    """Settings of the read stage (config section ``read``)."""
-
-    batch_rows: int = option(64, "Parquet rows decoded at a time; bounds reader memory to about "
-                                 "batch_rows x image size.")
-    validate_max_files: int = option(1000, "How many input files have their layout checked before the "
-                                           "job starts (the rest are checked when read).")
-    reshuffle: bool = option(True, "Redistribute records after reading, so that normalization is not "
-                                   "fused to the one worker that read each file.")
-    allow_truncated: bool = option(False, "Let a run whose compressed or tar input ends early finish with exit "
-                                          "status 0 (the file is still reported as truncated_file in rejects/ "
-                                          "and the manifest); by default such a run fails.")
-
-    def __post_init__(self) -> None:
-        if self.batch_rows < 1:
-            raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
-        if self.validate_max_files < 0:
-            raise ValueError(f"validate_max_files must be >= 0, got {self.validate_max_files}")
+REASONS = (Reason(MALFORMED_RECORD), Reason(IMAGE_UNREADABLE), Reason(TRUNCATED_FILE))
 
 
 @dataclass(frozen=True)
@@ -197,52 +174,6 @@ def parquet_columns(path: str, schema: pa.Schema) -> list[str]:
             raise InputFormatError(f"{path}: column {name!r} has type {field_type}, expected {expected}")
         columns.append(name)
     return columns
-
-
-def parquet_footer(path: str) -> tuple[pq.FileMetaData, pa.Schema]:
-    """The footer of a Parquet file (row and row-group counts, Arrow schema with its metadata), read through
-    Beam's FileSystems; no data page is read."""
-    with _open(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        return parquet.metadata, parquet.schema_arrow
-
-
-def count_parquet_rows(files: list[str]) -> int:
-    """Rows of Parquet files, from their footers."""
-    return sum(parquet_footer(path)[0].num_rows for path in files)
-
-
-def check_output_file(path: str, name: str, required: tuple[str, ...] = ()) -> None:
-    """Raise ``SchemaVersionError`` unless ``path`` is one of our ``name`` files (``clusters``, ``candidates``)
-    of the current schema version, ``ValueError`` when it lacks one of the ``required`` columns."""
-    schema = parquet_footer(path)[1]
-    check_schema_version(schema, name, path)
-    missing = [column for column in required if column not in schema.names]
-    if missing:
-        raise ValueError(f"{path}: not a {name} file (no {', '.join(missing)})")
-
-
-_WRITTEN_BY = {"clusters": "clusters", "candidates": "synthesize"}
-"""The phase that writes each kind of file a later phase reads."""
-
-
-def expand_phase_inputs(patterns: list[str], name: str, *, phase: str, where: str = "--input",
-                        required: tuple[str, ...] = ()) -> list[str]:
-    """The files of globs that a later phase reads (an earlier phase's ``OUT/<name>/*.parquet``), each checked
-    with :func:`check_output_file`; raises :class:`InputFormatError` naming the pattern or the file."""
-    files: list[str] = []
-    for pattern in patterns:
-        matched = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-        if not matched:
-            raise InputFormatError(f"{where} {pattern!r} matches no file (phase {phase} reads the "
-                                   f"{_WRITTEN_BY[name]} phase's OUT/{name}/*.parquet)")
-        files.extend(path for path in matched if path not in files)
-    for path in files:
-        try:
-            check_output_file(path, name, required)
-        except (ValueError, OSError) as error:  # SchemaVersionError is a ValueError
-            raise InputFormatError(f"phase {phase}: {error}") from error
-    return sorted(files)
 
 
 def validate_input_file(input_file: InputFile) -> None:

@@ -53,9 +53,8 @@ from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image, ImageFilter
 
 from schemas.ids import content_id
-from schemas.records import Cluster, ImageRecord
+from schemas.records import Cluster, ImageRecord, with_images
 from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import with_images
 from transforms.models.detectors import (
     LABELS,
     Detections,

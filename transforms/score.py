@@ -15,7 +15,7 @@ The target's *source* is the real image it is nearest to (:func:`nearest_image`)
 ``subject_sim_max``, the one it could be copying. The assembly stage never shows it as a demo.
 
 The CLIP model is the ``embed`` section's, through ``RunInference`` with
-:class:`transforms.embed.OpenClipImageTextHandler` (images and texts of a cluster in one element, batched by
+:class:`transforms.models.clip.OpenClipImageTextHandler` (images and texts of a cluster in one element, batched by
 image count like the embed stage). The real images' embeddings stored in ``clusters/`` are reused when their
 ``provenance.embed_model`` is the model that scores (``score.reuse_embeddings``); otherwise they are computed in
 the same pass as the targets.
@@ -33,32 +33,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
 from dreambooth_synth.prompts import class_noun_or_default, render_prompt
-from schemas.ids import stable_id
-from schemas.parquet import candidate_from_row, check_schema_version
-from schemas.records import Candidate, Cluster, ImageRecord, ScoredCandidate, TargetScores
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import hamming
-from transforms.embed import (
-    EmbedConfig,
-    ImagesAndTexts,
-    OpenClipImageTextHandler,
-    _config_digest,
-    decode_image,
-    image_transform,
-    model_id,
-)
+from schemas.ids import hamming
+from schemas.records import Candidate, ImageRecord, ScoredCandidate, ScoringUnit, TargetScores
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.models.clip import ImagesAndTexts, clip_text_inference, decode_image, image_transform, model_id
+from transforms.settings import EmbedConfig, ScoreConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -68,23 +55,7 @@ CLUSTER_MISSING = "cluster_missing"
 TARGET_DECODE_ERROR = "target_decode_error"
 NO_REFERENCE_IMAGES = "no_reference_images"
 SCORING_FAILED = "scoring_failed"
-REASONS = (CLUSTER_MISSING, TARGET_DECODE_ERROR, NO_REFERENCE_IMAGES, SCORING_FAILED)
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Settings of target scoring (config section ``score``); the CLIP model is the ``embed`` section's."""
-
-    reuse_embeddings: bool = option(True, "Use the real images' embeddings stored in clusters/ when they were made "
-                                          "by the model that scores (provenance.embed_model); otherwise (or "
-                                          "false) compute them in phase 3.")
-    sharpness_side: int = option(256, "Sharpness (variance of the Laplacian) is measured on the luma downscaled "
-                                      "to at most this many pixels a side, so that it does not depend on the "
-                                      "render resolution.")
-
-    def __post_init__(self) -> None:
-        if self.sharpness_side < 16:
-            raise ValueError(f"sharpness_side must be at least 16, got {self.sharpness_side}")
+REASONS = tuple(Reason(code) for code in (CLUSTER_MISSING, TARGET_DECODE_ERROR, NO_REFERENCE_IMAGES, SCORING_FAILED))
 
 
 # --- plain functions -------------------------------------------------------------------------------------
@@ -156,58 +127,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-# --- reading candidates ------------------------------------------------------------------------------------
-
-
-class ReadCandidateFileFn(beam.DoFn):
-    """A ``candidates/*.parquet`` path -> ``Candidate`` records, a few rows at a time; a row that does not
-    convert is an ``internal_error`` reject (the rest of the file goes on)."""
-
-    def __init__(self, batch_rows: int = 16) -> None:
-        self._batch_rows = batch_rows
-
-    def process(self, path: str) -> Iterator[Any]:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            parquet = pq.ParquetFile(handle)
-            check_schema_version(parquet.schema_arrow, "candidates", path)
-            n = 0
-            for batch in parquet.iter_batches(batch_size=self._batch_rows):
-                for row in batch.to_pylist():
-                    count(STAGE, "candidates_read")
-                    try:
-                        yield candidate_from_row(row)
-                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
-                        cid = row.get("candidate_id") or stable_id("unreadable-candidate", path, n)
-                        yield internal_error(STAGE, error, id=cid, cluster_id=row.get("cluster_id"),
-                                             page_url=row.get("page_url"), source=f"{path}:{n}")
-                    n += 1
-
-
-class ReadCandidates(beam.PTransform):
-    """``PBegin`` -> ``Candidate``s of checked ``candidates/*.parquet`` paths."""
-
-    def __init__(self, files: Sequence[str]) -> None:
-        super().__init__()
-        self._files = list(files)
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
-        read = (
-            pbegin
-            | "ListCandidateFiles" >> beam.Create(self._files)
-            | "ReadCandidateFiles" >> beam.ParDo(ReadCandidateFileFn()).with_outputs(REJECTS, main="candidates")
-        )
-        return StageOutput(read.candidates, read[REJECTS])
-
-
 # --- the DoFns ------------------------------------------------------------------------------------------
-
-
-class ScoringUnit(NamedTuple):
-    """A cluster and its candidates: the unit the score, filter and assembly stages work on."""
-
-    cluster: Cluster
-    candidates: tuple[Any, ...]
-    """``Candidate``s (before scoring) or ``ScoredCandidate``s (after), sorted by candidate id."""
 
 
 class Prepared(NamedTuple):
@@ -318,8 +238,8 @@ class PrepareScoringFn(beam.DoFn):
 
 
 def compute_scores(result: PredictionResult) -> ScoringUnit:
-    """A prediction of :class:`OpenClipImageTextHandler` -> the unit with every candidate scored (with the
-    target's source: :func:`nearest_image`)."""
+    """A prediction of :class:`~transforms.models.clip.OpenClipImageTextHandler` -> the unit with every candidate
+    scored (with the target's source: :func:`nearest_image`)."""
     prepared: Prepared = result.example.key
     image_rows, text_rows = result.inference
     candidates = prepared.unit.candidates
@@ -393,9 +313,8 @@ class Score(beam.PTransform):
         prepared = joined.units | "PrepareScoring" >> beam.ParDo(
             PrepareScoringFn(self._config, self._embed)).with_output_types(ImagesAndTexts).with_outputs(
             REJECTS, main="inputs")
-        inference = RunInference(OpenClipImageTextHandler(self._embed),
-                                 model_identifier=f"icl-clip-text-{_config_digest(self._embed)}")
-        results, failed = prepared.inputs | "ClipEmbeddings" >> inference.with_exception_handling()
+        inference = clip_text_inference(self._embed).with_exception_handling()
+        results, failed = prepared.inputs | "ClipEmbeddings" >> inference
         scored = results | "ComputeScores" >> beam.ParDo(ComputeScoresFn()).with_outputs(REJECTS, main="units")
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(
             scoring_failure_rejects).with_outputs(REJECTS, main="none")

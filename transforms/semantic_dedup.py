@@ -61,9 +61,8 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from schemas.records import Cluster, ImageRecord
+from schemas.records import Cluster, ImageRecord, with_images
 from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.dedupe import with_images
 
 STAGE = "semantic_dedup"
 

@@ -26,71 +26,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.records import Cluster, ClusterProvenance
-from transforms.caption import clean_alt_text
-from transforms.common import count, option
-from transforms.llm_client import (
-    STRUCTURED_OUTPUT_MODES,
+from transforms.alt_text import clean_alt_text
+from transforms.common import Reason, count
+from transforms.models.llm_client import (
     ChatClient,
     ChatResponse,
-    LLMConfig,
     OutputInvalid,
-    PromptText,
     json_schema_params,
     parse_json_object,
 )
-from transforms.llm_stage import ClusterModelHandler, ModelStage, ResolveFn, check_stage_config
-from transforms.naming import MIN_SHARE, name_subject, singular
+from transforms.models.model_stage import ClusterModelHandler, ModelStage, ResolveFn
+from transforms.naming import name_subject, singular
+from transforms.prompt_files import PromptText
+from transforms.settings import MIN_SHARE, LLMConfig, SubjectConfig
 
 STAGE = "subject"
 
 SUBJECT_FAILED = "subject_failed"
 
-BACKENDS = ("offline", "vllm")
-
-DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
-
-
-@dataclass(frozen=True)
-class SubjectConfig:
-    """Settings of the subject stage (config section ``subject``); defaults justified in docs/defaults.md."""
-
-    enabled: bool = option(True, "Run the stage (off: subject, class_noun and is_live stay empty).")
-    backend: str = option("vllm", "vllm: a text model through vLLM's OpenAI-compatible API, JSON output; offline: "
-                                  "the URL slug and the cleaned texts' phrases against a class lexicon, no model.")
-    on_failure: str = option("fallback", "When the model's answer stays invalid or the calls fail: fallback (the "
-                                         "offline backend, recorded in provenance.fallbacks) or reject "
-                                         "(subject_failed).")
-    model: str = option(DEFAULT_MODEL, "Text model id served by vLLM.")
-    endpoint: str = option("", "OpenAI-compatible API root for this stage; empty: llm.endpoint, else a vLLM "
-                               "server started on each worker.")
-    prompt: str = option("subject_v1.txt", "Instruction file (transforms/llm_prompts/ or any path); its name and "
-                                           "hash are recorded per cluster.")
-    structured_output: str = option("response_format", "How the JSON schema is sent: response_format (OpenAI "
-                                                       "json_schema, vLLM >= 0.6), structured_outputs (vLLM >= "
-                                                       "0.10), guided_json (vLLM < 0.12) or none (prompt only).")
-    max_tokens: int = option(4096, "Longest answer, in tokens (one rewritten caption per image plus the subject).")
-    temperature: float = option(0.0, "Sampling temperature.")
-    max_subject_words: int = option(12, "Longest valid subject phrase, in words.")
-    max_class_noun_words: int = option(3, "Longest valid class noun, in words (\"stuffed animal\": 2).")
-    max_caption_chars: int = option(400, "Longest valid rewritten caption, in characters.")
-    require_class_noun: bool = option(True, "A rewritten caption must name the class noun (consistent naming).")
-    min_support: int = option(2, "Offline backend: a class the URL slug does not name must be named in the texts of "
-                                 "at least this many images of the cluster.")
-    min_share: float = option(MIN_SHARE, "Offline backend: ... and in at least this share of its images with text.")
-    batch_size: int = option(16, "Clusters per RunInference batch (their requests run concurrently).")
-
-    def __post_init__(self) -> None:
-        check_stage_config("subject", self.backend, BACKENDS, self.on_failure, self.model, self.endpoint,
-                           self.batch_size)
-        if self.structured_output not in STRUCTURED_OUTPUT_MODES:
-            raise ValueError(f"structured_output must be one of {', '.join(STRUCTURED_OUTPUT_MODES)}, "
-                             f"got {self.structured_output!r}")
-        if min(self.max_subject_words, self.max_class_noun_words, self.max_caption_chars, self.min_support,
-               self.max_tokens) < 1:
-            raise ValueError("max_subject_words, max_class_noun_words, max_caption_chars, min_support and "
-                             "max_tokens must be positive")
-        if not 0 <= self.min_share <= 1:
-            raise ValueError(f"min_share must be within 0..1, got {self.min_share}")
+REASONS = (Reason(SUBJECT_FAILED, whole_cluster=True),)
 
 
 @dataclass(frozen=True)

@@ -24,40 +24,28 @@ is done by the :mod:`dreambooth_synth` library; this module is the Beam side of 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
-import io
 import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils import shared
 
-from dreambooth_synth.config import ModelConfig, SampleConfig, SpeedConfig, TrainConfig
 from dreambooth_synth.errors import SynthesisError
-from dreambooth_synth.prompts import DEFAULT_CLASS_NOUN, class_noun_or_default
-from dreambooth_synth.synthesizer import PARTS
 from schemas.ids import stable_id
-from schemas.parquet import (
-    CANDIDATES_SCHEMA,
-    candidate_from_row,
-    candidate_to_row,
-    check_schema_version,
-    cluster_from_row,
-)
-from schemas.records import Candidate, Cluster, Prompt, SampleSettings, SynthSeconds, TrainSettings
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.prompts import template_prompts
+from schemas.records import Candidate, Cluster, Prompt
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.models import diffusion
+from transforms.outputs import candidates_from_parquet, candidates_to_parquet
+from transforms.scene_templates import template_prompts
+from transforms.settings import SynthConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -67,43 +55,9 @@ SYNTHESIS_FAILED = "synthesis_failed"
 NO_USABLE_IMAGES = "no_usable_images"
 NON_FINITE_LOSS = "non_finite_loss"
 OUT_OF_MEMORY = "out_of_memory"
-REASONS = (SYNTHESIS_FAILED, NO_USABLE_IMAGES, NON_FINITE_LOSS, OUT_OF_MEMORY)
+REASONS = tuple(Reason(code, whole_cluster=True)
+                for code in (SYNTHESIS_FAILED, NO_USABLE_IMAGES, NON_FINITE_LOSS, OUT_OF_MEMORY))
 """Whole-cluster reject reasons of this stage (``dreambooth_synth`` errors carry the same codes)."""
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """Settings of synthesis (config section ``synth``); defaults justified in docs/defaults.md."""
-
-    model: ModelConfig = option(factory=ModelConfig, help="The base model.")
-    train: TrainConfig = option(factory=TrainConfig, help="DreamBooth training per cluster.")
-    sample: SampleConfig = option(factory=SampleConfig, help="Rendering of the cluster's prompts.")
-    speed: SpeedConfig = option(factory=SpeedConfig, help="Speed switches (cost, not results: left out of the "
-                                                          "resume-cache key).")
-    max_prompts: int = option(0, "Render at most this many prompts per cluster, in the cluster's order "
-                                 "(0: all of them).")
-    fallback_prompts: int = option(6, "Clusters that reach phase 2 without prompts (the prompts stage was off "
-                                      "or left them empty) get this many from the prompts stage's template "
-                                      "grammar (transforms/prompts.py), deterministic per cluster.")
-    cache_dir: str = option("", "Resume cache of finished clusters (and the shared prior-preservation class "
-                                "images); any Beam file system path. Empty: OUT/cache/synthesize.")
-    overwrite: bool = option(False, "Redo clusters already in the cache (default: a rerun reuses them).")
-    accelerator: str = option("", "Beam accelerator resource hint of the synthesis step, for example "
-                                  "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver "
-                                  "(Dataflow). Empty: none.")
-    require_gpu: bool = option(False, "Fail at worker start-up when no CUDA device is visible (always on when "
-                                      "accelerator is set): a GPU job must not crawl along on CPUs.")
-
-    def __post_init__(self) -> None:
-        if self.max_prompts < 0:
-            raise ValueError(f"max_prompts must be >= 0, got {self.max_prompts}")
-        if self.fallback_prompts < 1:
-            raise ValueError(f"fallback_prompts must be at least 1, got {self.fallback_prompts}")
-        self.speed.check(self.train)
-
-    @property
-    def needs_gpu(self) -> bool:
-        return self.require_gpu or bool(self.accelerator.strip())
 
 
 def _plain(value: Any) -> Any:
@@ -198,77 +152,7 @@ def cache_path(cache_dir: str, synth_hash: str, cluster: Cluster, prompts: Seque
     return FileSystems.join(cache_dir, synth_hash, f"{cluster.cluster_id}-{inputs_hash(cluster, prompts)}.parquet")
 
 
-def candidates_to_parquet(candidates: Sequence[Candidate]) -> bytes:
-    table = pa.Table.from_pylist([candidate_to_row(c) for c in candidates], schema=CANDIDATES_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="none")  # PNG renders: compressing again gains nothing
-    return buffer.getvalue()
-
-
-def candidates_from_parquet(data: bytes, path: str = "") -> list[Candidate]:
-    table = pq.read_table(io.BytesIO(data))
-    check_schema_version(table.schema, "candidates", path)
-    return [candidate_from_row(row) for row in table.to_pylist()]
-
-
-# --- reading clusters -----------------------------------------------------------------------------------
-
-
-class ReadClusterFileFn(beam.DoFn):
-    """A ``clusters/*.parquet`` path -> ``Cluster`` records, a few rows (row-group batches) at a time; counters
-    and dead letters under ``stage``."""
-
-    def __init__(self, batch_rows: int = 8, stage: str = STAGE) -> None:
-        self._batch_rows = batch_rows
-        self._stage = stage
-
-    def process(self, path: str) -> Iterator[Any]:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            parquet = pq.ParquetFile(handle)
-            check_schema_version(parquet.schema_arrow, "clusters", path)
-            for batch in parquet.iter_batches(batch_size=self._batch_rows):
-                for i, row in enumerate(batch.to_pylist()):
-                    count(self._stage, "clusters_read")
-                    try:
-                        yield cluster_from_row(row)
-                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
-                        cid = row.get("cluster_id") or stable_id("unreadable-cluster", path, i)
-                        yield internal_error(self._stage, error, id=cid, cluster_id=cid, page_url=row.get("page_url"),
-                                             n_images=len(row.get("images") or ()), source=path)
-
-
-class ReadClusters(beam.PTransform):
-    """``PBegin`` -> ``Cluster``s from checked ``clusters/*.parquet`` paths."""
-
-    def __init__(self, files: Sequence[str], stage: str = STAGE) -> None:
-        super().__init__()
-        self._files = list(files)
-        self._stage = stage
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
-        read = (
-            pbegin
-            | "ListClusterFiles" >> beam.Create(self._files)
-            | "ReadClusterFiles" >> beam.ParDo(ReadClusterFileFn(stage=self._stage)).with_outputs(
-                REJECTS, main="clusters")
-        )
-        return StageOutput(read.clusters, read[REJECTS])
-
-
 # --- the synthesis step ----------------------------------------------------------------------------------
-
-
-def check_gpu() -> str:
-    """The visible CUDA device's name; raises ``RuntimeError`` when there is none (fail fast)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "synthesis needs a GPU on this worker (synth.accelerator or synth.require_gpu is set) but torch "
-            f"{torch.__version__} sees no CUDA device. Check the accelerator resource hint (type, count, "
-            "install-nvidia-driver), that the worker image is the project's CUDA image (Dockerfile), and "
-            "nvidia-smi on the worker.")
-    return torch.cuda.get_device_name(0)
 
 
 class _Worker:
@@ -305,15 +189,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _quiet_library_progress_bars() -> None:
-    # diffusers and transformers draw tqdm bars while loading; on workers they only fill the logs.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def _read_cache(storage: BeamStorage, path: str) -> list[Candidate] | None:
     """A finished cluster's candidates from the resume cache, or ``None`` to synthesize it (again)."""
     if not storage.exists(path):
@@ -328,7 +203,7 @@ def _read_cache(storage: BeamStorage, path: str) -> list[Candidate] | None:
 
 
 class SynthesizeFn(beam.DoFn):
-    """``Cluster`` (or a batch of them) -> its ``Candidate``s (main) or one whole-cluster reject (``rejects``).
+    """``Cluster`` -> its ``Candidate``s (main) or one whole-cluster reject (``rejects``).
 
     Args:
         config: the ``synth`` section.
@@ -347,25 +222,16 @@ class SynthesizeFn(beam.DoFn):
 
     def setup(self) -> None:
         if self._config.needs_gpu:
-            LOG.info("synthesize: GPU %s", check_gpu())
+            LOG.info("synthesize: GPU %s", diffusion.check_gpu())
         self._worker = self._shared.acquire(self._load, tag=self._synth_hash)
 
     def _load(self) -> _Worker:
-        from dreambooth_synth import Synthesizer, load_model
-
-        _quiet_library_progress_bars()
-        model = load_model(self._config.model)
-        synthesizer = Synthesizer(model, self._config.train, self._config.sample, speed=self._config.speed,
-                                  storage=BeamStorage(),
-                                  class_image_dir=FileSystems.join(self._cache_dir, "class_images"))
-        # The libraries and the model are ~0.5 M long-lived objects that every cluster's gc.collect()
-        # would scan again (a quarter of a second each time); move them out of the collector's sight.
-        gc.collect()
-        gc.freeze()
+        synthesizer = diffusion.load_synthesizer(self._config, BeamStorage(),
+                                                 FileSystems.join(self._cache_dir, "class_images"))
         return _Worker(synthesizer, self._total, self._workers)
 
     def teardown(self) -> None:
-        gc.unfreeze()  # what setup froze can be collected again once this process lets the model go
+        diffusion.release_model()
 
     def process(self, element: Cluster | Sequence[Cluster]) -> Iterator[Any]:
         """One cluster, or a batch of them (``synth.speed.clusters_per_batch`` > 1: trained together)."""
@@ -427,7 +293,7 @@ class SynthesizeFn(beam.DoFn):
             return
         if outcome.skipped_images:
             count(STAGE, "images_undecodable", len(outcome.skipped_images))
-        candidates = make_candidates(cluster, outcome, worker.synthesizer, self._config, self._synth_hash)
+        candidates = diffusion.make_candidates(cluster, outcome, worker.synthesizer, self._config, self._synth_hash)
         seconds = outcome.seconds["total"]
         with worker.lock:
             worker.trained += 1
@@ -445,13 +311,9 @@ class SynthesizeFn(beam.DoFn):
 
     def _synthesize(self, batch: Sequence[tuple[Cluster, Sequence[Prompt]]]) -> list[Any]:
         """Per cluster: its :class:`dreambooth_synth.SynthesisResult`, or its reject."""
-        from dreambooth_synth import Subject
-
-        subjects = [Subject(key=cluster.cluster_id, class_noun=cluster.class_noun,
-                            images=tuple(image.image for image in cluster.images),
-                            prompts=tuple((p.prompt, p.skill) for p in prompts)) for cluster, prompts in batch]
         out = []
-        for (cluster, _), result in zip(batch, self._worker.synthesizer.synthesize_many(subjects), strict=True):
+        for (cluster, _), result in zip(batch, diffusion.synthesize_many(self._worker.synthesizer, batch),
+                                        strict=True):
             if isinstance(result, SynthesisError):
                 seconds = result.seconds or {}
                 out.append(reject(STAGE, result.reason, f"{result} (after {seconds.get('total', 0.0):.1f} s)",
@@ -459,43 +321,6 @@ class SynthesizeFn(beam.DoFn):
                 continue
             out.append(result)
         return out
-
-
-def make_candidates(cluster: Cluster, result: Any, synthesizer: Any, config: SynthConfig,
-                    synth_hash: str) -> list[Candidate]:
-    """Candidate records of a :class:`dreambooth_synth.SynthesisResult`."""
-    from dreambooth_synth.prompts import training_seed
-
-    train_config, sample_config = config.train, config.sample
-    model = synthesizer.model
-    train = TrainSettings(
-        model=config.model.name, mode=train_config.mode, steps=result.train.steps,
-        learning_rate=result.train.learning_rate,
-        lora_rank=train_config.lora_rank if train_config.mode == "lora" else None,
-        train_text_encoder=train_config.train_text_encoder, batch_size=train_config.batch_size,
-        resolution=synthesizer.resolution, prior_preservation=train_config.prior_preservation,
-        prior_loss_weight=train_config.prior_loss_weight if train_config.prior_preservation else None,
-        precision=str(model.weight_dtype).replace("torch.", ""),
-        seed=training_seed(train_config.seed, cluster.cluster_id), instance_prompt=result.instance_prompt)
-    sample = SampleSettings(scheduler=sample_config.scheduler, steps=sample_config.steps,
-                            guidance_scale=sample_config.guidance_scale,
-                            negative_prompt=sample_config.negative_prompt,
-                            images_per_prompt=sample_config.images_per_prompt)
-    seconds = SynthSeconds(**{k: float(result.seconds[k]) for k in
-                              ("load", "latents", "prior", "train", "sample", "cleanup", "total")})
-    final_loss = result.train.final_loss
-    return [
-        Candidate(
-            candidate_id=stable_id("candidate", cluster.cluster_id, render.template, render.skill, render.k,
-                                   render.seed, synth_hash),
-            cluster_id=cluster.cluster_id, page_url=cluster.page_url, prompt=render.prompt,
-            prompt_template=render.template, skill=render.skill, subject=cluster.subject,
-            class_noun=result.class_noun, identifier=train_config.identifier.strip(), k=render.k,
-            seed=render.seed, image=render.image, width=render.width, height=render.height, nsfw=render.nsfw,
-            train=train, sample=sample, final_loss=final_loss, n_train_images=result.n_images, seconds=seconds,
-            synth_config_hash=synth_hash)
-        for render in result.renders
-    ]
 
 
 class Synthesize(beam.PTransform):
@@ -521,18 +346,3 @@ class Synthesize(beam.PTransform):
                                                                     max_batch_size=per_batch)
         result = spread | "SynthesizeClusters" >> step
         return StageOutput(result.candidates, result[REJECTS])
-
-
-__all__ = [
-    "DEFAULT_CLASS_NOUN",
-    "PARTS",
-    "REASONS",
-    "BeamStorage",
-    "ReadClusters",
-    "Synthesize",
-    "SynthConfig",
-    "cluster_prompts",
-    "class_noun_or_default",
-    "fallback_prompts",
-    "synthesis_hash",
-]

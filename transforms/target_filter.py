@@ -50,11 +50,9 @@ from typing import Any
 
 import apache_beam as beam
 
-from schemas.records import ScoredCandidate
-from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.outputs import OutputConfig, write_scores
-from transforms.score import ScoringUnit
-from transforms.stats import WriteStats
+from schemas.records import ScoredCandidate, ScoringUnit
+from transforms.common import INTERNAL_ERROR, REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.settings import TargetFilterConfig
 
 STAGE = "target_filter"
 
@@ -73,6 +71,8 @@ ORDER = (NSFW, TARGET_TOO_SMALL, BLANK_IMAGE, TOO_DARK, TOO_BRIGHT, BLURRY, COPY
          SUBJECT_NOT_PRESERVED, PROMPT_NOT_FOLLOWED)
 """Every criterion, in the order that decides which reason a candidate failing several is counted under."""
 
+REASONS = tuple(Reason(code) for code in ORDER)
+
 ABSOLUTE = ORDER[:8]
 """Criteria whose bounds never depend on the run (not calibrated)."""
 
@@ -87,53 +87,6 @@ SCORE_NAMES = ("subject_sim", "subject_sim_max", "text_sim", "copy_distance", "b
                "contrast", "sharpness")
 RECORDED_QUANTILES = 21
 """Quantiles of each score written to the manifest: p00, p05, ..., p100."""
-
-
-@dataclass(frozen=True)
-class TargetFilterConfig:
-    """Bounds of the target filter (config section ``target_filter``); see docs/defaults.md."""
-
-    target_keep_rate: float | None = option(0.25, "Calibrate the two similarity bounds on this run so that this "
-                                                  "share of the scored candidates is kept (0 < rate <= 1); null: "
-                                                  "use min_subject_sim and min_text_sim.")
-    min_subject_sim: float = option(0.7, "Smallest mean CLIP image similarity of a target to its cluster's real "
-                                         "images (subject_not_preserved). Ignored with target_keep_rate.")
-    min_text_sim: float = option(0.25, "Smallest CLIP image-text similarity of a target to its prompt "
-                                       "(prompt_not_followed). Ignored with target_keep_rate.")
-    max_copy_sim: float | None = option(0.95, "A target whose CLIP similarity to a real image of its cluster "
-                                              "reaches this is a copy of it (copy_clip); null: no check.")
-    max_copy_distance: int | None = option(10, "A target within this many bits (64-bit pHash) of a real image of "
-                                               "its cluster is a copy of it (copy_phash); null: no check.")
-    min_side: int = option(256, "Shorter side, in pixels, a target must have (target_too_small).")
-    min_contrast: float | None = option(0.03, "Smallest standard deviation of the luma (0..0.5); under it the "
-                                              "image is blank or near uniform (blank_image). null: no check.")
-    min_brightness: float | None = option(0.04, "Smallest mean luma (0..1) (too_dark); null: no check.")
-    max_brightness: float | None = option(0.96, "Largest mean luma (0..1) (too_bright); null: no check.")
-    min_sharpness: float | None = option(25.0, "Smallest variance of the Laplacian of the luma (blurry); null: no "
-                                               "check.")
-    drop_nsfw: bool = option(True, "Reject targets the base model's safety checker flagged (nsfw).")
-
-    def __post_init__(self) -> None:
-        if self.target_keep_rate is not None and not 0.0 < self.target_keep_rate <= 1.0:
-            raise ValueError(f"target_keep_rate must be within (0, 1], got {self.target_keep_rate}")
-        for name in ("min_subject_sim", "min_text_sim", "max_copy_sim"):
-            value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
-        if self.max_copy_distance is not None and not 0 <= self.max_copy_distance <= 64:
-            raise ValueError(f"max_copy_distance must be within 0..64 bits, got {self.max_copy_distance}")
-        if self.min_side < 1:
-            raise ValueError(f"min_side must be at least 1, got {self.min_side}")
-        for name in ("min_contrast", "min_brightness", "max_brightness"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within 0..1, got {value}")
-        if (self.min_brightness is not None and self.max_brightness is not None
-                and self.min_brightness >= self.max_brightness):
-            raise ValueError(f"min_brightness ({self.min_brightness}) must be under max_brightness "
-                             f"({self.max_brightness})")
-        if self.min_sharpness is not None and self.min_sharpness < 0:
-            raise ValueError(f"min_sharpness must be >= 0, got {self.min_sharpness}")
 
 
 @dataclass(frozen=True)
@@ -373,28 +326,22 @@ class KeepDecidedFn(beam.DoFn):
 
 
 class TargetFilter(beam.PTransform):
-    """Scored ``ScoringUnit``s -> units of the kept candidates; with ``output_dir``, also ``scores/`` and the
-    stats file of the phase."""
+    """Scored ``ScoringUnit``s -> units of the kept candidates; ``extra["scores"]``: every candidate's
+    ``(scored, decision, failed)`` (``OUT/scores/``), ``extra["stats"]``: the bounds used, the calibration and the
+    score quantiles (``stats.assemble.target_filter`` of the manifest)."""
 
-    def __init__(self, config: TargetFilterConfig, output_dir: str | None = None,
-                 output: OutputConfig | None = None, phase: str = "assemble") -> None:
+    def __init__(self, config: TargetFilterConfig) -> None:
         super().__init__()
         self._config = config
-        self._output_dir = output_dir
-        self._output = output or OutputConfig()
-        self._phase = phase
 
     def expand(self, units: beam.PCollection) -> StageOutput:
         config = self._config
         calibrated = config.target_keep_rate is not None
-        quantiles = n_scored = None
-        if calibrated or self._output_dir is not None:
-            n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
-                        | "CountScored" >> beam.CombineGlobally(sum))
-        if self._output_dir is not None:
-            quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
-                         | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
-                         | "AllScoreQuantiles" >> beam.combiners.ToList())
+        n_scored = (units | "CandidatesPerUnit" >> beam.Map(lambda unit: len(unit.candidates))
+                    | "CountScored" >> beam.CombineGlobally(sum))
+        quantiles = (units | "ScoreValues" >> beam.FlatMap(score_values)
+                     | "ScoreQuantiles" >> beam.ApproximateQuantiles.PerKey(RECORDED_QUANTILES)
+                     | "AllScoreQuantiles" >> beam.combiners.ToList())
         if calibrated:
             # A global decision on ids and scores only: the bounds come from the light candidates, each light
             # candidate is decided under them, and the decisions are joined back to the units (their images)
@@ -423,21 +370,16 @@ class TargetFilter(beam.PTransform):
                 | "JoinDecisions" >> beam.CoGroupByKey()
                 | "ApplyBounds" >> beam.ParDo(KeepDecidedFn())
             )
-            if quantiles is not None:
-                stats = calibration | "DescribeFilter" >> beam.Map(
-                    lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
-                    beam.pvalue.AsSingleton(n_scored))
+            stats = calibration | "DescribeFilter" >> beam.Map(
+                lambda cal, q, n: filter_stats(cal, q, n, config), beam.pvalue.AsSingleton(quantiles),
+                beam.pvalue.AsSingleton(n_scored))
         else:
             # Fixed bounds are plain arguments: thresholding fuses with scoring, no barrier.
             fixed = fixed_bounds(config)
             decided = units | "ApplyBounds" >> beam.ParDo(ApplyBoundsFn(config), fixed).with_outputs(
                 REJECTS, DECISIONS, main="kept")
             kept = decided.kept
-            if quantiles is not None:
-                described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
-                stats = n_scored | "DescribeFilter" >> beam.Map(
-                    lambda n, q: filter_stats(described, q, n, config), beam.pvalue.AsSingleton(quantiles))
-        if self._output_dir is not None:
-            decided[DECISIONS] | "WriteScores" >> write_scores(self._output_dir, self._output)
-            stats | "WriteFilterStats" >> WriteStats(self._output_dir, self._phase, STAGE)
-        return StageOutput(kept, decided[REJECTS])
+            described = {"min_subject_sim": fixed.min_subject_sim, "min_text_sim": fixed.min_text_sim}
+            stats = n_scored | "DescribeFilter" >> beam.Map(
+                lambda n, q: filter_stats(described, q, n, config), beam.pvalue.AsSingleton(quantiles))
+        return StageOutput(kept, decided[REJECTS], {"scores": decided[DECISIONS], "stats": stats})

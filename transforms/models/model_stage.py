@@ -11,9 +11,9 @@ followed by a cheap step that applies the stage's failure policy (score first, d
 * a batch whose processing raised anyway (a bug) leaves ``RunInference.with_exception_handling()`` as
   failed inferences; :class:`FailedBatchFn` turns each of its clusters into an ``internal_error``.
 
-A handler with the ``vllm`` backend loads a :class:`~transforms.llm_client.ChatClient` (``load_model``);
-RunInference shares it between the threads of a worker process, so ``llm.max_concurrency`` bounds the
-requests in flight per process.
+A handler with the ``vllm`` backend loads a :class:`~transforms.models.llm_client.ChatClient` (``load_model``,
+:func:`connect`); RunInference shares it between the threads of a worker process, so ``llm.max_concurrency``
+bounds the requests in flight per process.
 """
 
 from __future__ import annotations
@@ -22,36 +22,36 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.utils.multi_process_shared import MultiProcessShared
 
 from schemas.records import Cluster, ClusterProvenance
 from transforms.common import INTERNAL_ERROR, REJECTS, StageOutput, count, internal_error, reject
-from transforms.llm_client import ChatClient, LLMConfig, PromptText, connect, load_prompt, report_events
+from transforms.models.llm_client import ChatClient, report_events
+from transforms.models.vllm_server import server_tag, start_server
+from transforms.prompt_files import PromptText, load_prompt
+from transforms.settings import LLMConfig, ModelStageConfig
 
 LOG = logging.getLogger(__name__)
 
-ON_FAILURE = ("fallback", "reject")
-"""``on_failure`` of a model stage: use the offline backend (recorded per cluster), or drop the cluster."""
 
-
-def check_stage_config(section: str, backend: str, backends: Sequence[str], on_failure: str, model: str,
-                       endpoint: str, batch_size: int) -> None:
-    """The checks every model stage's config shares (raises ``ValueError`` naming the key)."""
-    from transforms.llm_client import check_base_url
-
-    if backend not in backends:
-        raise ValueError(f"backend must be one of {', '.join(backends)}, got {backend!r}")
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}, got {on_failure!r}")
-    if backend == "vllm" and not model:
-        raise ValueError(f"{section}.model is required with backend vllm")
-    if endpoint:
-        check_base_url(endpoint)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+def connect(model: str, endpoint: str, config: LLMConfig) -> ChatClient:
+    """The client a stage uses for ``model``: at ``endpoint`` (or ``llm.endpoint``), else at a server that
+    this worker machine starts once per model and shares across its processes and stages (Beam's
+    ``MultiProcessShared``). The client holds that server (``client.server``): it lives as long as the model
+    ``RunInference`` loaded, and stops when it is released (:mod:`transforms.models.vllm_server`)."""
+    base_url = config.base_url_for(endpoint)
+    if base_url:
+        return ChatClient.from_config(base_url, config)
+    args = dict(config.server_args.get(model, {}))
+    server = MultiProcessShared(lambda: start_server(model, args, config.server_startup_timeout_s),
+                                tag=server_tag(model), always_proxy=True).acquire()
+    client = ChatClient.from_config(server.base_url(), config)
+    client.server = server
+    return client
 
 
 @dataclass(frozen=True)
@@ -66,30 +66,19 @@ OFFLINE_BATCH_SIZE = 64
 """Clusters per batch for the offline backends (no server to keep busy; just amortizes the step)."""
 
 
-class StageModelConfig(Protocol):
-    """The settings every model stage's config section has (``CaptionConfig``, ``SubjectConfig``, ...)."""
-
-    backend: str
-    model: str
-    endpoint: str
-    prompt: str
-    batch_size: int
-    on_failure: str
-
-
 class ClusterModelHandler(ModelHandler[Cluster, PredictionResult, ChatClient | None]):
     """RunInference over clusters, one :class:`Outcome` per cluster. Subclasses implement :meth:`offline` (the
     offline backend's value) and :meth:`ask` (the model's value for one cluster, asked concurrently), or
     :meth:`infer_with_model` for another unit of work than the cluster.
 
-    ``load_model`` connects to the model (:func:`transforms.llm_client.connect`) for the ``vllm``
+    ``load_model`` connects to the model (:func:`connect`) for the ``vllm``
     backend and loads nothing for the offline ones. The stage's instruction file is read here, on the
     launcher, so that a missing file fails before the job starts and its hash is known to provenance.
     """
 
     stage = "model"
 
-    def __init__(self, config: StageModelConfig, llm: LLMConfig) -> None:
+    def __init__(self, config: ModelStageConfig, llm: LLMConfig) -> None:
         uses_model = config.backend == "vllm"
         batch_size = config.batch_size if uses_model else OFFLINE_BATCH_SIZE
         # A fixed batch size: BatchElements would otherwise start at one cluster and grow slowly, and a
@@ -170,7 +159,7 @@ class ResolveFn(beam.DoFn):
 
     offline_backend = "offline"
 
-    def __init__(self, stage: str, reason: str, config: StageModelConfig, prompt_tag: str | None) -> None:
+    def __init__(self, stage: str, reason: str, config: ModelStageConfig, prompt_tag: str | None) -> None:
         self._stage = stage
         self._reason = reason
         self._config = config

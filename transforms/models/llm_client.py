@@ -1,9 +1,7 @@
-"""Talking to language models: an OpenAI-compatible chat-completions client and a vLLM server launcher.
+"""An OpenAI-compatible chat-completions client: how the caption, subject and prompts stages reach their models.
 
-The captioning, subject and prompt stages reach their models through vLLM's OpenAI-compatible HTTP API,
-either at an existing endpoint (``llm.endpoint`` or a stage's own ``endpoint``) or through a server that
-each worker starts for itself, the way Beam's ``apache_beam.ml.inference.vllm_inference`` does
-(``python -m vllm.entrypoints.openai.api_server --model M --port P ...``).
+vLLM serves the models through its OpenAI-compatible HTTP API, at an existing endpoint (``llm.endpoint`` or a
+stage's own ``endpoint``) or at a server a worker starts for itself (:mod:`transforms.models.vllm_server`).
 
 :class:`ChatClient` (standard library only, so it needs neither the ``openai`` package nor vLLM):
 
@@ -18,22 +16,13 @@ each worker starts for itself, the way Beam's ``apache_beam.ml.inference.vllm_in
   ``backoff_max_s``); other 4xx answers (a bad request, an unknown model) are not retried;
 * **validated output** (:meth:`ChatClient.chat_validated`): a model answer that fails the caller's
   validation is asked for again with the validation error fed back, ``validation_retries`` times.
-
-:class:`VLLMServer` starts a vLLM server on a free loopback port, polls ``GET /v1/models`` until the model
-is served, stops it (terminate, then kill) on :meth:`~VLLMServer.stop`, at interpreter exit or when it
-is garbage collected, and raises :class:`ServerStartError` with the exit code and the server's last
-output lines when it dies or never becomes healthy. :func:`connect` gives a stage its client: for an
-endpoint directly, otherwise through one server per model and worker machine, shared by every process
-and stage of the worker through Beam's ``MultiProcessShared``.
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
 import collections
 import email.utils
-import hashlib
 import http.client
 import json
 import logging
@@ -41,82 +30,20 @@ import os
 import random
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from transforms.common import count, option
+from transforms.common import count
+from transforms.settings import STRUCTURED_OUTPUT_MODES, LLMConfig, check_base_url
 
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """How every model stage reaches its model (config section ``llm``); defaults in docs/defaults.md."""
-
-    endpoint: str = option("", "Base URL of an existing OpenAI-compatible server (vLLM: http://HOST:8000/v1), "
-                               "used by every stage whose own `endpoint` is empty. Empty: each worker starts "
-                               "one vLLM server per model (needs the `vllm` extra and a GPU).")
-    api_key_env: str = option("VLLM_API_KEY", "Environment variable holding the endpoint's API key, sent as a "
-                                              "Bearer token (read on the workers, never stored in the config). "
-                                              "Unset or empty: no key is sent.")
-    request_timeout_s: float = option(120.0, "Deadline of one HTTP request, from connecting to the last byte "
-                                             "of the answer. A request past it is abandoned and retried.")
-    connect_timeout_s: float = option(10.0, "Deadline of opening the connection (within request_timeout_s).")
-    max_retries: int = option(4, "Retries of one request after a connection error, a timeout, a broken "
-                                 "answer, HTTP 429 or 5xx.")
-    backoff_s: float = option(1.0, "Delay before the first retry; it doubles with every retry (with jitter).")
-    backoff_max_s: float = option(60.0, "Longest delay between retries; also caps a server's Retry-After.")
-    max_concurrency: int = option(16, "Requests in flight per worker process (vLLM batches them on the GPU).")
-    validation_retries: int = option(2, "New attempts after a model answer fails validation (malformed JSON, "
-                                        "wrong count, ...), each with the validation error fed back.")
-    server_startup_timeout_s: float = option(1800.0, "How long a vLLM server started by a worker may take to "
-                                                     "serve its model (download and load included).")
-    server_args: dict[str, dict[str, Any]] = option(
-        help="Extra arguments of the vLLM servers that workers start, per model id: "
-             "{MODEL: {max-model-len: 8192, enforce-eager: true}} -> --max-model-len 8192 --enforce-eager.",
-        factory=dict)
-    accelerator: str = option("", "Beam accelerator resource hint put on the model stages when they start "
-                                  "their own servers (Dataflow: 'type:nvidia-l4;count:1;install-nvidia-driver').")
-
-    def __post_init__(self) -> None:
-        if self.endpoint:
-            check_base_url(self.endpoint)
-        for name in ("request_timeout_s", "connect_timeout_s", "server_startup_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_retries < 0 or self.validation_retries < 0:
-            raise ValueError("max_retries and validation_retries must be >= 0")
-        if self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
-            raise ValueError(f"need 0 <= backoff_s <= backoff_max_s, got {self.backoff_s}, {self.backoff_max_s}")
-        if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
-        for model, args in self.server_args.items():
-            if not isinstance(args, dict):
-                raise ValueError(f"server_args[{model!r}] must be a mapping of vLLM arguments, got {args!r}")
-
-    def base_url_for(self, stage_endpoint: str) -> str:
-        """The endpoint a stage talks to: its own, else the shared one; empty: start a server."""
-        return stage_endpoint or self.endpoint
-
-
-def check_base_url(url: str) -> str:
-    """Raise ``ValueError`` unless ``url`` is an absolute http(s) URL with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"endpoint must be an http:// or https:// URL with a host, got {url!r}")
-    return url
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -164,10 +91,6 @@ class RetriesExhausted(LLMError):
 
 class OutputInvalid(LLMError):
     """A model answer failed validation (also after the retries with feedback)."""
-
-
-class ServerStartError(RuntimeError):
-    """A vLLM server died or never became healthy."""
 
 
 # --- the client -------------------------------------------------------------------------------------------
@@ -508,9 +431,6 @@ def parse_json_object(response: ChatResponse) -> dict[str, Any]:
     return data
 
 
-STRUCTURED_OUTPUT_MODES = ("response_format", "structured_outputs", "guided_json", "none")
-
-
 def json_schema_params(schema: Mapping[str, Any], name: str, mode: str) -> dict[str, Any]:
     """Request parameters that constrain the answer to ``schema``.
 
@@ -528,246 +448,3 @@ def json_schema_params(schema: Mapping[str, Any], name: str, mode: str) -> dict[
     if mode == "none":
         return {}
     raise ValueError(f"structured output mode must be one of {', '.join(STRUCTURED_OUTPUT_MODES)}, got {mode!r}")
-
-
-# --- prompt files ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PromptText:
-    """A versioned prompt file's text and its provenance tag ``name@sha256[:12]``."""
-
-    name: str
-    text: str
-
-    @property
-    def tag(self) -> str:
-        return f"{self.name}@{hashlib.sha256(self.text.encode('utf-8')).hexdigest()[:12]}"
-
-
-def load_prompt(name_or_path: str) -> PromptText:
-    """A bundled prompt file (``transforms/llm_prompts/NAME``) or any Beam file system path."""
-    if "/" not in name_or_path and "\\" not in name_or_path:
-        from importlib import resources
-
-        text = resources.files("transforms").joinpath("llm_prompts", name_or_path).read_text(encoding="utf-8")
-        return PromptText(name_or_path, text)
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(name_or_path) as handle:
-        text = handle.read().decode("utf-8")
-    return PromptText(name_or_path.rsplit("/", 1)[-1], text)
-
-
-# --- the vLLM server ----------------------------------------------------------------------------------------
-
-
-def vllm_server_command(model: str, port: int, server_args: Mapping[str, Any] | None = None, *,
-                        host: str = "127.0.0.1", python: str | None = None) -> list[str]:
-    """``python -m vllm.entrypoints.openai.api_server --model M --host H --port P [--key value ...]``.
-
-    ``server_args`` values: ``True`` makes a bare flag, ``None``/``False`` leaves the flag out, mappings
-    and lists are passed as JSON (as vLLM expects for ``--limit-mm-per-prompt`` and the like).
-    """
-    cmd = [python or sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model, "--host", host, "--port", str(port)]
-    for key, value in (server_args or {}).items():
-        flag = "--" + str(key).lstrip("-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            cmd.append(flag)
-        elif isinstance(value, (dict, list)):
-            cmd += [flag, json.dumps(value)]
-        else:
-            cmd += [flag, str(value)]
-    return cmd
-
-
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def start_process(cmd: Sequence[str]) -> subprocess.Popen:
-    """Start a server process with its output piped (the process boundary; tests patch it)."""
-    LOG.info("starting %s", " ".join(cmd))
-    return subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _stop_process(process: subprocess.Popen | None, grace_s: float = 15.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    try:
-        process.terminate()
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=grace_s)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-
-
-class VLLMServer:
-    """A vLLM OpenAI-compatible server run by this process for one model (see the module docstring).
-
-    Args:
-        model: the model id (``--model``); also what the health check waits to see served.
-        server_args: extra server arguments (:func:`vllm_server_command`).
-        startup_timeout_s: how long the model may take to load before :class:`ServerStartError`.
-        command: a different command line; ``{port}`` in it is replaced by the chosen port (tests use
-            it to start a stand-in server).
-        start_attempts: a server that exits before becoming healthy (a port taken in the meantime, say)
-            is started again on a new port, this many times in all.
-    """
-
-    def __init__(self, model: str, server_args: Mapping[str, Any] | None = None, *,
-                 startup_timeout_s: float = 1800.0, poll_interval_s: float = 2.0, host: str = "127.0.0.1",
-                 command: Sequence[str] | None = None, start_attempts: int = 2) -> None:
-        self.model = model
-        self._server_args = dict(server_args or {})
-        self._startup_timeout_s = startup_timeout_s
-        self._poll_interval_s = poll_interval_s
-        self._host = host
-        self._command = list(command) if command else None
-        self._start_attempts = max(1, start_attempts)
-        self._process: subprocess.Popen | None = None
-        self._port = -1
-        self._tail: collections.deque[str] = collections.deque(maxlen=40)
-        self.command: list[str] = []
-        """The command line of the running server."""
-
-    def command_for(self, port: int) -> list[str]:
-        if self._command:
-            return [arg.replace("{port}", str(port)) for arg in self._command]
-        return vllm_server_command(self.model, port, self._server_args, host=self._host)
-
-    def base_url(self) -> str:
-        return f"http://{self._host}:{self._port}/v1"
-
-    def start(self) -> VLLMServer:
-        """Start the server and wait until it serves the model; raises :class:`ServerStartError`."""
-        for attempt in range(1, self._start_attempts + 1):
-            self._port = pick_free_port(self._host)
-            self.command = self.command_for(self._port)
-            self._tail.clear()
-            self._process = start_process(self.command)
-            _STARTED.add(self)
-            self._pump_output(self._process)
-            try:
-                self._wait_until_healthy()
-                LOG.info("vLLM server for %s is serving at %s", self.model, self.base_url())
-                return self
-            except _ExitedEarly as exited:
-                if attempt == self._start_attempts:
-                    raise ServerStartError(f"vLLM server for {self.model} exited with code {exited.code} before "
-                                           f"serving the model ({attempt} attempts); command: "
-                                           f"{' '.join(self.command)}; last output:\n{self.last_output()}") from None
-                LOG.warning("vLLM server for %s exited with code %s while starting; starting it again",
-                            self.model, exited.code)
-        raise AssertionError("unreachable")
-
-    def _pump_output(self, process: subprocess.Popen) -> None:
-        """Log the server's output (Beam's launcher does the same) and keep its last lines for errors."""
-        def pump() -> None:
-            stream = process.stdout
-            if stream is None:
-                return
-            for raw in iter(stream.readline, b""):
-                line = raw.decode("utf-8", "backslashreplace").rstrip()
-                self._tail.append(line)
-                LOG.info("[vllm %s] %s", self.model, line)
-
-        threading.Thread(target=pump, name="vllm-server-log", daemon=True).start()
-
-    def last_output(self) -> str:
-        time.sleep(0.05)  # let the log thread catch the last lines of a process that just exited
-        return "\n".join(self._tail) or "(no output)"
-
-    def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + self._startup_timeout_s
-        probe = ChatClient(self.base_url(), timeout_s=min(10.0, self._startup_timeout_s), max_retries=0)
-        last_error: Exception | None = None
-        while True:
-            assert self._process is not None
-            code = self._process.poll()
-            if code is not None:
-                raise _ExitedEarly(code)
-            try:
-                served = probe.list_models()
-                if self.model in served:
-                    return
-                last_error = LLMError(f"serves {served}, not {self.model}")
-            except LLMError as error:
-                last_error = error
-            if time.monotonic() >= deadline:
-                self.stop()
-                raise ServerStartError(
-                    f"vLLM server for {self.model} did not become healthy within {self._startup_timeout_s:g}s "
-                    f"(last health check: {last_error}); it was stopped. Command: {' '.join(self.command)}; "
-                    f"last output:\n{self.last_output()}")
-            time.sleep(min(self._poll_interval_s, max(deadline - time.monotonic(), 0.0)))
-
-    def healthy(self) -> bool:
-        if self._process is None or self._process.poll() is not None:
-            return False
-        try:
-            return self.model in ChatClient(self.base_url(), timeout_s=10.0, max_retries=0).list_models()
-        except LLMError:
-            return False
-
-    def returncode(self) -> int | None:
-        return None if self._process is None else self._process.poll()
-
-    def stop(self) -> None:
-        """Terminate the server (kill it if it does not exit within 15 s)."""
-        process, self._process = self._process, None
-        _stop_process(process)
-        _STARTED.discard(self)
-
-    def __del__(self) -> None:
-        try:
-            _stop_process(self._process, grace_s=5.0)
-        except Exception:  # noqa: BLE001 -- interpreter shutdown: nothing left to report to
-            pass
-
-
-class _ExitedEarly(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-_STARTED: weakref.WeakSet[VLLMServer] = weakref.WeakSet()
-"""Servers this process started and has not stopped: stopped at interpreter exit, never left running."""
-
-
-@atexit.register
-def _stop_started_servers() -> None:
-    for server in list(_STARTED):
-        server.stop()
-
-
-def server_tag(model: str) -> str:
-    """The ``MultiProcessShared`` tag of the one server per model on a worker machine (a valid file name)."""
-    return "icl-vllm-" + hashlib.sha256(model.encode("utf-8")).hexdigest()[:16]
-
-
-def _start_server(model: str, server_args: Mapping[str, Any], startup_timeout_s: float) -> VLLMServer:
-    return VLLMServer(model, server_args, startup_timeout_s=startup_timeout_s).start()
-
-
-def connect(model: str, endpoint: str, config: LLMConfig) -> ChatClient:
-    """The client a stage uses for ``model``: at ``endpoint`` (or ``llm.endpoint``), else at a server that
-    this worker machine starts once per model and shares across its processes and stages."""
-    base_url = config.base_url_for(endpoint)
-    if base_url:
-        return ChatClient.from_config(base_url, config)
-    from apache_beam.utils.multi_process_shared import MultiProcessShared
-
-    args = dict(config.server_args.get(model, {}))
-    server = MultiProcessShared(lambda: _start_server(model, args, config.server_startup_timeout_s),
-                                tag=server_tag(model), always_proxy=True).acquire()
-    client = ChatClient.from_config(server.base_url(), config)
-    client.server = server
-    return client
