@@ -189,7 +189,7 @@ def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
     import torch
 
     from pipeline.config import build_config
-    from transforms.embed import decode_image, image_transform, load_image_encoder
+    from transforms.models.clip import decode_image, image_transform, load_image_encoder
     from transforms.normalize import Rejected, normalize_image
 
     config = build_config("demo")

@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("dreambooth_synth", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transforms.synthesize import _quiet_library_progress_bars
+    from transforms.models.diffusion import _quiet_library_progress_bars
 
     _quiet_library_progress_bars()
     if args.threads:
