@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import CardConfig
+from pipeline.console import cluster_filter_note, target_filter_note
 
 CARD = "README.md"
 
@@ -49,6 +50,7 @@ EXAMPLE_FIELDS: dict[str, str] = {
     "scores.brightness": "mean luma, 0-1",
     "scores.contrast": "standard deviation of the luma, 0-0.5",
     "scores.sharpness": "variance of the Laplacian of the luma",
+    "scores.nsfw_score": "highest score of the NSFW detector's checked classes (NudeNet), 0-1; null when not checked",
     "provenance": "what produced the example",
     "provenance.pipeline_version": "icl-cluster-pipeline version",
     "provenance.config_hash": "hash of the configuration of the run that assembled it (manifest.json)",
@@ -248,13 +250,46 @@ def _how_made(run_config: dict[str, Any], assemble: dict[str, Any]) -> list[str]
         f"the cluster's photos and renders each prompt {sample.get('images_per_prompt')} time(s) "
         f"({sample.get('scheduler')}, {sample.get('steps')} steps, guidance {sample.get('guidance_scale')}).",
         "3. **Scoring, filtering, assembly** (phase 3): every render is scored (CLIP similarity to the subject's "
-        "photos and to its prompt, copy distance to the photos, image quality heuristics), the renders that pass "
+        "photos and to its prompt, copy distance to the photos, image quality heuristics"
+        + (", NSFW detector" if _nsfw_checked(run_config) else "") + "), the renders that pass "
         "every bound are kept, and each becomes an example with "
         f"{run_config.get('assemble', {}).get('demos', 3)} real demos of its subject, never the photo it is "
         "nearest to.",
     ]
+    lines += _responsible_lines(run_config)
     if assemble.get("clip_model"):
         lines.append(f"\nScoring model: `{assemble['clip_model']}`.")
+    return lines
+
+
+def _nsfw_checked(run_config: dict[str, Any]) -> bool:
+    return bool(run_config.get("detector", {}).get("enabled") and run_config.get("nsfw", {}).get("enabled"))
+
+
+def _responsible_lines(run_config: dict[str, Any]) -> list[str]:
+    """What the run did about people, explicit photos and duplicates across the dataset (docs/safety.md)."""
+    people, nsfw = run_config.get("people", {}), run_config.get("nsfw", {})
+    semantic = run_config.get("semantic_dedup", {})
+    lines = ["", "Responsible data:", ""]
+    if run_config.get("detector", {}).get("enabled"):
+        policy = ("clusters whose subject is a person (a prominent face in at least "
+                  f"{people.get('person_image_fraction')} of their photos) were dropped"
+                  if people.get("policy") == "drop" else "clusters whose subject is a person were kept (people.policy "
+                  "keep)")
+        blur = "; faces that are not a cluster's subject were blurred" if people.get("blur_incidental_faces") else ""
+        lines.append(f"- **People**: faces were detected with NudeNet, confirmed by OpenCV's Haar cascades; {policy}"
+                     f"{blur}.")
+        lines.append("- **NSFW**: " + ("crawled photos and renders that NudeNet scores at or over a class threshold "
+                                       "were removed." if nsfw.get("enabled") else "not checked (nsfw.enabled false)."))
+        lines.append("- The detector misses small, turned and occluded faces and rates no drawn material, violence or "
+                     "age: see the pipeline's docs/safety.md.")
+    else:
+        lines.append("- **People and NSFW**: not checked (detector.enabled false); renders passed only the base "
+                     "model's safety checker.")
+    if semantic.get("enabled"):
+        lines.append(f"- **Semantic duplicates** across the dataset (CLIP embeddings, SemDeDup-style): clusters at "
+                     f"a similarity of at least {semantic.get('cluster_threshold')} and images at "
+                     f"{semantic.get('image_threshold')} were removed, one of each group kept.")
     return lines
 
 
@@ -272,8 +307,22 @@ def _thresholds(manifest: dict[str, Any]) -> list[str]:
         mode = cluster_filter.get("mode")
         note = (f" (calibrated: keep rate {cluster_filter.get('target_keep_rate')})"
                 if mode == "target_keep_rate" else "")
-        rows.append(["cluster_filter", f"coherence_threshold{note}", cluster_filter.get("coherence_threshold")])
-        rows.append(["cluster_filter", "outlier_threshold", cluster_filter.get("outlier_threshold")])
+        rows.append(["cluster_filter", f"coherence_threshold{note}", _off(cluster_filter.get("coherence_threshold"))])
+        if mode == "target_keep_rate":
+            rows.append(["cluster_filter", "floor (coherence_threshold)", _off(cluster_filter.get("floor"))])
+        rows.append(["cluster_filter", "outlier_threshold", _off(cluster_filter.get("outlier_threshold"))])
+    if config.get("detector", {}).get("enabled"):
+        people, nsfw = config.get("people", {}), config.get("nsfw", {})
+        rows += [["safety", "people.policy", people.get("policy")],
+                 ["safety", "people.prominent_face_share", people.get("prominent_face_share")],
+                 ["safety", "people.min_face_score", people.get("min_face_score")]]
+        if nsfw.get("enabled"):
+            rows += [["safety, nsfw_targets", f"nsfw.{name}", _off(value)] for name, value in sorted(nsfw.items())
+                     if name != "enabled"]
+    semantic = config.get("semantic_dedup", {})
+    if semantic.get("enabled"):
+        rows += [["semantic_dedup", "cluster_threshold", _off(semantic.get("cluster_threshold"))],
+                 ["semantic_dedup", "image_threshold", _off(semantic.get("image_threshold"))]]
     target_filter = phases.get("assemble", {}).get("stats", {}).get("target_filter")
     if target_filter:
         calibrated = target_filter.get("mode") == "target_keep_rate"
@@ -281,11 +330,23 @@ def _thresholds(manifest: dict[str, Any]) -> list[str]:
             note = (f" (calibrated: keep rate {target_filter.get('target_keep_rate')})"
                     if calibrated and key in ("min_subject_sim", "min_text_sim") else "")
             rows.append(["target_filter", f"{key}{note}", "off" if value is None else value])
+            floor = target_filter.get("calibration", {}).get("floors", {}).get(key)
+            if calibrated and floor is not None:
+                rows.append(["target_filter", f"floor ({key})", _off(floor.get("floor"))])
     lines = [_table(["stage", "bound", "value"], rows)]
+    notes = [note for note in (cluster_filter_note(cluster_filter or {}), target_filter_note(target_filter or {}))
+             if note]
+    if notes:
+        lines += ["", "Calibrated bounds keep at most the requested share, never under their floors: "
+                  + " ".join(notes)]
     candidates = manifest.get("candidates")
     if candidates and candidates.get("keep_rate") is not None:
         lines += ["", f"Share of rendered candidates that became examples: {100 * candidates['keep_rate']:.1f}%."]
     return lines
+
+
+def _off(value: Any) -> Any:
+    return "off" if value is None else value
 
 
 def write_card(output_dir: str, manifest: dict[str, Any], config: CardConfig) -> str:

@@ -36,14 +36,18 @@ from transforms.settings import (
     CrossPageConfig,
     DecontaminateConfig,
     DedupeConfig,
+    DetectorConfig,
     EmbedConfig,
     GroupConfig,
     LLMConfig,
     NormalizeConfig,
+    NsfwConfig,
     OutputConfig,
+    PeopleConfig,
     PromptsConfig,
     ReadConfig,
     ScoreConfig,
+    SemanticDedupConfig,
     SubjectConfig,
     SynthConfig,
     TargetFilterConfig,
@@ -107,9 +111,13 @@ class PipelineConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    people: PeopleConfig = field(default_factory=PeopleConfig)
+    nsfw: NsfwConfig = field(default_factory=NsfwConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster_filter: ClusterFilterConfig = field(default_factory=ClusterFilterConfig)
     cross_page: CrossPageConfig = field(default_factory=CrossPageConfig)
+    semantic_dedup: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -127,6 +135,9 @@ class PipelineConfig:
         if self.cluster_filter.enabled and not self.embed.enabled:
             raise ConfigError("cluster_filter.enabled needs embeddings, but embed.enabled is false; also set "
                               "cluster_filter.enabled=false (--set cluster_filter.enabled=false) or enable embed")
+        if self.semantic_dedup.enabled and not self.embed.enabled:
+            raise ConfigError("semantic_dedup.enabled needs embeddings, but embed.enabled is false; also set "
+                              "semantic_dedup.enabled=false (--set semantic_dedup.enabled=false) or enable embed")
 
 
 class ConfigError(ValueError):

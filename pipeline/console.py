@@ -38,6 +38,15 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
             lines.append(f"  clusters dropped as {reason}: {n:,}")
         for truncated in records.get("truncated_files", []):
             lines.append(f"  TRUNCATED INPUT {truncated['path']}: {truncated['detail']}")
+        lines.extend(f"  {line}" for line in responsible_lines(summary.get("counters", {})))
+        cluster_filter = summary.get("stats", {}).get("cluster_filter", {})
+        if cluster_filter.get("mode") == "target_keep_rate":
+            rate = cluster_filter.get("target_keep_rate")
+            lines.append(f"  coherence threshold (calibrated: target_keep_rate {rate}): "
+                         f"{_bound(cluster_filter.get('coherence_threshold'))}")
+        note = cluster_filter_note(cluster_filter)
+        if note:
+            lines.append(f"  {note}")
         lines.append(_reconciled(records, "records"))
     elif phase == "synthesize":
         clusters = summary["clusters"]
@@ -66,6 +75,9 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
                 if mode == "target_keep_rate" else ""
             lines.append(f"  similarity bounds{note}: subject_sim >= {_bound(bounds.get('min_subject_sim'))}, "
                          f"text_sim >= {_bound(bounds.get('min_text_sim'))}")
+        floors = target_filter_note(target_filter)
+        if floors:
+            lines.append(f"  {floors}")
         examples = summary.get("examples", {})
         if examples.get("files"):
             lines.append(f"  examples/: {examples['files']} file(s), {examples['row_groups']} row group(s), "
@@ -76,6 +88,62 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
 
 def _bound(value: Any) -> str:
     return "none" if value is None else f"{value:.4f}"
+
+
+def responsible_lines(counters: dict[str, dict[str, int]]) -> list[str]:
+    """One line per responsible-data stage that ran in phase 1 (its Beam counters): faces and NSFW, semantic
+    duplicates."""
+    lines = []
+    safety = counters.get("safety")
+    if safety:
+        lines.append(f"faces: {safety.get('faces', 0):,} in {safety.get('images_with_faces', 0):,} of "
+                     f"{safety.get('images_checked', 0):,} images checked; person clusters "
+                     f"{safety.get('person_clusters', 0):,} ({safety.get('person_subject_clusters', 0):,} dropped); "
+                     f"faces blurred {safety.get('faces_blurred', 0):,}; NSFW photos {safety.get('nsfw_input', 0):,}")
+    semantic = counters.get("semantic_dedup")
+    if semantic:
+        lines.append(f"semantic duplicates: {semantic.get('duplicate_groups_cluster', 0):,} groups of clusters "
+                     f"({semantic.get('semantic_duplicate_cluster_clusters', 0):,} clusters dropped), "
+                     f"{semantic.get('duplicate_groups_image', 0):,} groups of images "
+                     f"({semantic.get('semantic_duplicate_image', 0):,} images dropped)")
+    return lines
+
+
+def cluster_filter_note(stats: dict[str, Any]) -> str | None:
+    """A sentence on the floor under a calibrated coherence threshold, when it bound the result or fewer clusters
+    than requested were kept (``stats.clusters.cluster_filter``); ``None`` otherwise."""
+    if stats.get("mode") != "target_keep_rate":
+        return None
+    parts = []
+    if stats.get("floor_bound"):
+        parts.append(f"the floor cluster_filter.coherence_threshold {stats.get('floor')} bound the threshold (the "
+                     f"calibrated one was {_bound(stats.get('calibrated_threshold'))})")
+    if stats.get("short_of_request"):
+        parts.append(f"{stats.get('kept', 0):,} clusters kept of the {stats.get('requested', 0):,} requested, "
+                     f"{stats['short_of_request']:,} short")
+    return ("Cluster filter: " + "; ".join(parts) + ".") if parts else None
+
+
+def target_filter_note(stats: dict[str, Any]) -> str | None:
+    """A sentence on the floors under the calibrated similarity bounds, when one bound the result or fewer candidates
+    than requested were kept (``stats.assemble.target_filter``); ``None`` otherwise."""
+    if stats.get("mode") != "target_keep_rate":
+        return None
+    calibration = stats.get("calibration", {})
+    parts = [f"the floor target_filter.{name} {bound['floor']} bound it (the calibrated bound was "
+             f"{_bound(bound['calibrated'])})" for name, bound in calibration.get("floors", {}).items()
+             if bound.get("floor_bound")]
+    if calibration.get("below_floors"):
+        parts.append(f"{calibration['below_floors']:,} candidates passing the absolute checks are under a floor")
+    short = calibration.get("short_of_request")
+    if short:
+        cause = ("the floors" if calibration.get("limited_by_floors") else "the absolute checks"
+                 if calibration.get("limited_by_absolute_checks") else "ties in the scores")
+        parts.append(f"{calibration.get('expected_kept', 0):,} kept of the {calibration.get('requested', 0):,} "
+                     f"requested, {short:,} short (limited by {cause})")
+    if not (calibration.get("floor_bound") or short):
+        return None
+    return "Target filter: " + "; ".join(parts) + "."
 
 
 def output_listing(output_dir: str, phases: list[str]) -> str:

@@ -6,13 +6,19 @@ writes the last output (its ``sink``), each stage's extra outputs (``stats/``, `
 (``rejects/<phase>-*.parquet``). The stage modules declare their reject reasons (``REASONS``); the accounting
 reads them from a phase's entry (:meth:`Phase.reasons`).
 
-Why this order (phase 1): the CLIP stages come after dedupe (no GPU time on duplicates); cross-page duplicates
-are decided after the coherence filter, on the cleaned clusters, so that the copy kept is one that is written
-(and the most coherent of equal size), and only the ~10% of clusters the filter keeps are held for that global
-decision; decontamination comes last among them, where its CLIP check can use the embeddings and its count is
-the number of clusters it took out of the output. Captioning and prompt writing, the costliest model calls per
-cluster, run only on the clusters that survive all of that: captions, then the subject (read from the captions),
-then scene prompts (for the subject).
+Why this order (phase 1): the model stages come after dedupe (no detector or GPU time on duplicates). The safety
+stage (faces, NSFW) comes before the CLIP embedding, so that photos that leave cost no GPU time and the embeddings
+are those of the images as stored (incidental faces blurred). Cross-page duplicates are decided after the
+coherence filter, on the cleaned clusters, so that the copy kept is one that is written (and the most coherent of
+equal size), and only the ~10% of clusters the filter keeps are held for that global decision; semantic duplicates
+(by CLIP embeddings) are decided next, on what the cheap hash comparison left, ranked by the same rule;
+decontamination comes last among them, where its CLIP check can use the embeddings and its count is the number of
+clusters it took out of the output. Captioning and prompt writing, the costliest model calls per cluster, run only
+on the clusters that survive all of that: captions, then the subject (read from the captions), then scene prompts
+(for the subject).
+
+Phase 3: the NSFW check of the renders (``FlagNsfwTargets``) runs on the scored units, before the target filter,
+which rejects a flagged render as ``nsfw`` before any other criterion.
 """
 
 from __future__ import annotations
@@ -37,15 +43,19 @@ from transforms import (
     embed,
     group,
     normalize,
+    nsfw_targets,
     prompts,
     read,
+    safety,
     score,
+    semantic_dedup,
     subject,
     synthesize,
     target_filter,
 )
 from transforms.common import Reason, StageOutput
 from transforms.models.clip import check_model_config, model_id
+from transforms.models.detectors import check_detector
 from transforms.outputs import (
     ReadCandidates,
     ReadClusters,
@@ -126,6 +136,12 @@ class Phase:
 # --- phase 1: crawled pairs -> clusters -----------------------------------------------------------------------
 
 
+def safety_enabled(config: PipelineConfig) -> bool:
+    """The safety stage runs when the detector is on and it has something to decide: the NSFW check, or a people
+    policy that drops person clusters or blurs faces."""
+    return config.detector.enabled and (config.nsfw.enabled or config.people.acts)
+
+
 def _clusters_output(clusters: beam.PCollection, config: PipelineConfig,
                      inputs: PhaseInputs) -> dict[str, beam.PCollection]:
     if config.embed.enabled and not config.embed.store_embeddings:
@@ -141,6 +157,9 @@ CLUSTERS = Phase(
         Stage("Normalize", normalize, lambda c, i: normalize.Normalize(c.normalize)),
         Stage("GroupByPage", group, lambda c, i: group.GroupByPage(c.group, c.dedupe)),
         Stage("Dedupe", dedupe, lambda c, i: dedupe.Dedupe(c.dedupe, c.group.min_images)),
+        Stage("Safety", safety,
+              lambda c, i: safety.Safety(c.detector, c.people, c.nsfw, c.normalize, c.group.min_images),
+              enabled=safety_enabled, check=lambda c: check_detector(c.detector)),
         Stage("Embed", embed, lambda c, i: embed.Embed(c.embed, c.group.min_images),
               enabled=lambda c: c.embed.enabled, check=lambda c: check_model_config(c.embed)),
         Stage("ClusterFilter", cluster_filter,
@@ -148,6 +167,9 @@ CLUSTERS = Phase(
               enabled=lambda c: c.cluster_filter.enabled),
         Stage("CrossPageDedupe", cross_page, lambda c, i: cross_page.CrossPageDedupe(c.cross_page),
               enabled=lambda c: c.cross_page.enabled),
+        Stage("SemanticDedup", semantic_dedup,
+              lambda c, i: semantic_dedup.SemanticDedup(c.semantic_dedup, c.group.min_images),
+              enabled=lambda c: c.semantic_dedup.enabled),
         Stage("Decontaminate", decontaminate,
               lambda c, i: decontaminate.Decontaminate(c.decontaminate, c.normalize,
                                                        c.embed if c.embed.enabled else None),
@@ -236,6 +258,8 @@ ASSEMBLE = Phase(
                  lambda c, i: ReadCandidatesAndClusters(i.candidate_files, i.cluster_files)),
     stages=(
         Stage("Score", score, lambda c, i: score.Score(c.score, c.embed)),
+        Stage("FlagNsfwTargets", nsfw_targets, lambda c, i: nsfw_targets.FlagNsfwTargets(c.detector, c.nsfw),
+              enabled=lambda c: c.detector.enabled and c.nsfw.enabled, check=lambda c: check_detector(c.detector)),
         Stage("TargetFilter", target_filter, lambda c, i: target_filter.TargetFilter(c.target_filter)),
         Stage("Assemble", assemble, lambda c, i: assemble.Assemble(c.assemble, run_provenance(c))),
     ),

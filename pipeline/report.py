@@ -2,9 +2,11 @@
 histograms as inline SVG; nothing is fetched) that shows what a run did.
 
 Sections: a banner when the run used tiny random models, the run, the funnel from input records to examples
-with the counts per reject reason, score histograms with the bounds drawn on them (cluster coherence; every
-target score, kept and rejected stacked), a gallery of kept examples (demos, target, prompt, skill, scores), a
-gallery of rejected candidates per reason, and a gallery of clusters. Whatever a run lacks (a run of phase 1
+with the counts per reject reason, what the responsible-data stages found (faces, person clusters, blurred faces,
+NSFW score histograms of the crawled photos and of the renders, semantic-duplicate groups), score histograms with
+the bounds drawn on them (cluster coherence; every target score, kept and rejected stacked; whether a floor bound a
+calibrated bound), a gallery of kept examples (demos, target, prompt, skill, scores), a gallery of rejected
+candidates per reason, and a gallery of clusters. Whatever a run lacks (a run of phase 1
 only has no candidates) is said, not failed on.
 
 The page opens fast for runs of any size: galleries are capped (``report.examples``, ``report.rejects_per_reason``,
@@ -25,7 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.card import is_tiny_run
 from pipeline.config import ReportConfig
+from pipeline.console import cluster_filter_note, target_filter_note
 from transforms.outputs import (
     choose_units,
     matching_files,
@@ -35,6 +39,7 @@ from transforms.outputs import (
     sample_order,
     sample_rows,
 )
+from transforms.settings import NSFW_BINS
 
 REPORT = "report/index.html"
 
@@ -178,6 +183,7 @@ SCORE_BOUNDS = {
     "brightness": (("min_brightness", "min"), ("max_brightness", "max")),
     "contrast": (("min_contrast", "min"),),
     "sharpness": (("min_sharpness", "min"),),
+    "nsfw_score": (),  # its bound is the nsfw section's lowest class threshold (_nsfw_line)
 }
 
 
@@ -186,8 +192,6 @@ def _section(section_id: str, title: str, body: str) -> str:
 
 
 def _banner(manifest: dict[str, Any]) -> str:
-    from pipeline.card import is_tiny_run
-
     if not is_tiny_run(manifest):
         return ""
     config = manifest.get("config", {})
@@ -256,6 +260,8 @@ def _histograms_section(output_dir: str, manifest: dict[str, Any], config: Repor
         n = cluster_filter.get("clusters_scored", 0)
         lines = ([Line(cluster_filter["coherence_threshold"], f"threshold {cluster_filter['coherence_threshold']:.3g}")]
                  if cluster_filter.get("coherence_threshold") is not None else [])
+        if cluster_filter.get("floor_bound"):
+            lines[0] = Line(cluster_filter["coherence_threshold"], f"floor {cluster_filter['coherence_threshold']:.3g}")
         charts.append(svg_histogram([("clusters", values, "#1565c0")], lines, "cluster coherence (mean_sim)",
                                     config.bins, weights=[[w * n for w in weights]]))
     target_filter = manifest.get("phases", {}).get("assemble", {}).get("stats", {}).get("target_filter", {})
@@ -267,6 +273,10 @@ def _histograms_section(output_dir: str, manifest: dict[str, Any], config: Repor
             rejected = [r["scores"][name] for r in rows if r["decision"] != "kept" and r["scores"][name] is not None]
             lines = [Line(float(bounds[key]), f"{label} {bounds[key]:.3g}") for key, label in bound_keys
                      if bounds.get(key) is not None]
+            if name == "nsfw_score":
+                if not kept and not rejected:
+                    continue  # the renders were not checked
+                lines = _nsfw_line(manifest)
             charts.append(svg_histogram([("kept", kept, KEPT_COLOUR), ("rejected", rejected, REJECTED_COLOUR)],
                                         lines, f"target {name}", config.bins, log=name == "sharpness"))
     if not charts:
@@ -284,8 +294,106 @@ def _histograms_section(output_dir: str, manifest: dict[str, Any], config: Repor
                 f"{calibration.get('requested', 0):,} requested, {calibration.get('eligible', 0):,} passing the "
                 f"absolute checks, {calibration.get('expected_kept', 0):,} at or above the bounds "
                 f"(quantile level {_e(calibration.get('level'))}).{limited}</p>")
+    floor_notes = [n for n in (cluster_filter_note(cluster_filter or {}), target_filter_note(target_filter)) if n]
+    if floor_notes:
+        note += ("<p class='note floors'>A calibrated bound keeps at most the requested share, never under its floor. "
+                 + _e(" ".join(floor_notes)) + "</p>")
     return _section("histograms", "Score histograms with their bounds",
                     note + "<div class='charts'>" + "".join(charts) + "</div>")
+
+
+def _nsfw_line(manifest: dict[str, Any]) -> list[Line]:
+    """The lowest NSFW class threshold of the run (a score at or over it may be flagged), as a histogram line."""
+    nsfw = manifest.get("config", {}).get("nsfw", {})
+    thresholds = [v for k, v in nsfw.items() if k != "enabled" and isinstance(v, (int, float))
+                  and not isinstance(v, bool)]
+    if not nsfw.get("enabled") or not thresholds:
+        return []
+    low = min(thresholds)
+    return [Line(float(low), f"nsfw {low:.3g}" if len(set(thresholds)) == 1 else f"lowest class {low:.3g}")]
+
+
+def _binned_histogram(counters: dict[str, int], prefix: str, bins: int, lines: Sequence[Line], title: str,
+                      label: str, colour: str) -> str:
+    """A histogram of scores the stage counted in ``bins`` equal bins of 0..1 (counters ``<prefix>0`` ...)."""
+    centres = [(k + 0.5) / bins for k in range(bins)]
+    counts = [float(counters.get(f"{prefix}{k}", 0)) for k in range(bins)]
+    return svg_histogram([(label, centres, colour)], lines, title, bins, weights=[counts])
+
+
+def _kv_table(rows: Sequence[tuple[str, Any]]) -> str:
+    cells = "".join(f"<tr><th>{_e(k)}</th><td class='num'>{v:,}</td></tr>" if isinstance(v, int)
+                    else f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f"<table class='kv'>{cells}</table>"
+
+
+def _responsible_section(manifest: dict[str, Any]) -> str:
+    """Faces, person clusters, blurred faces, NSFW scores (photos and renders) and semantic-duplicate groups, from
+    the stages' counters in the manifest."""
+    phases = manifest.get("phases", {})
+    config = manifest.get("config", {})
+    clusters = phases.get("clusters", {})
+    counters = clusters.get("counters", {})
+    blocks = []
+    safety = counters.get("safety")
+    people = config.get("people", {})
+    if safety:
+        rows = [("images checked", safety.get("images_checked", 0)),
+                ("images with a face", safety.get("images_with_faces", 0)),
+                ("faces found (confirmed)", safety.get("faces", 0)),
+                (f"person images (a face over {100 * people.get('prominent_face_share', 0):.3g}% of the image)",
+                 safety.get("person_images", 0)),
+                ("person clusters", safety.get("person_clusters", 0)),
+                (f"person clusters dropped (people.policy {people.get('policy')})",
+                 safety.get("person_subject_clusters", 0)),
+                ("images in them", safety.get("person_subject", 0)),
+                ("faces blurred", safety.get("faces_blurred", 0)),
+                ("photos rejected as NSFW (nsfw_input)", safety.get("nsfw_input", 0))]
+        chart = _binned_histogram(safety, "nsfw_score_bin_", NSFW_BINS, _nsfw_line(manifest),
+                                  "NSFW score of the crawled photos", "photos", "#6a1b9a")
+        blocks.append("<h3>Faces and NSFW (stage safety)</h3><div class='charts'>" + _kv_table(rows) + chart + "</div>")
+    elif clusters:
+        blocks.append("<h3>Faces and NSFW (stage safety)</h3><p>Off in this run (detector.enabled, or nothing to "
+                      "decide: nsfw.enabled false and people.policy keep without blurring).</p>")
+    targets = phases.get("assemble", {}).get("counters", {}).get("nsfw_targets")
+    if targets:
+        rejected = phases.get("assemble", {}).get("rejects_by_stage", {}).get("target_filter", {}).get("nsfw", 0)
+        rows = [("renders flagged by the detector", targets.get("flagged", 0)),
+                ("renders rejected as nsfw (detector or the base model's safety checker)", rejected),
+                ("units left unchecked (a detector fault)", targets.get("units_unchecked", 0))]
+        chart = _binned_histogram(targets, "nsfw_score_bin_", NSFW_BINS, _nsfw_line(manifest),
+                                  "NSFW score of the renders", "renders", "#6a1b9a")
+        blocks.append("<h3>NSFW check of the renders (phase 3)</h3><div class='charts'>" + _kv_table(rows) + chart
+                      + "</div>")
+    semantic = counters.get("semantic_dedup")
+    if semantic:
+        settings = config.get("semantic_dedup", {})
+        rows = [("clusters compared", semantic.get("cluster_items", 0)),
+                (f"groups of duplicate clusters (cluster_threshold {settings.get('cluster_threshold')})",
+                 semantic.get("duplicate_groups_cluster", 0)),
+                ("clusters dropped (semantic_duplicate_cluster)",
+                 semantic.get("semantic_duplicate_cluster_clusters", 0)),
+                ("images compared", semantic.get("image_items", 0)),
+                (f"groups of duplicate images (image_threshold {settings.get('image_threshold')})",
+                 semantic.get("duplicate_groups_image", 0)),
+                ("images dropped (semantic_duplicate_image)", semantic.get("semantic_duplicate_image", 0)),
+                ("images of clusters left too small", semantic.get("cluster_too_small", 0)),
+                ("k-means buckets (clusters, images)",
+                 f"{semantic.get('centroids_cluster', 0):,}, {semantic.get('centroids_image', 0):,}"),
+                ("pairs compared", semantic.get("pairs_compared", 0))]
+        blocks.append("<h3>Semantic duplicates across the dataset (stage semantic_dedup)</h3>" + _kv_table(rows)
+                      + "<p class='note'>A group is one kept cluster or image and the duplicates that left for it; "
+                        "each reject row in rejects/ names the one kept.</p>")
+    elif clusters:
+        blocks.append("<h3>Semantic duplicates across the dataset (stage semantic_dedup)</h3><p>Off in this run.</p>")
+    if not blocks:
+        return _section("responsible", "Faces, NSFW and semantic duplicates", "<p>No phase of this output ran "
+                        "these checks.</p>")
+    if is_tiny_run(manifest):
+        blocks.insert(0, "<p class='note'>The face and NSFW detector runs with its real weights in every run; the "
+                         "semantic duplicates are decided on the tiny CLIP model's embeddings, which mean "
+                         "nothing.</p>")
+    return _section("responsible", "Faces, NSFW and semantic duplicates", "".join(blocks))
 
 
 def _scores_table(scores: dict[str, Any]) -> str:
@@ -447,13 +555,16 @@ def build_report(output_dir: str, config: ReportConfig | None = None,
     config = config or ReportConfig()
     manifest = manifest if manifest is not None else load_manifest(output_dir)
     title = f"icl-cluster-pipeline report · {output_dir.rstrip('/').rsplit('/', 1)[-1]}"
-    nav = "".join(f"<a href='#{i}'>{t}</a>" for i, t in (("funnel", "Funnel"), ("histograms", "Histograms"),
+    nav = "".join(f"<a href='#{i}'>{t}</a>" for i, t in (("funnel", "Funnel"), ("responsible", "Faces, NSFW, "
+                                                                                        "duplicates"),
+                                                         ("histograms", "Histograms"),
                                                          ("examples", "Examples"), ("rejected", "Rejected"),
                                                          ("clusters", "Clusters")))
     sections = [
         _banner(manifest),
         _run_section(manifest),
         _funnel_section(manifest),
+        _responsible_section(manifest),
         _histograms_section(output_dir, manifest, config),
         _examples_section(output_dir, config),
         _rejected_section(output_dir, manifest, config),

@@ -152,6 +152,7 @@ SCORES_TYPE = pa.struct([
     pa.field("brightness", pa.float32()),
     pa.field("contrast", pa.float32()),
     pa.field("sharpness", pa.float32()),
+    pa.field("nsfw_score", pa.float32()),
 ])
 
 EXAMPLE_PROVENANCE_TYPE = pa.struct([

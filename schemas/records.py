@@ -335,6 +335,9 @@ class TargetScores:
     """Standard deviation of the luma, 0 to 0.5: near 0 is a blank, uniform image."""
     sharpness: float
     """Variance of the 4-neighbour Laplacian of the luma (0-255) at most ``score.sharpness_side`` px: low is blurry."""
+    nsfw_score: float | None = None
+    """Highest score (0-1) of the NSFW detector's checked classes on the target (stage ``nsfw_targets``); null when
+    the detector did not check it (``detector.enabled`` or ``nsfw.enabled`` false, or a detector fault)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ConfigError, build_config
+from pipeline.console import cluster_filter_note
 from tests.clip_helpers import counters, equicorrelated, orthonormal, vector_cluster, with_strangers
 from transforms.cluster_filter import (
     ClusterFilter,
@@ -140,7 +141,7 @@ def test_calibration_keeps_the_requested_share(tmp_path, keep_rate: float) -> No
     rng = np.random.default_rng(7)
     sims = 0.2 + 0.75 * rng.beta(4, 2, size=150)
     clusters = [vector_cluster(f"https://shop{i}.example/p", equicorrelated(3, s, seed=i)) for i, s in enumerate(sims)]
-    config = ClusterFilterConfig(outlier_threshold=None, target_keep_rate=keep_rate)
+    config = ClusterFilterConfig(outlier_threshold=None, coherence_threshold=None, target_keep_rate=keep_rate)
     with TestPipeline() as p:
         filtered = p | beam.Create(clusters) | ClusterFilter(config, 3)
         write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
@@ -157,6 +158,50 @@ def test_calibration_keeps_the_requested_share(tmp_path, keep_rate: float) -> No
     assert quantiles["p00"] == pytest.approx(sims.min(), abs=1e-5)
     assert quantiles["p100"] == pytest.approx(sims.max(), abs=1e-5)
     assert quantiles["p50"] == pytest.approx(np.median(sims), abs=0.01)
+    assert stats["kept"] == result["clusters"] and not stats["floor_bound"] and stats["floor"] is None
+
+
+@pytest.mark.parametrize("keep_rate", [0.25, 0.8])
+def test_a_calibrated_threshold_never_goes_under_its_floor(tmp_path, keep_rate: float) -> None:
+    """Keep at most the rate, and only what passes coherence_threshold: 12 poor pages (mean similarity 0.3-0.6) and
+    4 coherent ones (0.8-0.9). With keep rate 0.8 the calibrated threshold (~0.4) is under the floor 0.75, which
+    keeps the 4 coherent pages only; with 0.25 the calibration alone keeps those 4 and the floor changes nothing."""
+    sims = [0.3 + 0.3 * i / 11 for i in range(12)] + [0.8, 0.83, 0.86, 0.9]
+    clusters = [vector_cluster(f"https://shop{i}.example/p", equicorrelated(3, s, seed=i)) for i, s in enumerate(sims)]
+    config = ClusterFilterConfig(outlier_threshold=None, target_keep_rate=keep_rate)
+    with TestPipeline() as p:
+        filtered = p | beam.Create(clusters) | ClusterFilter(config, 3)
+        write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
+        assert_that(filtered.output | beam.Map(lambda c: c.page_url),
+                    equal_to([c.page_url for c in clusters[12:]]))
+    assert counters(p.result, "cluster_filter")["incoherent_cluster_clusters"] == 12
+    stats = read_stats(str(tmp_path), "clusters")["cluster_filter"]
+    requested = round(keep_rate * 16)
+    assert stats["requested"] == requested and stats["kept"] == 4 and stats["floor"] == 0.75
+    assert stats["short_of_request"] == max(0, requested - 4)
+    if keep_rate == 0.8:
+        assert stats["floor_bound"] and stats["coherence_threshold"] == 0.75
+        assert stats["calibrated_threshold"] == pytest.approx(sims[16 - requested], abs=1e-4)
+        calibrated = stats["calibrated_threshold"]
+        assert cluster_filter_note(stats) == (
+            "Cluster filter: the floor cluster_filter.coherence_threshold 0.75 bound the threshold (the calibrated one "
+            f"was {calibrated:.4f}); 4 clusters kept of the 13 requested, 9 short.")
+    else:
+        assert not stats["floor_bound"] and stats["coherence_threshold"] == stats["calibrated_threshold"] >= 0.8
+        assert cluster_filter_note(stats) is None
+
+
+def test_a_run_of_poor_pages_keeps_nothing_above_the_floor(tmp_path) -> None:
+    sims = [0.3 + 0.3 * i / 9 for i in range(10)]
+    clusters = [vector_cluster(f"https://poor{i}.example/p", equicorrelated(3, s, seed=i)) for i, s in enumerate(sims)]
+    with TestPipeline() as p:
+        filtered = p | beam.Create(clusters) | ClusterFilter(ClusterFilterConfig(target_keep_rate=0.1), 3)
+        write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
+        assert_that(filtered.output, equal_to([]))
+        assert_that(filtered.rejects | beam.Map(lambda r: r.reason), equal_to(["incoherent_cluster"] * 10))
+    stats = read_stats(str(tmp_path), "clusters")["cluster_filter"]
+    assert stats["floor_bound"] and stats["coherence_threshold"] == 0.75
+    assert (stats["requested"], stats["kept"], stats["short_of_request"]) == (1, 0, 1)
 
 
 def test_fixed_threshold_is_recorded_too(tmp_path) -> None:
@@ -190,5 +235,6 @@ def test_config_validation(kwargs: dict) -> None:
 def test_filter_needs_embeddings() -> None:
     with pytest.raises(ConfigError, match="cluster_filter.enabled=false"):
         build_config("demo", overrides=["embed.enabled=false"])
-    config = build_config("demo", overrides=["embed.enabled=false", "cluster_filter.enabled=false"])
+    config = build_config("demo", overrides=["embed.enabled=false", "cluster_filter.enabled=false",
+                                             "semantic_dedup.enabled=false"])
     assert not config.embed.enabled and not config.cluster_filter.enabled

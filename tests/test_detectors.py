@@ -17,7 +17,6 @@ from PIL import Image
 from tests.clip_helpers import counters
 from transforms.models.detectors import (
     LABELS,
-    DetectorConfig,
     DetectorInput,
     decode_output,
     detector_inference,
@@ -25,6 +24,7 @@ from transforms.models.detectors import (
     load_detector,
     overlap,
 )
+from transforms.settings import DetectorConfig
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 

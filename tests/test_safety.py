@@ -19,17 +19,10 @@ from PIL import Image
 
 from schemas.parquet import cluster_from_row, cluster_to_row
 from tests.clip_helpers import counters, image_record, make_cluster
-from transforms.models.detectors import Detections, DetectorConfig, Face, load_detector
-from transforms.normalize import NormalizeConfig, Rejected, normalize_image
-from transforms.safety import (
-    NsfwConfig,
-    PeopleConfig,
-    Safety,
-    apply_policy,
-    image_verdict,
-    is_person_cluster,
-    nsfw_verdict,
-)
+from transforms.models.detectors import Detections, Face, load_detector
+from transforms.normalize import Rejected, normalize_image
+from transforms.safety import Safety, apply_policy, image_verdict, is_person_cluster, nsfw_verdict
+from transforms.settings import DetectorConfig, NormalizeConfig, NsfwConfig, PeopleConfig
 
 DATA = Path(__file__).parent / "data"
 RECORDED = json.loads((DATA / "detector_outputs.json").read_text())
@@ -278,11 +271,11 @@ def test_multi_process_runner(pages: dict, tmp_path: Path) -> None:
 def test_flag_nsfw_targets_sets_the_candidates_flag(tmp_path: Path) -> None:
     """Renders are real photos here; the coffee photo's strongest NSFW class (0.15, a false alarm) is over a lowered
     threshold, so the detector flags that render and the target filter would reject it as nsfw. A flag of the base
-    model's safety checker stays."""
+    model's safety checker stays. Every checked render carries its NSFW score (for scores/ and the report)."""
     from schemas.records import ScoredCandidate
     from tests.clip_helpers import photo_cluster
     from tests.phase3_helpers import PASSING, as_png, candidate, units_of
-    from transforms.safety import FlagNsfwTargets
+    from transforms.nsfw_targets import FlagNsfwTargets
     from transforms.target_filter import TargetFilterConfig, failures
 
     photos = [(DATA / "photos" / n).read_bytes() for n in ("astronaut.jpg", "camera.jpg", "coffee.jpg")]
@@ -290,17 +283,22 @@ def test_flag_nsfw_targets_sets_the_candidates_flag(tmp_path: Path) -> None:
     cands = [candidate(cluster, as_png(photo), tag=str(i), nsfw=(True if i == 0 else None))
              for i, photo in enumerate(photos)]
     unit = units_of([ScoredCandidate(c, "a cup", PASSING, "x") for c in cands], cluster)
+    assert all(s.scores.nsfw_score is None for s in unit.candidates)
     with TestPipeline() as p:
-        flagged = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(), NsfwConfig(buttocks_exposed=0.1))
-        assert_that(flagged | beam.Map(lambda u: sorted((s.candidate.candidate_id, s.candidate.nsfw)
-                                                        for s in u.candidates)),
-                    equal_to([sorted([(cands[0].candidate_id, True), (cands[1].candidate_id, None),
-                                      (cands[2].candidate_id, True)])]))
-    assert counters(p.result, "nsfw_targets")["flagged"] == 1
+        flagged, rejects = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(),
+                                                                     NsfwConfig(buttocks_exposed=0.1))
+        # (id, flag, stored score over the lowered threshold): only the coffee render's is
+        assert_that(flagged | beam.Map(lambda u: sorted((s.candidate.candidate_id, s.candidate.nsfw,
+                                                         s.scores.nsfw_score >= 0.1) for s in u.candidates)),
+                    equal_to([sorted([(cands[0].candidate_id, True, False), (cands[1].candidate_id, None, False),
+                                      (cands[2].candidate_id, True, True)])]))
+        assert_that(rejects, equal_to([]), label="NoRejects")
+    stage = counters(p.result, "nsfw_targets")
+    assert stage["flagged"] == 1 and sum(v for k, v in stage.items() if k.startswith("nsfw_score_bin_")) == 3
     flagged_unit = dataclasses.replace(unit.candidates[0], candidate=dataclasses.replace(cands[2], nsfw=True))
     assert failures(flagged_unit, TargetFilterConfig(), None)[0][0] == "nsfw"
     # Switched off, the step is the identity.
     with TestPipeline() as p:
-        same = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(), NsfwConfig(enabled=False))
-        assert_that(same | beam.Map(lambda u: [s.candidate.nsfw for s in u.candidates]),
-                    equal_to([[s.candidate.nsfw for s in unit.candidates]]))
+        same, _ = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(), NsfwConfig(enabled=False))
+        assert_that(same | beam.Map(lambda u: [(s.candidate.nsfw, s.scores.nsfw_score) for s in u.candidates]),
+                    equal_to([[(s.candidate.nsfw, None) for s in unit.candidates]]))

@@ -16,10 +16,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from schemas.records import ClusterStats
 from tests.clip_helpers import TINY, counters, photo_cluster, reencode, vector_cluster
 from transforms.embed import Embed
+from transforms.semantic_dedup import REASONS as DECLARED
 from transforms.semantic_dedup import (
     Item,
     SemanticDedup,
-    SemanticDedupConfig,
     bucket_chunks,
     centroid_count,
     compare_bucket,
@@ -27,9 +27,10 @@ from transforms.semantic_dedup import (
     greedy_duplicates,
     sample_size,
 )
+from transforms.settings import SemanticDedupConfig
 
 DIM = 64
-REASONS = {"semantic_duplicate_image", "semantic_duplicate_cluster", "cluster_too_small"}
+REASONS = {reason.code for reason in DECLARED}
 
 
 def item(key: str, vector: np.ndarray, rank: tuple) -> Item:

@@ -13,6 +13,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ConfigError, build_config
+from pipeline.console import target_filter_note
 from schemas.parquet import check_schema_version
 from tests.clip_helpers import counters, orthonormal, vector_cluster
 from tests.phase3_helpers import scored, units_of
@@ -28,6 +29,7 @@ from transforms.target_filter import (
     failures,
     fixed_bounds,
     level_of,
+    passes_floors,
     reject_detail,
     requested_count,
 )
@@ -97,15 +99,26 @@ def _exact_quantiles(values: list[float], m: int = 1001) -> list[float]:
     return [ordered[round(i * (n - 1) / (m - 1))] for i in range(m)] if ordered else []
 
 
-def _calibrated_kept(candidates: list, keep_rate: float) -> tuple[int, int, dict]:
-    config = TargetFilterConfig(target_keep_rate=keep_rate)
+def no_floors(keep_rate: float) -> TargetFilterConfig:
+    """Calibration alone: no floor under the calibrated bounds."""
+    return TargetFilterConfig(target_keep_rate=keep_rate, min_subject_sim=None, min_text_sim=None)
+
+
+def _calibrated_kept(candidates: list, keep_rate: float,
+                     config: TargetFilterConfig | None = None) -> tuple[int, int, dict]:
+    """What the stage decides, with exact quantiles: (kept, requested, calibration)."""
+    config = config or no_floors(keep_rate)
+    floors = fixed_bounds(config)
     eligible = [c for c in candidates if not failures(c, config, None)]
     q_subject = _exact_quantiles([c.scores.subject_sim for c in eligible])
     q_text = _exact_quantiles([c.scores.text_sim for c in eligible])
-    histogram = [0] * 1001
+    histogram, below = [0] * 1001, 0
     for c in eligible:
-        histogram[level_of(c.scores.subject_sim, c.scores.text_sim, q_subject, q_text)] += 1
-    calibration = calibrate(histogram, q_subject, q_text, len(candidates), keep_rate)
+        if passes_floors(c.scores.subject_sim, c.scores.text_sim, floors):
+            histogram[level_of(c.scores.subject_sim, c.scores.text_sim, q_subject, q_text)] += 1
+        else:
+            below += 1
+    calibration = calibrate(histogram, q_subject, q_text, len(candidates), keep_rate, floors, below)
     bounds = Bounds(calibration["min_subject_sim"], calibration["min_text_sim"])
     kept = sum(1 for c in candidates if not failures(c, config, bounds))
     return kept, requested_count(keep_rate, len(candidates)), calibration
@@ -157,7 +170,7 @@ def _hand_made_units() -> tuple[list, list]:
 
 def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
     units, candidates = _hand_made_units()
-    config = TargetFilterConfig(target_keep_rate=0.25)
+    config = no_floors(0.25)
     p = TestPipeline()
     filtered = p | beam.Create(units) | TargetFilter(config)
     write_stage_extras(filtered, "TargetFilter", str(tmp_path), "assemble", "target_filter", OutputConfig())
@@ -197,6 +210,70 @@ def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
     by_id = {row["candidate_id"]: row for row in table.to_pylist()}
     copy = next(c for c in candidates if c.scores.copy_distance == 4)
     assert by_id[copy.candidate.candidate_id]["failed"] == ["copy_phash"]
+
+
+# --- floors under the calibrated bounds ---------------------------------------------------------------------
+
+
+def test_floors_under_calibrated_bounds_keep_only_what_passes_them() -> None:
+    """Keep at most 25%, and only what passes the floors: 20 of 100 renders reach min_subject_sim 0.7, so 20 are kept
+    (not 25), the subject bound is its floor, and the calibration says so."""
+    candidates = [scored(tag=str(i), subject_sim=0.5 + 0.25 * i / 99, text_sim=0.3 + 0.001 * (i % 7))
+                  for i in range(100)]
+    kept, requested, calibration = _calibrated_kept(candidates, 0.25, TargetFilterConfig(target_keep_rate=0.25))
+    passing = sum(1 for c in candidates if c.scores.subject_sim >= 0.7)
+    assert (kept, requested, passing) == (20, 25, 20)
+    assert calibration["expected_kept"] == 20 and calibration["short_of_request"] == 5
+    assert calibration["limited_by_floors"] and calibration["floor_bound"] and calibration["below_floors"] == 80
+    subject, text = calibration["floors"]["min_subject_sim"], calibration["floors"]["min_text_sim"]
+    assert subject["floor_bound"] and subject["bound"] == 0.7 and subject["calibrated"] < 0.7
+    assert not text["floor_bound"] and text["bound"] == text["calibrated"] >= 0.3
+    # Without floors the same run keeps its quarter, under 0.7.
+    assert _calibrated_kept(candidates, 0.25)[0] == 25
+    # Floors under every score change nothing.
+    low = TargetFilterConfig(target_keep_rate=0.25, min_subject_sim=0.1, min_text_sim=0.1)
+    _, _, unbound = _calibrated_kept(candidates, 0.25, low)
+    assert not unbound["floor_bound"] and unbound["expected_kept"] == 25 and unbound["short_of_request"] == 0
+
+
+def _poor_units() -> tuple[list, list]:
+    """Two clusters whose every render is poor: subject similarity 0.3-0.6, text similarity 0.05-0.2 (the floors are
+    0.7 and 0.25)."""
+    units, candidates = [], []
+    for k in range(2):
+        cluster = vector_cluster(f"https://shop.example.com/poor-{k}", orthonormal(3, seed=k))
+        renders = [scored(tag=f"p{k}-{i}", cluster_id=cluster.cluster_id, subject_sim=0.3 + 0.05 * i,
+                          text_sim=0.05 + 0.025 * ((i * 3) % 7)) for i in range(7)]
+        units.append(units_of(renders, cluster))
+        candidates += renders
+    return units, candidates
+
+
+def test_stage_keeps_nothing_above_the_floors_when_every_render_is_poor(tmp_path) -> None:
+    units, candidates = _poor_units()
+    config = TargetFilterConfig(target_keep_rate=0.25)
+    p = TestPipeline()
+    filtered = p | beam.Create(units) | TargetFilter(config)
+    write_stage_extras(filtered, "TargetFilter", str(tmp_path), "assemble", "target_filter", OutputConfig())
+    kept, rejects = filtered
+    assert_that(kept, equal_to([]), label="NothingKept")
+    assert_that(rejects | beam.Map(lambda r: r.reason), equal_to(["subject_not_preserved"] * 14), label="Reasons")
+    result = p.run()
+    result.wait_until_finish()
+    assert counters(result, "target_filter").get("kept", 0) == 0
+    stats = json.loads((tmp_path / "stats" / "assemble.target_filter.json").read_text())
+    calibration = stats["calibration"]
+    assert calibration["requested"] == 4 and calibration["expected_kept"] == 0
+    assert calibration["short_of_request"] == 4 and calibration["eligible"] == calibration["below_floors"] == 14
+    assert calibration["floor_bound"] and calibration["limited_by_floors"]
+    assert all(bound["floor_bound"] for bound in calibration["floors"].values())
+    assert (stats["bounds"]["min_subject_sim"], stats["bounds"]["min_text_sim"]) == (0.7, 0.25)
+    # The pure functions agree; and without the floors a quarter would have been kept anyway.
+    assert _calibrated_kept(candidates, 0.25, config)[0] == 0 and _calibrated_kept(candidates, 0.25)[0] == 4
+    # The words the console, the card and the report use.
+    note = target_filter_note(stats)
+    assert "the floor target_filter.min_subject_sim 0.7 bound it" in note
+    assert "0 kept of the 4 requested, 4 short (limited by the floors)" in note
 
 
 @pytest.mark.parametrize("write", [False, True])

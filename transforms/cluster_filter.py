@@ -16,7 +16,10 @@ Score first, threshold second:
    ``cluster_filter.coherence_threshold``, or -- with ``cluster_filter.target_keep_rate`` -- calibrated
    on the run's own clusters: the ``1 - target_keep_rate`` quantile of their ``mean_sim``, from Beam's
    ``ApproximateQuantiles`` (exact while the clusters fit its buffers, within a ``1/QUANTILES`` rank
-   error beyond), passed to the threshold step as a side input.
+   error beyond), passed to the threshold step as a side input. The keep rate is an upper bound: a calibrated
+   threshold never goes under ``coherence_threshold`` (its floor; null: none), so a run of incoherent pages
+   keeps only the clusters that pass the floor, however few. The stats say when the floor was the threshold
+   (``floor_bound``) and how many clusters were kept short of the request (``short_of_request``).
 
 The threshold used, the mode, and the quantiles of ``mean_sim`` leave the stage as its ``stats`` (an extra
 output the phase writes to ``OUT/stats/``) and end in ``manifest.json`` under ``stats.clusters.cluster_filter``,
@@ -131,22 +134,47 @@ def threshold_for_keep_rate(quantiles: Sequence[float], keep_rate: float, n_scor
     return float(quantiles[index])
 
 
+def floored(calibrated: float | None, floor: float | None) -> float | None:
+    """The threshold in force: the calibrated one, never under the floor."""
+    if calibrated is None or floor is None:
+        return calibrated
+    return max(calibrated, floor)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
+
+
 def calibration_stats(quantiles: Sequence[float], n_scored: int, threshold: float | None,
-                      config: ClusterFilterConfig) -> dict[str, Any]:
-    """The ``stats.clusters.cluster_filter`` block of the manifest."""
+                      config: ClusterFilterConfig, calibrated: float | None = None,
+                      n_kept: int | None = None) -> dict[str, Any]:
+    """The ``stats.clusters.cluster_filter`` block of the manifest. With ``target_keep_rate``: ``calibrated`` is
+    the quantile threshold before the floor, ``n_kept`` the clusters the threshold in force kept."""
     recorded = {}
     if quantiles:
         for percent in RECORDED_QUANTILES:
             index = round(percent / 100 * (len(quantiles) - 1))
             recorded[f"p{percent:02d}"] = round(float(quantiles[index]), 6)
-    return {
+    stats: dict[str, Any] = {
         "mode": "target_keep_rate" if config.target_keep_rate is not None else "fixed",
         "target_keep_rate": config.target_keep_rate,
-        "coherence_threshold": None if threshold is None else round(float(threshold), 6),
+        "coherence_threshold": _rounded(threshold),
         "outlier_threshold": config.outlier_threshold,
         "clusters_scored": n_scored,
         "mean_sim_quantiles": recorded,
     }
+    if config.target_keep_rate is not None:
+        floor = config.coherence_threshold
+        requested = min(n_scored, max(1, round(config.target_keep_rate * n_scored))) if n_scored else 0
+        stats.update({
+            "calibrated_threshold": _rounded(calibrated),
+            "floor": floor,
+            "floor_bound": floor is not None and calibrated is not None and floor > calibrated,
+            "requested": requested,
+            "kept": n_kept,
+            "short_of_request": None if n_kept is None else max(0, requested - n_kept),
+        })
+    return stats
 
 
 # --- the DoFns ------------------------------------------------------------------------------------------
@@ -266,17 +294,23 @@ class ClusterFilter(beam.PTransform):
             kept = scored.scored | "ApplyThreshold" >> beam.ParDo(
                 ApplyThresholdFn(), config.coherence_threshold).with_outputs(REJECTS, main="kept")
             threshold = scored.scored.pipeline | "FixedThreshold" >> beam.Create([config.coherence_threshold])
+            stats = quantiles | "DescribeCalibration" >> beam.Map(
+                calibration_stats, beam.pvalue.AsSingleton(n_scored), beam.pvalue.AsSingleton(threshold), config)
         else:
-            threshold = quantiles | "CalibrateThreshold" >> beam.Map(
+            calibrated = quantiles | "CalibrateThreshold" >> beam.Map(
                 threshold_for_keep_rate, config.target_keep_rate, beam.pvalue.AsSingleton(n_scored))
+            threshold = calibrated | "FloorThreshold" >> beam.Map(floored, config.coherence_threshold)
             verdicts = scores | "Decide" >> beam.Map(decide, beam.pvalue.AsSingleton(threshold))
+            n_kept = (verdicts | "PassingVerdicts" >> beam.Filter(lambda verdict: verdict[1] is None)
+                      | "CountKept" >> beam.combiners.Count.Globally())
             keyed = scored.scored | "KeyById" >> beam.Map(lambda cluster: (cluster.cluster_id, cluster))
             kept = (
                 {"cluster": keyed, "verdict": verdicts}
                 | "JoinVerdicts" >> beam.CoGroupByKey()
                 | "ApplyThreshold" >> beam.ParDo(JoinVerdictFn()).with_outputs(REJECTS, main="kept")
             )
-        stats = quantiles | "DescribeCalibration" >> beam.Map(
-            calibration_stats, beam.pvalue.AsSingleton(n_scored), beam.pvalue.AsSingleton(threshold), config)
+            stats = quantiles | "DescribeCalibration" >> beam.Map(
+                calibration_stats, beam.pvalue.AsSingleton(n_scored), beam.pvalue.AsSingleton(threshold), config,
+                beam.pvalue.AsSingleton(calibrated), beam.pvalue.AsSingleton(n_kept))
         rejects = (scored[REJECTS], kept[REJECTS]) | "FilterRejects" >> beam.Flatten()
         return StageOutput(kept.kept, rejects, {"stats": stats})

@@ -33,18 +33,16 @@ leaves as one ``detection_failed`` row per image. Counters (namespace ``safety``
 ``keep``), ``nsfw_score_bin_0`` ... ``nsfw_score_bin_9`` (NSFW scores in tenths, for the report) and one per
 reject reason.
 
-:class:`FlagNsfwTargets` is the same check for phase 3: it sets ``Candidate.nsfw`` on the renders of scored
-units, before the target filter rejects them as ``nsfw``.
+The same NSFW decision (:func:`nsfw_verdict`) checks the renders of phase 3: stage ``nsfw_targets``
+(:mod:`transforms.nsfw_targets`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -54,16 +52,9 @@ from PIL import Image, ImageFilter
 
 from schemas.ids import content_id
 from schemas.records import Cluster, ImageRecord, with_images
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
-from transforms.models.detectors import (
-    LABELS,
-    Detections,
-    DetectorConfig,
-    DetectorInput,
-    Face,
-    detector_inference,
-)
-from transforms.normalize import NormalizeConfig
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.models.detectors import LABELS, Detections, DetectorInput, Face, detector_inference
+from transforms.settings import NSFW_BINS, DetectorConfig, NormalizeConfig, NsfwConfig, PeopleConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -75,58 +66,9 @@ CLUSTER_TOO_SMALL = "cluster_too_small"
 DETECTION_DECODE_ERROR = "detection_decode_error"
 DETECTION_FAILED = "detection_failed"
 
-POLICIES = ("drop", "keep")
+REASONS = (Reason(NSFW_INPUT), Reason(PERSON_SUBJECT, whole_cluster=True),
+           Reason(CLUSTER_TOO_SMALL, whole_cluster=True), Reason(DETECTION_DECODE_ERROR), Reason(DETECTION_FAILED))
 
-NSFW_BINS = 10
-"""The NSFW scores are counted in this many bins of equal width (``safety/nsfw_score_bin_K``)."""
-
-
-@dataclass(frozen=True)
-class PeopleConfig:
-    """People policy (config section ``people``); defaults and their sources in docs/defaults.md."""
-
-    policy: str = option("drop", "drop: a cluster whose subject is a person (a prominent face in at least "
-                                 "person_image_fraction of its images) leaves as person_subject; keep: it stays.")
-    blur_incidental_faces: bool = option(True, "Blur faces that are not the cluster's subject in the stored "
-                                               "images (the image id and phash become those of the blurred image).")
-    min_face_score: float = option(0.55, "Smallest detector score of a face that counts (after Haar "
-                                         "confirmation).")
-    prominent_face_share: float = option(0.01, "A face whose box covers at least this share of the image area "
-                                               "makes a person image (1%: a box a tenth of the image's side).")
-    person_image_fraction: float = option(0.5, "A cluster is a person cluster when at least this share of its "
-                                               "images are person images.")
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("min_face_score", "prominent_face_share", "person_image_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be within (0, 1], got {value}")
-
-
-@dataclass(frozen=True)
-class NsfwConfig:
-    """NSFW check of crawled photos and renders (config section ``nsfw``): one threshold per detector class,
-    null to ignore the class; see docs/defaults.md."""
-
-    enabled: bool = option(True, "Reject crawled photos (nsfw_input) and flag renders (nsfw) the detector scores "
-                                 "at or over a class threshold.")
-    female_breast_exposed: float | None = option(0.7, "Threshold of NudeNet's FEMALE_BREAST_EXPOSED.")
-    female_genitalia_exposed: float | None = option(0.7, "Threshold of NudeNet's FEMALE_GENITALIA_EXPOSED.")
-    male_genitalia_exposed: float | None = option(0.7, "Threshold of NudeNet's MALE_GENITALIA_EXPOSED.")
-    buttocks_exposed: float | None = option(0.7, "Threshold of NudeNet's BUTTOCKS_EXPOSED.")
-    anus_exposed: float | None = option(0.7, "Threshold of NudeNet's ANUS_EXPOSED.")
-
-    def __post_init__(self) -> None:
-        for label, value in self.thresholds().items():
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{label.lower()} must be within (0, 1] or null, got {value}")
-
-    def thresholds(self) -> dict[str, float]:
-        """``{detector class: threshold}`` of the classes checked."""
-        names = [f.name for f in dataclasses.fields(self) if f.name != "enabled"]
-        return {name.upper(): getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 for _label in NsfwConfig().thresholds():
@@ -406,69 +348,3 @@ class Safety(beam.PTransform):
             detection_failure_rejects).with_outputs(REJECTS, main="none")
         rejects = (prepared[REJECTS], decided[REJECTS], failures[REJECTS]) | "SafetyRejects" >> beam.Flatten()
         return StageOutput(decided.clusters, rejects)
-
-
-# --- phase 3: the renders ------------------------------------------------------------------------------------
-
-
-class PrepareTargetsFn(beam.DoFn):
-    """``ScoringUnit`` -> ``DetectorInput(unit, target arrays)``; a unit whose targets cannot all be decoded goes
-    on unchecked (the score stage has already rejected undecodable targets) and is counted."""
-
-    def process(self, unit: Any) -> Iterator[Any]:
-        try:
-            arrays = tuple(decode_array(scored.candidate.image) for scored in unit.candidates)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            count("nsfw_targets", "units_unchecked")
-            yield beam.pvalue.TaggedOutput("unchecked", unit)
-            return
-        yield DetectorInput(unit, arrays)
-
-
-def flag_targets(result: PredictionResult, nsfw: NsfwConfig) -> Any:
-    """The unit of a prediction with ``candidate.nsfw`` set on the renders the detector flags (a flag of the
-    base model's safety checker stays)."""
-    unit = result.example.key
-    scored = []
-    for item, found in zip(unit.candidates, result.inference, strict=True):
-        score, label = nsfw_verdict(found.class_scores, nsfw)
-        count("nsfw_targets", f"nsfw_score_bin_{min(NSFW_BINS - 1, int(score * NSFW_BINS))}")
-        if label is not None:
-            count("nsfw_targets", "flagged")
-            item = dataclasses.replace(item, candidate=dataclasses.replace(item.candidate, nsfw=True))
-        scored.append(item)
-    return unit._replace(candidates=tuple(scored))
-
-
-class FlagNsfwTargets(beam.PTransform):
-    """Phase 3: ``ScoringUnit``s (after ``Score``) -> the same with ``Candidate.nsfw`` set where the detector
-    scores a render at or over an ``nsfw`` threshold; the target filter then rejects it as ``nsfw``. A batch on
-    which the detector raises leaves its units unchecked (logged and counted as ``nsfw_targets/units_unchecked``):
-    the renders still passed the base model's safety checker, and losing them to a detector fault would not be
-    safer."""
-
-    def __init__(self, detector: DetectorConfig, nsfw: NsfwConfig) -> None:
-        super().__init__()
-        self._detector = detector
-        self._nsfw = nsfw
-
-    def expand(self, units: beam.PCollection) -> beam.PCollection:
-        if not self._nsfw.enabled:
-            return units
-        prepared = units | "PrepareTargets" >> beam.ParDo(PrepareTargetsFn()).with_output_types(
-            DetectorInput).with_outputs("unchecked", main="inputs")
-        results, failed = prepared.inputs | "DetectNsfwTargets" >> detector_inference(
-            self._detector, "nsfw_targets").with_exception_handling()
-        nsfw = self._nsfw
-        flagged = results | "FlagTargets" >> beam.Map(flag_targets, nsfw)
-        unchecked = failed.failed_inferences | "UncheckedBatches" >> beam.FlatMap(_unchecked_units)
-        return (flagged, prepared.unchecked, unchecked) | "AllUnits" >> beam.Flatten()
-
-
-def _unchecked_units(failure: tuple[Any, Any]) -> Iterator[Any]:
-    batch, (_error_type, error_repr, _traceback) = failure
-    LOG.warning("nsfw_targets: the detector failed on a batch of %d units (%s); they go on unchecked", len(batch),
-                error_repr)
-    for example in batch:
-        count("nsfw_targets", "units_unchecked")
-        yield example.key

@@ -55,14 +55,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 
 from schemas.records import Cluster, ImageRecord, with_images
-from transforms.common import REJECTS, StageOutput, count, internal_error, option, reject
+from transforms.common import REJECTS, Reason, StageOutput, count, internal_error, reject
+from transforms.settings import SemanticDedupConfig
 
 STAGE = "semantic_dedup"
 
@@ -70,50 +70,11 @@ SEMANTIC_DUPLICATE_IMAGE = "semantic_duplicate_image"
 SEMANTIC_DUPLICATE_CLUSTER = "semantic_duplicate_cluster"
 CLUSTER_TOO_SMALL = "cluster_too_small"
 
+REASONS = (Reason(SEMANTIC_DUPLICATE_IMAGE), Reason(SEMANTIC_DUPLICATE_CLUSTER, whole_cluster=True),
+           Reason(CLUSTER_TOO_SMALL, whole_cluster=True))
+
 CLUSTER_LEVEL = "cluster"
 IMAGE_LEVEL = "image"
-
-
-@dataclass(frozen=True)
-class SemanticDedupConfig:
-    """Settings of dataset-wide semantic dedup (config section ``semantic_dedup``); see docs/defaults.md."""
-
-    enabled: bool = option(True, "Drop semantic duplicates across the dataset by CLIP embeddings (needs "
-                                 "embed.enabled).")
-    image_threshold: float | None = option(0.95, "Two images whose CLIP cosine similarity reaches this are one "
-                                                 "picture; the lower-ranked copy leaves (semantic_duplicate_image). "
-                                                 "null: no image level.")
-    cluster_threshold: float | None = option(0.95, "Two clusters whose mean embeddings reach this cosine similarity "
-                                                   "show the same subject; the lower-ranked leaves "
-                                                   "(semantic_duplicate_cluster). null: no cluster level.")
-    bucket_size: int = option(500, "Mean number of items per k-means bucket: k = ceil(items / bucket_size) "
-                                   "centroids; pairs are compared only within a bucket.")
-    max_centroids: int = option(4096, "Most k-means centroids (their float32 matrix is a side input of every "
-                                      "worker: 12 MB at 4096 x 768).")
-    sample_per_centroid: int = option(16, "Sample items per centroid for fitting k-means.")
-    max_sample: int = option(32768, "Most items in the k-means sample (one element: 48 MB of float16 at 768 "
-                                    "dimensions).")
-    assignments: int = option(2, "Each item is compared in the buckets of its this many nearest centroids, so that "
-                                 "duplicates on either side of a bucket boundary still meet (1: SemDeDup's single "
-                                 "assignment, about 5% of duplicates missed; see docs/defaults.md).")
-    max_bucket_items: int = option(2000, "A bucket with more items is split again by k-means (counted as "
-                                          "semantic_dedup/split_buckets), up to 3 times, then compared in chunks "
-                                          "of this size (semantic_dedup/hot_buckets).")
-    kmeans_iterations: int = option(20, "Lloyd iterations of the k-means fit.")
-    seed: int = option(0, "Seed of the k-means initialization.")
-
-    def __post_init__(self) -> None:
-        for name in ("image_threshold", "cluster_threshold"):
-            value = getattr(self, name)
-            if value is not None and not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
-        for name in ("bucket_size", "max_centroids", "sample_per_centroid", "kmeans_iterations", "assignments"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_sample < 2:
-            raise ValueError(f"max_sample must be at least 2, got {self.max_sample}")
-        if self.max_bucket_items < 2:
-            raise ValueError(f"max_bucket_items must be at least 2, got {self.max_bucket_items}")
 
 
 # --- items -----------------------------------------------------------------------------------------------

@@ -209,11 +209,13 @@ class ClusterFilterConfig:
     outlier_threshold: float | None = option(0.6, "An image whose mean cosine similarity to the other images of "
                                                   "its cluster is under this leaves it (outlier_image), unless "
                                                   "most images are under it; null: no outlier removal.")
-    coherence_threshold: float = option(0.75, "Smallest mean pairwise cosine similarity of a kept cluster "
-                                              "(incoherent_cluster). Ignored with target_keep_rate.")
-    target_keep_rate: float | None = option(None, "Calibrate the coherence threshold on this run so that this "
-                                                  "share of the scored clusters is kept (0 < rate <= 1); the "
-                                                  "threshold used goes to manifest.json.")
+    coherence_threshold: float | None = option(0.75, "Smallest mean pairwise cosine similarity of a kept cluster "
+                                                     "(incoherent_cluster); with target_keep_rate, the floor under "
+                                                     "the calibrated threshold. null: no threshold.")
+    target_keep_rate: float | None = option(None, "Calibrate the coherence threshold on this run so that at most "
+                                                  "this share of the scored clusters is kept (0 < rate <= 1), never "
+                                                  "under coherence_threshold (its floor); the threshold used goes to "
+                                                  "manifest.json.")
 
     def __post_init__(self) -> None:
         for name in ("outlier_threshold", "coherence_threshold"):
@@ -270,6 +272,157 @@ class DecontaminateConfig:
         if self.clip_threshold is not None and not -1.0 <= self.clip_threshold <= 1.0:
             raise ValueError(f"clip_threshold is a cosine similarity and must be within -1..1, got "
                              f"{self.clip_threshold}")
+
+
+# --- phase 1: faces, NSFW and semantic duplicates (stages safety, semantic_dedup; phase 3's nsfw_targets) ---------
+
+
+_DETECTOR_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Settings of the face and NSFW detector (config section ``detector``); see docs/defaults.md."""
+
+    enabled: bool = option(True, "Run the face and NSFW detector: phase 1's safety stage (people policy, NSFW check "
+                                 "of the crawled photos) and phase 3's NSFW check of the renders. false: neither "
+                                 "runs, whatever the people and nsfw sections say (renders keep the base model's "
+                                 "safety checker).")
+    model: str | None = option(None, "ONNX file of a NudeNet 3 detector (local, gs://, s3://); null: the 320n "
+                                     "weights bundled in the nudenet wheel.")
+    resolution: int = option(640, "Input size of the detector, in pixels (images are padded to a square and "
+                                  "resized to it). Small faces need 640: at 320 a face under ~50 px is missed.")
+    face_confirmation: bool = option(True, "Count a NudeNet face only where an OpenCV Haar cascade (frontal or "
+                                           "profile) also finds one: NudeNet alone takes dog and toy faces for "
+                                           "human faces.")
+    batch_size: int = option(16, "Images per inference batch (clusters are batched whole, weighted by their "
+                                 "image count).")
+    min_batch_size: int | None = option(None, "Smallest batch Beam's adaptive batching may emit; null: equal to "
+                                              "batch_size.")
+    threads: int = option(1, "onnxruntime intra-op threads per worker process; 0: onnxruntime's default (all "
+                             "cores). Dataflow runs one process per vCPU, so 1 uses the machine without "
+                             "oversubscribing it.")
+    device: str = option("cpu", "cpu, cuda (needs the onnxruntime-gpu package) or auto (CUDA when "
+                                "onnxruntime offers it).")
+    share_model_across_processes: bool = option(False, "One detector per worker machine shared by its processes "
+                                                       "(Beam large_model); the 12 MB model rarely needs it.")
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.resolution <= 2048 or self.resolution % 32:
+            raise ValueError(f"resolution must be a multiple of 32 within 64..2048, got {self.resolution}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.min_batch_size is not None and not 1 <= self.min_batch_size <= self.batch_size:
+            raise ValueError(f"min_batch_size must be within 1..batch_size ({self.batch_size}), "
+                             f"got {self.min_batch_size}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.device not in _DETECTOR_DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DETECTOR_DEVICES)}, got {self.device!r}")
+
+
+PEOPLE_POLICIES = ("drop", "keep")
+
+
+@dataclass(frozen=True)
+class PeopleConfig:
+    """People policy of the safety stage (config section ``people``); defaults and their sources in
+    docs/defaults.md."""
+
+    policy: str = option("drop", "drop: a cluster whose subject is a person (a prominent face in at least "
+                                 "person_image_fraction of its images) leaves as person_subject; keep: it stays.")
+    blur_incidental_faces: bool = option(True, "Blur faces that are not the cluster's subject in the stored "
+                                               "images (the image id and phash become those of the blurred image).")
+    min_face_score: float = option(0.55, "Smallest detector score of a face that counts (after Haar "
+                                         "confirmation).")
+    prominent_face_share: float = option(0.01, "A face whose box covers at least this share of the image area "
+                                               "makes a person image (1%: a box a tenth of the image's side).")
+    person_image_fraction: float = option(0.5, "A cluster is a person cluster when at least this share of its "
+                                               "images are person images.")
+
+    def __post_init__(self) -> None:
+        if self.policy not in PEOPLE_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(PEOPLE_POLICIES)}, got {self.policy!r}")
+        for name in ("min_face_score", "prominent_face_share", "person_image_fraction"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be within (0, 1], got {value}")
+
+    @property
+    def acts(self) -> bool:
+        """Whether the policy changes anything: drops person clusters or blurs faces."""
+        return self.policy == "drop" or self.blur_incidental_faces
+
+
+NSFW_BINS = 10
+"""The NSFW stages count scores in this many bins of equal width of 0..1 (counters ``nsfw_score_bin_K``), which
+the report draws."""
+
+
+@dataclass(frozen=True)
+class NsfwConfig:
+    """NSFW check of crawled photos and renders (config section ``nsfw``): one threshold per detector class,
+    null to ignore the class; see docs/defaults.md."""
+
+    enabled: bool = option(True, "Reject crawled photos (nsfw_input) and flag renders (nsfw) the detector scores "
+                                 "at or over a class threshold.")
+    female_breast_exposed: float | None = option(0.7, "Threshold of NudeNet's FEMALE_BREAST_EXPOSED.")
+    female_genitalia_exposed: float | None = option(0.7, "Threshold of NudeNet's FEMALE_GENITALIA_EXPOSED.")
+    male_genitalia_exposed: float | None = option(0.7, "Threshold of NudeNet's MALE_GENITALIA_EXPOSED.")
+    buttocks_exposed: float | None = option(0.7, "Threshold of NudeNet's BUTTOCKS_EXPOSED.")
+    anus_exposed: float | None = option(0.7, "Threshold of NudeNet's ANUS_EXPOSED.")
+
+    def __post_init__(self) -> None:
+        for label, value in self.thresholds().items():
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{label.lower()} must be within (0, 1] or null, got {value}")
+
+    def thresholds(self) -> dict[str, float]:
+        """``{detector class: threshold}`` of the classes checked."""
+        names = [f.name for f in dataclasses.fields(self) if f.name != "enabled"]
+        return {name.upper(): getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass(frozen=True)
+class SemanticDedupConfig:
+    """Settings of dataset-wide semantic dedup (config section ``semantic_dedup``); see docs/defaults.md."""
+
+    enabled: bool = option(True, "Drop semantic duplicates across the dataset by CLIP embeddings (needs "
+                                 "embed.enabled).")
+    image_threshold: float | None = option(0.95, "Two images whose CLIP cosine similarity reaches this are one "
+                                                 "picture; the lower-ranked copy leaves (semantic_duplicate_image). "
+                                                 "null: no image level.")
+    cluster_threshold: float | None = option(0.95, "Two clusters whose mean embeddings reach this cosine similarity "
+                                                   "show the same subject; the lower-ranked leaves "
+                                                   "(semantic_duplicate_cluster). null: no cluster level.")
+    bucket_size: int = option(500, "Mean number of items per k-means bucket: k = ceil(items / bucket_size) "
+                                   "centroids; pairs are compared only within a bucket.")
+    max_centroids: int = option(4096, "Most k-means centroids (their float32 matrix is a side input of every "
+                                      "worker: 12 MB at 4096 x 768).")
+    sample_per_centroid: int = option(16, "Sample items per centroid for fitting k-means.")
+    max_sample: int = option(32768, "Most items in the k-means sample (one element: 48 MB of float16 at 768 "
+                                    "dimensions).")
+    assignments: int = option(2, "Each item is compared in the buckets of its this many nearest centroids, so that "
+                                 "duplicates on either side of a bucket boundary still meet (1: SemDeDup's single "
+                                 "assignment, about 5% of duplicates missed; see docs/defaults.md).")
+    max_bucket_items: int = option(2000, "A bucket with more items is split again by k-means (counted as "
+                                          "semantic_dedup/split_buckets), up to 3 times, then compared in chunks "
+                                          "of this size (semantic_dedup/hot_buckets).")
+    kmeans_iterations: int = option(20, "Lloyd iterations of the k-means fit.")
+    seed: int = option(0, "Seed of the k-means initialization.")
+
+    def __post_init__(self) -> None:
+        for name in ("image_threshold", "cluster_threshold"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a cosine similarity and must be within -1..1, got {value}")
+        for name in ("bucket_size", "max_centroids", "sample_per_centroid", "kmeans_iterations", "assignments"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_sample < 2:
+            raise ValueError(f"max_sample must be at least 2, got {self.max_sample}")
+        if self.max_bucket_items < 2:
+            raise ValueError(f"max_bucket_items must be at least 2, got {self.max_bucket_items}")
 
 
 # --- phase 1: the model stages (captions, subjects, scene prompts) -----------------------------------------
@@ -627,13 +780,16 @@ class ScoreConfig:
 class TargetFilterConfig:
     """Bounds of the target filter (config section ``target_filter``); see docs/defaults.md."""
 
-    target_keep_rate: float | None = option(0.25, "Calibrate the two similarity bounds on this run so that this "
-                                                  "share of the scored candidates is kept (0 < rate <= 1); null: "
-                                                  "use min_subject_sim and min_text_sim.")
-    min_subject_sim: float = option(0.7, "Smallest mean CLIP image similarity of a target to its cluster's real "
-                                         "images (subject_not_preserved). Ignored with target_keep_rate.")
-    min_text_sim: float = option(0.25, "Smallest CLIP image-text similarity of a target to its prompt "
-                                       "(prompt_not_followed). Ignored with target_keep_rate.")
+    target_keep_rate: float | None = option(0.25, "Calibrate the two similarity bounds on this run so that at most "
+                                                  "this share of the scored candidates is kept (0 < rate <= 1), "
+                                                  "never under min_subject_sim and min_text_sim (their floors); "
+                                                  "null: use min_subject_sim and min_text_sim as they are.")
+    min_subject_sim: float | None = option(0.7, "Smallest mean CLIP image similarity of a target to its cluster's "
+                                                "real images (subject_not_preserved); with target_keep_rate, the "
+                                                "floor under the calibrated bound. null: no bound.")
+    min_text_sim: float | None = option(0.25, "Smallest CLIP image-text similarity of a target to its prompt "
+                                              "(prompt_not_followed); with target_keep_rate, the floor under the "
+                                              "calibrated bound. null: no bound.")
     max_copy_sim: float | None = option(0.95, "A target whose CLIP similarity to a real image of its cluster "
                                               "reaches this is a copy of it (copy_clip); null: no check.")
     max_copy_distance: int | None = option(10, "A target within this many bits (64-bit pHash) of a real image of "

@@ -35,7 +35,15 @@ count of candidates per level is exact, so the kept count is within one or two c
 thousand candidates, and within about 0.2% beyond). When 1-8 already drop more than ``1 - target_keep_rate``, the
 similarity bounds fall to the lowest scores (nothing more is dropped) and the manifest says so.
 
-The bounds used, the calibration (level, requested and expected counts) and quantiles of every score go to
+**Floors.** The keep rate is an upper bound, not a quota: "keep at most 25%, and only what passes the floors".
+A calibrated bound never goes under its fixed value, ``min_subject_sim`` or ``min_text_sim`` (null: no floor):
+the level is chosen among the candidates that pass both floors (so their count at or above it is exact), and each
+bound is the larger of its quantile at that level and its floor. When every render of a run is poor, nothing is
+kept. The calibration says, per bound, its quantile, its floor and whether the floor was the bound
+(``floor_bound``), how many candidates passing 1-8 fail a floor (``below_floors``), whether the floors kept the
+count under the request (``limited_by_floors``) and by how much (``short_of_request``).
+
+The bounds used, the calibration (level, requested and expected counts, floors) and quantiles of every score go to
 ``manifest.json`` under ``stats.assemble.target_filter``; every scored candidate's scores and decision go to
 ``OUT/scores/*.parquet``, so bounds can be audited and retuned without scoring again.
 """
@@ -84,7 +92,7 @@ QUANTILES = 1001
 """Quantile resolution of the calibration: 0.1% of rank."""
 
 SCORE_NAMES = ("subject_sim", "subject_sim_max", "text_sim", "copy_distance", "brightness",
-               "contrast", "sharpness")
+               "contrast", "sharpness", "nsfw_score")
 RECORDED_QUANTILES = 21
 """Quantiles of each score written to the manifest: p00, p05, ..., p100."""
 
@@ -98,7 +106,16 @@ class Bounds:
 
 
 def fixed_bounds(config: TargetFilterConfig) -> Bounds:
+    """The fixed bounds; with ``target_keep_rate``, the floors under the calibrated ones."""
     return Bounds(config.min_subject_sim, config.min_text_sim)
+
+
+NO_FLOORS = Bounds(None, None)
+
+
+def passes_floors(subject_sim: float, text_sim: float, floors: Bounds) -> bool:
+    return ((floors.min_subject_sim is None or subject_sim >= floors.min_subject_sim)
+            and (floors.min_text_sim is None or text_sim >= floors.min_text_sim))
 
 
 # --- decisions -------------------------------------------------------------------------------------------
@@ -184,26 +201,50 @@ def requested_count(keep_rate: float, n_scored: int) -> int:
 
 
 def calibrate(histogram: Sequence[int], q_subject: Sequence[float], q_text: Sequence[float], n_scored: int,
-              keep_rate: float) -> dict[str, Any]:
-    """The similarity bounds that keep ``requested_count(keep_rate, n_scored)`` candidates as nearly as possible.
+              keep_rate: float, floors: Bounds = NO_FLOORS, below_floors: int = 0) -> dict[str, Any]:
+    """The similarity bounds that keep at most about ``requested_count(keep_rate, n_scored)`` candidates, never
+    under their ``floors``.
 
-    ``histogram[i]``: candidates passing the absolute criteria whose :func:`level_of` is ``i``. The level ``i``
-    kept is the one whose count of candidates at or above it is nearest the request (the larger count on a tie);
-    the bounds are the two quantiles at that level.
+    ``q_subject``, ``q_text``: quantiles of the scores of the candidates passing the absolute criteria (1-8).
+    ``histogram[i]``: those of them that also pass both floors whose :func:`level_of` is ``i``; ``below_floors``:
+    those that fail a floor. The level kept is the one whose count of floor-passing candidates at or above it is
+    nearest the request (the larger count on a tie); each bound is the larger of its quantile at that level and its
+    floor, so a candidate passes both bounds exactly when it passes the floors and its level reaches the chosen one:
+    ``expected_kept`` is exact.
     """
-    eligible = int(sum(histogram))
+    passing = int(sum(histogram))
+    eligible = passing + below_floors
     requested = requested_count(keep_rate, n_scored)
-    out: dict[str, Any] = {"requested": requested, "eligible": eligible, "limited_by_absolute_checks": False}
+    out: dict[str, Any] = {"requested": requested, "eligible": eligible, "below_floors": below_floors,
+                           "limited_by_absolute_checks": requested > 0 and eligible <= requested,
+                           "limited_by_floors": below_floors > 0 and passing < requested}
     if not eligible or not q_subject or not q_text:
-        return {**out, "level": None, "expected_kept": 0, "min_subject_sim": None, "min_text_sim": None}
+        return {**out, "level": None, "expected_kept": 0, "short_of_request": requested,
+                "floors": floor_report(floors, None, None), "floor_bound": False,
+                "min_subject_sim": floors.min_subject_sim, "min_text_sim": floors.min_text_sim}
     at_or_above, running = [0] * len(histogram), 0
     for i in range(len(histogram) - 1, -1, -1):
         running += histogram[i]
         at_or_above[i] = running
     level = min(range(len(histogram)), key=lambda i: (abs(at_or_above[i] - requested), -at_or_above[i], i))
-    return {**out, "level": level, "expected_kept": at_or_above[level],
-            "limited_by_absolute_checks": eligible <= requested,
-            "min_subject_sim": float(q_subject[level]), "min_text_sim": float(q_text[level])}
+    report = floor_report(floors, float(q_subject[level]), float(q_text[level]))
+    kept = at_or_above[level]
+    return {**out, "level": level, "expected_kept": kept, "short_of_request": max(0, requested - kept),
+            "floors": report,
+            "floor_bound": out["limited_by_floors"] or any(bound["floor_bound"] for bound in report.values()),
+            "min_subject_sim": report["min_subject_sim"]["bound"], "min_text_sim": report["min_text_sim"]["bound"]}
+
+
+def floor_report(floors: Bounds, subject: float | None, text: float | None) -> dict[str, dict[str, Any]]:
+    """Per similarity bound: its calibrated quantile, its floor, the bound in force (the larger) and whether the
+    floor was the bound."""
+    report = {}
+    for name, calibrated in (("min_subject_sim", subject), ("min_text_sim", text)):
+        floor = getattr(floors, name)
+        bound = calibrated if floor is None else floor if calibrated is None else max(calibrated, floor)
+        report[name] = {"calibrated": calibrated, "floor": floor, "bound": bound,
+                        "floor_bound": floor is not None and calibrated is not None and floor > calibrated}
+    return report
 
 
 def bounds_from(calibration: dict[str, Any]) -> Bounds:
@@ -247,7 +288,9 @@ def eligible_scores(scored: ScoredCandidate, config: TargetFilterConfig) -> Iter
 def score_values(unit: ScoringUnit) -> Iterator[tuple[str, float]]:
     for scored in unit.candidates:
         for name in SCORE_NAMES:
-            yield name, float(getattr(scored.scores, name))
+            value = getattr(scored.scores, name)
+            if value is not None:  # nsfw_score: null when the renders were not checked
+                yield name, float(value)
 
 
 def light(scored: ScoredCandidate) -> ScoredCandidate:
@@ -353,14 +396,18 @@ class TargetFilter(beam.PTransform):
                          | "SubjectQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES))
             q_text = (pairs | "TextSims" >> beam.Map(lambda pair: pair[1])
                       | "TextQuantiles" >> beam.ApproximateQuantiles.Globally(QUANTILES))
+            floors = fixed_bounds(config)
+            below_floors = (pairs | "BelowFloors" >> beam.Filter(lambda pair: not passes_floors(*pair, floors))
+                            | "CountBelowFloors" >> beam.combiners.Count.Globally())
             calibration = (
                 pairs
+                | "PassFloors" >> beam.Filter(lambda pair: passes_floors(*pair, floors))
                 | "Levels" >> beam.Map(lambda pair, qs, qt: level_of(pair[0], pair[1], qs, qt),
                                        beam.pvalue.AsSingleton(q_subject), beam.pvalue.AsSingleton(q_text))
                 | "LevelHistogram" >> beam.CombineGlobally(LevelHistogram())
                 | "Calibrate" >> beam.Map(calibrate, beam.pvalue.AsSingleton(q_subject),
                                           beam.pvalue.AsSingleton(q_text), beam.pvalue.AsSingleton(n_scored),
-                                          config.target_keep_rate)
+                                          config.target_keep_rate, floors, beam.pvalue.AsSingleton(below_floors))
             )
             decided = candidates | "Decide" >> beam.ParDo(
                 DecideFn(config), beam.pvalue.AsSingleton(calibration)).with_outputs(REJECTS, DECISIONS, main="kept")

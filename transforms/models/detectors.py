@@ -44,14 +44,13 @@ import hashlib
 import logging
 import pickle
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from transforms.common import option
+from transforms.settings import DetectorConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -82,45 +81,6 @@ SMALL_FACE = 48
 
 CONFIRM_OVERLAP = 0.5
 """A cascade hit confirms a NudeNet face box when their intersection covers this share of the smaller box."""
-
-_DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Settings of the face and NSFW detector (config section ``detector``); see docs/defaults.md."""
-
-    model: str | None = option(None, "ONNX file of a NudeNet 3 detector (local, gs://, s3://); null: the 320n "
-                                     "weights bundled in the nudenet wheel.")
-    resolution: int = option(640, "Input size of the detector, in pixels (images are padded to a square and "
-                                  "resized to it). Small faces need 640: at 320 a face under ~50 px is missed.")
-    face_confirmation: bool = option(True, "Count a NudeNet face only where an OpenCV Haar cascade (frontal or "
-                                           "profile) also finds one: NudeNet alone takes dog and toy faces for "
-                                           "human faces.")
-    batch_size: int = option(16, "Images per inference batch (clusters are batched whole, weighted by their "
-                                 "image count).")
-    min_batch_size: int | None = option(None, "Smallest batch Beam's adaptive batching may emit; null: equal to "
-                                              "batch_size.")
-    threads: int = option(1, "onnxruntime intra-op threads per worker process; 0: onnxruntime's default (all "
-                             "cores). Dataflow runs one process per vCPU, so 1 uses the machine without "
-                             "oversubscribing it.")
-    device: str = option("cpu", "cpu, cuda (needs the onnxruntime-gpu package) or auto (CUDA when "
-                                "onnxruntime offers it).")
-    share_model_across_processes: bool = option(False, "One detector per worker machine shared by its processes "
-                                                       "(Beam large_model); the 12 MB model rarely needs it.")
-
-    def __post_init__(self) -> None:
-        if not 64 <= self.resolution <= 2048 or self.resolution % 32:
-            raise ValueError(f"resolution must be a multiple of 32 within 64..2048, got {self.resolution}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.min_batch_size is not None and not 1 <= self.min_batch_size <= self.batch_size:
-            raise ValueError(f"min_batch_size must be within 1..batch_size ({self.batch_size}), "
-                             f"got {self.min_batch_size}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
-        if self.device not in _DEVICES:
-            raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
 
 
 # --- records -------------------------------------------------------------------------------------------
@@ -325,6 +285,25 @@ def bundled_model_path() -> str:
     from importlib import resources
 
     return str(resources.files("nudenet").joinpath("320n.onnx"))
+
+
+def check_detector(config: DetectorConfig) -> None:
+    """Raise ``ValueError`` when the detector's weights cannot be found (cheap: nothing is read or loaded)."""
+    if config.model is None:
+        import importlib.util
+        import os
+
+        spec = importlib.util.find_spec("nudenet")
+        folders = list(spec.submodule_search_locations or ()) if spec is not None else []
+        if not any(os.path.exists(os.path.join(folder, "320n.onnx")) for folder in folders):
+            raise ValueError("detector.model is null (the 320n weights of the nudenet wheel), but the nudenet package "
+                             "or its 320n.onnx is not installed: install nudenet, set detector.model to an ONNX file, "
+                             "or switch the detector off (detector.enabled=false)")
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    if not FileSystems.exists(config.model):
+        raise ValueError(f"detector.model {config.model!r} does not exist")
 
 
 def read_model(config: DetectorConfig) -> bytes:
