@@ -9,7 +9,7 @@ from pipeline.config import build_config
 from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
 from transforms.models.clip import model_id
 
-CLIP_STAGES = {"embed", "cluster_filter", "cross_page", "decontaminate"}
+CLIP_STAGES = {"embed", "cluster_filter", "cross_page", "semantic_dedup", "decontaminate"}
 
 
 def test_demo_run_embeds_scores_and_calibrates(sample_phase1: PhaseOutput) -> None:
@@ -67,7 +67,8 @@ def test_multi_process_run_matches_in_memory(tmp_path, sample_phase1: PhaseOutpu
 
 def test_clip_stages_switch_off(tmp_path) -> None:
     out = run_pipeline([SAMPLE], tmp_path, "--profile", "demo", "--set", "embed.enabled=false",
-                       "--set", "cluster_filter.enabled=false", "--set", "cross_page.enabled=false")
+                       "--set", "cluster_filter.enabled=false", "--set", "cross_page.enabled=false",
+                       "--set", "semantic_dedup.enabled=false", "--set", "detector.enabled=false")
     assert out.manifest["records"]["reconciled"]
     assert not [r for r in out.rejects() if r["stage"] in CLIP_STAGES]
     assert all(im["embedding"] is None and im["coherence"] is None for c in out.clusters() for im in c["images"])

@@ -20,7 +20,8 @@ from transforms.cross_page import (
     sketch,
 )
 
-OFF = ["--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false"]
+OFF = ["--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false", "--set", "semantic_dedup.enabled=false",
+       "--set", "detector.enabled=false"]
 
 
 def test_band_slices_cover_the_hash() -> None:

@@ -26,9 +26,10 @@ from tests.formats import write_jsonl, write_webdataset
 from transforms.normalize import NormalizeConfig, normalize_image
 
 # Phase 1 without model stages: what the `expected` column describes. (tests/test_phase1_models.py
-# runs the sample with them.)
+# runs the sample with them; tests/test_responsible_graph.py with the detector and semantic dedup.)
 NO_MODELS: tuple[str, ...] = ("--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-                              "--set", "cross_page.enabled=false", "--set", "caption.enabled=false",
+                              "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
+                              "--set", "detector.enabled=false", "--set", "caption.enabled=false",
                               "--set", "subject.enabled=false", "--set", "prompts.enabled=false")
 GALLERY_CAP = 32
 

@@ -21,9 +21,11 @@ N_CLUSTERS = 33
 KEPT = 199
 
 # These tests are about the caption, subject and prompt stages: the CLIP stages (which drop clusters at
-# random with the demo's tiny model) are off, so every cluster of the sample reaches them.
+# random with the demo's tiny model) are off, so every cluster of the sample reaches them; so is the face and NSFW
+# detector, which keeps every photo of the sample (tests/test_responsible_graph.py).
 CLIP_OFF = ("--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-            "--set", "cross_page.enabled=false")
+            "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
+            "--set", "detector.enabled=false")
 
 
 @pytest.fixture(scope="module")

@@ -58,8 +58,10 @@ def test_the_target_filter_is_calibrated_on_the_run(demo_run: PhaseOutput) -> No
     assert abs(candidates["kept_by_filter"] - round(0.25 * candidates["scored"])) <= 1
     assert stats["bounds"]["min_side"] == 64 and stats["bounds"]["max_copy_sim"] is None  # the demo profile's
     assert stats["bounds"]["min_subject_sim"] is not None and stats["bounds"]["min_text_sim"] is not None
-    assert set(stats["score_quantiles"]) == {"subject_sim", "subject_sim_max", "text_sim",
-                                             "copy_distance", "brightness", "contrast", "sharpness"}
+    assert set(stats["score_quantiles"]) == {"subject_sim", "subject_sim_max", "text_sim", "copy_distance",
+                                             "brightness", "contrast", "sharpness", "nsfw_score"}
+    # The demo's floors are off (its tiny CLIP's similarities mean nothing): none bound the calibrated bounds.
+    assert not stats["calibration"]["floor_bound"] and stats["calibration"]["below_floors"] == 0
     assert candidates["keep_rate"] == pytest.approx(candidates["examples"] / candidates["input"])
     scores = read_rows(demo_run.output, "scores")
     assert len(scores) == candidates["scored"]

@@ -18,7 +18,7 @@ from schemas.reader import list_shards
 from tests.conftest import REPO, PhaseOutput, read_rows
 from transforms.outputs import Unit, choose_units, row_group_ids, sample_rows
 
-SECTIONS = ("run", "funnel", "histograms", "examples", "rejected", "clusters")
+SECTIONS = ("run", "funnel", "responsible", "histograms", "examples", "rejected", "clusters")
 
 
 def _chromium() -> str | None:
@@ -65,7 +65,8 @@ def test_the_report_of_a_demo_run_renders_in_a_browser(demo_run: PhaseOutput, tm
     assert 'id="banner"' in dom and "tiny random-weight models" in dom
     n_examples = demo_run.manifest["candidates"]["examples"]
     assert dom.count('class="example"') == min(48, n_examples)
-    assert dom.count('class="hist"') == 8  # cluster coherence + the 7 target scores
+    # cluster coherence, the 8 target scores (NSFW included), the NSFW scores of the photos and of the renders
+    assert dom.count('class="hist"') == 11
     assert dom.count('class="bound"') >= 8  # the bounds drawn on them
     calibration = demo_run.manifest["phases"]["assemble"]["stats"]["target_filter"]["calibration"]
     assert (f"calibrated to keep 25% of the scored candidates: {calibration['requested']} requested, "
@@ -85,7 +86,8 @@ def test_the_report_of_a_phase1_only_run_says_what_is_missing(sample_phase1: Pha
     for section in SECTIONS:
         assert f'id="{section}"' in dom, section
     assert "No examples yet" in dom and "phase assemble has not run" in dom
-    assert dom.count('class="hist"') == 1 and "cluster coherence" in dom  # from the manifest's quantiles
+    # Cluster coherence (from the manifest's quantiles) and the NSFW scores of the photos (the safety stage's counters).
+    assert dom.count('class="hist"') == 2 and "cluster coherence" in dom and "NSFW score of the crawled photos" in dom
     assert dom.count('class="cluster"') == min(12, sample_phase1.manifest["clusters"]["written"])
     assert "input records" in dom and "incoherent_cluster" in dom
 
@@ -109,6 +111,29 @@ def test_the_report_command_writes_a_capped_deterministic_sample(demo_run: Phase
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--set", "report.nope=1"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode == 2 and "report.nope" in bad.stderr
+
+
+def test_the_report_shows_what_the_responsible_data_stages_found(demo_run: PhaseOutput) -> None:
+    """Faces, person clusters, NSFW score histograms (photos, renders) and semantic-duplicate groups, from the
+    stages' counters; the renders' NSFW scores among the target score histograms (the page's source, no browser)."""
+    page = (demo_run.output / "report" / "index.html").read_text()
+    section = re.search(r'<section id="responsible">.*?</section>', page).group(0)
+    counters = demo_run.manifest["phases"]["clusters"]["counters"]
+    checked = counters["safety"]["images_checked"]
+    assert checked > 0 and f"<th>images checked</th><td class='num'>{checked:,}</td>" in section
+    assert "<th>faces found (confirmed)</th><td class='num'>0</td>" in section  # no person in the sample
+    assert f"<th>images compared</th><td class='num'>{counters['semantic_dedup']['image_items']:,}</td>" in section
+    assert "groups of duplicate images (image_threshold 0.9999)" in section
+    photos = re.search(r'<svg[^>]*aria-label="NSFW score of the crawled photos".*?</svg>', section).group(0)
+    renders = re.search(r'<svg[^>]*aria-label="NSFW score of the renders".*?</svg>', section).group(0)
+    assert f"photos {checked:,}" in photos and 'class="bound"' in photos and "nsfw 0.7" in photos
+    n_candidates = demo_run.manifest["candidates"]["input"]
+    assert f"renders {n_candidates:,}" in renders
+    histograms = re.search(r'<section id="histograms">.*?</section>', page).group(0)
+    assert 'aria-label="target nsfw_score"' in histograms
+    assert page.count('class="hist"') == 11
+    scores = read_rows(demo_run.output, "scores")
+    assert scores and all(0.0 <= row["scores"]["nsfw_score"] < 0.7 for row in scores)
 
 
 def test_galleries_read_row_groups_within_their_budget(demo_run: PhaseOutput) -> None:

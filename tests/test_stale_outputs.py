@@ -17,7 +17,8 @@ from pipeline.run import UsageError, stale_outputs
 from tests.conftest import SAMPLE, PhaseOutput, run_pipeline
 
 FAST_PHASE1 = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-               "--set", "cross_page.enabled=false")
+               "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
+               "--set", "detector.enabled=false")
 
 
 def _touch(root: Path, *relative: str) -> None:

@@ -155,7 +155,8 @@ def test_truncated_input_fails_the_run_unless_allowed(rows: list[dict], tmp_path
     cut = tmp_path / "crawl.jsonl.gz"
     cut.write_bytes(data[:offsets[14] + 7])  # 15 whole lines and part of the 16th
     fast = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-            "--set", "cross_page.enabled=false")
+            "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
+            "--set", "detector.enabled=false")
     with pytest.raises(RunError, match="end early"):
         run_pipeline([cut], tmp_path / "out", *fast)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
