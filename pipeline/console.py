@@ -78,6 +78,12 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
         floors = target_filter_note(target_filter)
         if floors:
             lines.append(f"  {floors}")
+        nsfw = summary.get("counters", {}).get("nsfw_targets")
+        if nsfw:
+            checked = sum(n for name, n in nsfw.items() if name.startswith("nsfw_score_bin_"))
+            unchecked = nsfw.get("units_unchecked", 0)
+            lines.append(f"  NSFW check of the renders: {checked:,} checked, {nsfw.get('flagged', 0):,} flagged"
+                         + (f", {unchecked:,} cluster(s) unchecked" if unchecked else ""))
         examples = summary.get("examples", {})
         if examples.get("files"):
             lines.append(f"  examples/: {examples['files']} file(s), {examples['row_groups']} row group(s), "

@@ -287,8 +287,11 @@ def _histograms_section(output_dir: str, manifest: dict[str, Any], config: Repor
         note = "<p class='note'>No scored candidates yet (phase assemble has not run on this output).</p>"
     elif target_filter.get("mode") == "target_keep_rate":
         calibration = target_filter.get("calibration", {})
-        limited = (" Fewer pass the absolute checks (quality, copies) than that: every one of them is kept."
-                   if calibration.get("limited_by_absolute_checks") else "")
+        limited = ""
+        if calibration.get("limited_by_absolute_checks"):
+            limited = (" Fewer pass the absolute checks (quality, copies) than that: every one of them "
+                       + ("that passes the similarity floors is kept." if calibration.get("below_floors")
+                          else "is kept."))
         note = (f"<p class='note'>The similarity bounds were calibrated to keep "
                 f"{100 * target_filter.get('target_keep_rate', 0):.0f}% of the scored candidates: "
                 f"{calibration.get('requested', 0):,} requested, {calibration.get('eligible', 0):,} passing the "

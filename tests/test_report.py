@@ -162,3 +162,22 @@ def test_row_groups_are_chosen_by_the_ids_they_hold_within_the_budget() -> None:
     units = [Unit("a", 0, 100, ("x", "y")), Unit("a", 1, 100, ("z",)), Unit("b", 0, 100, ("w",))]
     assert choose_units(units, ["z", "x", "w", "y"], 250) == [units[1], units[0]]
     assert choose_units(units, ["w", "q"], 1) == [units[2]]  # at least one, unknown ids ignored
+
+
+def test_the_report_says_when_a_floor_bound_a_calibrated_threshold(tmp_path) -> None:
+    """A phase-1 run of incoherent pages: the calibrated coherence threshold stood on its floor; the histogram draws
+    the floor and the note says how many clusters were kept short of the request."""
+    from transforms.cluster_filter import calibration_stats
+    from transforms.settings import ClusterFilterConfig
+
+    stats = calibration_stats([0.3 + 0.01 * i for i in range(31)], 30, 0.75, ClusterFilterConfig(target_keep_rate=0.5),
+                              calibrated=0.45, n_kept=0)
+    manifest = {"profile": "local", "config": {}, "phases": {"clusters": {"wall_seconds": 1.0,
+                                                                         "stats": {"cluster_filter": stats}}}}
+    page = build_report(str(tmp_path), manifest=manifest)
+    histograms = re.search(r'<section id="histograms">.*?</section>', page).group(0)
+    assert "floor 0.75" in histograms and 'class="bound"' in histograms
+    assert ("Cluster filter: the floor cluster_filter.coherence_threshold 0.75 bound the threshold (the calibrated one "
+            "was 0.4500); 0 clusters kept of the 15 requested, 15 short.") in histograms
+    responsible = re.search(r'<section id="responsible">.*?</section>', page).group(0)
+    assert "Off in this run" in responsible  # no counters of the safety and semantic-dedup stages
