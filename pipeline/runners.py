@@ -147,7 +147,9 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
     import os
     import socket
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     try:
         with socket.create_connection(HUB_HOST, timeout=timeout_s):

@@ -19,6 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "crawl.parquet"
 
+# Tests never reach a model hub (nothing leaves this machine): the libraries read these when first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 # The multi-process DirectRunner starts worker processes that import our packages: make sure they
 # find this checkout even when the project is not installed.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

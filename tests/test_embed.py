@@ -89,11 +89,16 @@ def test_offline_real_model_fails_with_a_clear_message(monkeypatch, tmp_path) ->
     assert "--set embed.checkpoint=" in message
 
 
-def test_offline_run_of_the_local_profile_fails_with_that_message(monkeypatch, tmp_path) -> None:
+def test_offline_worker_load_fails_with_that_message(monkeypatch, tmp_path) -> None:
+    """Where the launcher cannot tell (remote workers), a worker without the weights says which key to set.
+    (A local run fails before it starts: tests/test_runners.py.)"""
+    from pipeline.config import build_config
+    from transforms.models.clip import ModelWeightsUnavailable, load_image_encoder
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(Exception, match="could not fetch the pretrained weights") as caught:
-        run_pipeline([SAMPLE], tmp_path / "out", "--profile", "local")
+    with pytest.raises(ModelWeightsUnavailable, match="could not fetch the pretrained weights") as caught:
+        load_image_encoder(build_config("local").embed)
     assert "embed.checkpoint" in str(caught.value)
 
 
