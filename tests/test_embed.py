@@ -199,6 +199,7 @@ def test_undecodable_images_are_dead_letters(product_photos: list[bytes]) -> Non
                                            "clusters": 1, "images": 4, "num_inferences": 1}
 
 
+@pytest.mark.slow
 def test_failed_inference_batches_reach_the_dead_letter_output() -> None:
     # A tensor of the wrong shape makes the model raise: RunInference's dead-letter output holds the batch,
     # and the stage turns it into one embedding_failed reject per image. (Each element here outweighs
@@ -224,6 +225,7 @@ def test_inference_failures_become_one_reject_per_image(product_photos: list[byt
     assert "CUDA OOM" in rejects[0].detail
 
 
+@pytest.mark.slow
 def test_one_model_copy_shared_across_processes(clusters) -> None:
     # Beam's large_model path: the model lives in one server process and the handler calls it by proxy.
     config = dataclasses.replace(TINY, share_model_across_processes=True)
