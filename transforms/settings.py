@@ -172,6 +172,9 @@ class EmbedConfig:
     device: str = option("auto", "auto (CUDA when available), cpu or cuda.")
     precision: str = option("auto", "Autocast precision of inference: auto (bf16 on CUDA when supported, else "
                                     "fp16; fp32 on CPU), fp32, bf16 or fp16.")
+    cpu_threads: int = option(0, "Torch threads of a worker process on CPU (0: torch's default, one per core). With "
+                                 "several worker processes on a machine, 1 each avoids their thread pools "
+                                 "fighting over the cores.")
     batch_size: int = option(64, "Images per inference batch (clusters are batched whole, weighted by their "
                                  "image count).")
     min_batch_size: int | None = option(None, "Smallest batch Beam's adaptive batching may emit; null: equal "
@@ -187,6 +190,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must be an open_clip architecture name or 'tiny-random'")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.model == TINY_RANDOM and self.pretrained:
             raise ValueError(f"model {TINY_RANDOM} has no pretrained weights; set pretrained to null "
                              f"(got {self.pretrained!r})")
