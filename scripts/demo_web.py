@@ -145,6 +145,15 @@ def run_demo(output: str, phases: str = "clusters,synthesize,assemble", override
     return DemoRun(manifest, plan, requests, time.monotonic() - started)
 
 
+class _DropTinyModelNotice(logging.Filter):
+    """open_clip warns, once per process that builds it, that the demo's tiny-random CLIP has no weights: it is
+    meant not to (the report says so)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("tiny-random" in message and ("no CLIP weights" in message or "No pretrained weights" in message))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/demo-web", help="output folder of the run")
@@ -156,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import configure_logging
 
     configure_logging(logging.INFO if args.verbose else logging.WARNING)  # before Beam is imported
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_DropTinyModelNotice())
     from pipeline.console import funnel_table, output_listing
     from pipeline.run import RunError
     from transforms.common import InputFormatError
