@@ -211,6 +211,38 @@ def record_phase(manifest: dict[str, Any], phase: str, summary: dict[str, Any]) 
         manifest[block] = summary[block]
     manifest["phases"][phase] = {"finished": now(), **summary}
     manifest["funnel"] = funnel(manifest)
+    run_cost = cost(manifest)
+    if run_cost:
+        manifest["cost"] = run_cost
+
+
+COST_UNIT = ("device-seconds of phase 2 (per cluster: load, latents, prior, train, sample, cleanup), on the device "
+             "the synthesis workers had: GPU-seconds on GPU workers; with several worker processes sharing one GPU, "
+             "divide by their number")
+
+
+def cost(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What synthesis cost, from the run's own figures: seconds per cluster and per kept example, and the hours
+    that N clusters or examples would take -- the numbers a data engineer budgets with. Empty before phase 2."""
+    synth = manifest.get("phases", {}).get("synthesize")
+    seconds = (synth or {}).get("seconds_per_cluster", {}).get("total") or {}
+    if not seconds.get("mean"):
+        return {}
+    per_cluster, total = float(seconds["mean"]), float(seconds["total"])
+    out: dict[str, Any] = {
+        "unit": COST_UNIT,
+        "device": (manifest.get("config", {}).get("synth", {}).get("model", {}) or {}).get("device"),
+        "clusters": synth.get("clusters", {}).get("written"),
+        "seconds_per_cluster": round(per_cluster, 3),
+        "seconds_total": round(total, 1),
+        "hours_per_10000_clusters": round(per_cluster * 10_000 / 3600, 2),
+    }
+    examples = (manifest.get("candidates") or {}).get("examples")
+    if examples:
+        per_example = total / examples
+        out.update({"examples": examples, "seconds_per_example": round(per_example, 3),
+                    "hours_per_100000_examples": round(per_example * 100_000 / 3600, 2)})
+    return out
 
 
 _UNIT = {"clusters": "records", "synthesize": "clusters", "assemble": "candidates"}

@@ -62,7 +62,8 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
             parts = ", ".join(f"{part} {seconds[part]['mean']:.1f}" for part in seconds
                               if part != "total" and seconds[part])
             lines.append(f"  seconds per cluster: mean {seconds['total']['mean']:.1f}, p90 "
-                         f"{seconds['total']['p90']:.1f} ({parts})")
+                         f"{seconds['total']['p90']:.1f} ({parts}); "
+                         f"{seconds['total']['mean'] * 10_000 / 3600:,.1f} device-hours per 10,000 clusters")
         lines.append(_reconciled(clusters, "clusters"))
     elif phase == "assemble":
         candidates = summary["candidates"]
@@ -81,6 +82,11 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
         if examples.get("files"):
             lines.append(f"  examples/: {examples['files']} file(s), {examples['row_groups']} row group(s), "
                          f"{examples['bytes'] / 1e6:.1f} MB")
+        run_cost = manifest.get("cost", {})
+        if run_cost.get("seconds_per_example"):
+            lines.append(f"  synthesis cost: {run_cost['seconds_per_cluster']:.1f} device-s per cluster, "
+                         f"{run_cost['seconds_per_example']:.1f} per kept example; "
+                         f"{run_cost['hours_per_100000_examples']:,.1f} device-hours per 100,000 examples")
         lines.append(_reconciled(candidates, "candidates"))
     return "\n".join(lines)
 

@@ -24,7 +24,13 @@ from pipeline import accounting
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config
 from pipeline.phases import ORDER, PHASE_OUTPUTS, PHASES, PhaseInputs, build_phase, check_resources
-from pipeline.runners import UnsupportedRunnerError, check_runner, fnapi_data_plane_fix, portable_job_options
+from pipeline.runners import (
+    UnsupportedRunnerError,
+    check_runner,
+    fnapi_data_plane_fix,
+    missing_weights,
+    portable_job_options,
+)
 from transforms.models.clip import model_id
 from transforms.outputs import (
     count_parquet_rows,
@@ -89,6 +95,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Override one config key (repeatable), value parsed as YAML, e.g. "
                              "--set group.min_images=4. List keys: icl-pipeline config --list.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Show every log line on the console: training loss per step, Beam's own INFO lines. "
+                             "A local run's whole log is in OUT/run.log either way.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Remove the outputs of later phases that this run would leave stale (for example "
                              "examples/ of an earlier run when only --phases clusters runs again). Without it, "
@@ -142,6 +151,9 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     config = build_config(request.profile, request.config_file, request.overrides)
     check_stage_resources(config)
     options = PipelineOptions(beam_args)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"  # chosen here, so Beam need not say so
+    check_weights(config, request.phases, options)
     try:
         check_runner(options)
         portable_job_options(options, beam_args)
@@ -328,6 +340,34 @@ def check_stale_outputs(request: RunRequest) -> list[str]:
     FileSystems.delete(files)
     LOG.info("--overwrite: removed %d file(s) of phase(s) %s that this run makes stale", len(files), ", ".join(stale))
     return files
+
+
+def weights_needed(config: PipelineConfig, phases: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(config key, Hugging Face repo, what)`` of the hub-hosted weights the requested phases load."""
+    needs = []
+    if config.embed.enabled and not config.embed.checkpoint and config.embed.pretrained and (
+            "clusters" in phases or "assemble" in phases):
+        from transforms.models.clip import pretrained_config
+
+        repo = (pretrained_config(config.embed).get("hf_hub") or "").strip("/")
+        if repo:
+            needs.append(("embed.checkpoint", repo, f"the CLIP weights of {config.embed.model}/"
+                                                    f"{config.embed.pretrained}"))
+    name = config.synth.model.name
+    if "synthesize" in phases and "/" in name and not os.path.isdir(name) and "://" not in name:
+        needs.append(("synth.model.name", name, "the base model"))
+    return needs
+
+
+def check_weights(config: PipelineConfig, phases: Sequence[str], options: PipelineOptions) -> None:
+    """On a local run, fail in the first seconds -- one line naming the key to set -- when weights the run needs
+    are neither cached nor downloadable, instead of every worker retrying the download."""
+    local = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+    if options.view_as(StandardOptions).runner not in local:
+        return  # remote workers fetch for themselves; this machine's network says nothing about theirs
+    problems = missing_weights(weights_needed(config, phases))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_stage_resources(config: PipelineConfig) -> None:

@@ -292,7 +292,8 @@ def load_image_encoder(config: EmbedConfig, text: bool = False) -> ClipImageEnco
     if mismatched:
         raise RuntimeError(f"open_clip built {config.model} with preprocessing {mismatched} (expected, actual) "
                            f"that differs from what the embed stage applies; this is a bug")
-    LOG.info("embed: loaded %s on %s (%s)", model_id(config), device, dtype or "fp32")
+    random = "; random weights: its similarities mean nothing" if not (config.checkpoint or config.pretrained) else ""
+    LOG.info("embed: loaded %s on %s (%s%s)", model_id(config), device, dtype or "fp32", random)
     return ClipImageEncoder(model, device, dtype, model_id(config), load_tokenizer(config) if text else None)
 
 
