@@ -145,38 +145,36 @@ def run_demo(output: str, phases: str = "clusters,synthesize,assemble", override
     return DemoRun(manifest, plan, requests, time.monotonic() - started)
 
 
-class _DropTinyModelNotice(logging.Filter):
-    """open_clip warns, once per process that builds it, that the demo's tiny-random CLIP has no weights: it is
-    meant not to (the report says so)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("tiny-random" in message and ("no CLIP weights" in message or "No pretrained weights" in message))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/demo-web", help="output folder of the run")
     parser.add_argument("--phases", default="clusters,synthesize,assemble")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides (section.key=value)")
-    parser.add_argument("--verbose", action="store_true", help="log the stages' progress (INFO)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every line on the console (OUT/run.log "
+                                                                     "has them either way)")
     args, beam_args = parser.parse_known_args(argv)
 
-    from pipeline.cli import configure_logging
+    from pipeline.cli import configure_logging, log_to_file
 
-    configure_logging(logging.INFO if args.verbose else logging.WARNING)  # before Beam is imported
+    # Quiet: the funnels at the end say what happened; OUT/run.log has every line (--verbose shows them).
+    configure_logging(verbose=args.verbose)  # before Beam loads
     if not args.verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_DropTinyModelNotice())
+        for console in logging.getLogger().handlers:
+            console.setLevel(logging.WARNING)
     from pipeline.console import funnel_table, output_listing
     from pipeline.run import RunError
     from transforms.common import InputFormatError
 
+    handler = log_to_file(args.output)
     try:
         demo = run_demo(args.output, args.phases, tuple(args.set), tuple(beam_args))
     except (InputFormatError, RunError, ValueError) as error:
         print(f"demo-web: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     for phase in phases:
         print()
