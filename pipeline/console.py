@@ -32,8 +32,19 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
     if phase == "clusters":
         records = summary["records"]
         lines.append(_row("input records", records["input"]))
+        sources = summary.get("input_records", {})
+        if sources:
+            lines.append(_row("read from files", sources.get("read", 0), indent=4))
+            lines.append(_row("<img> found on WARC pages", sources.get("extract", 0), indent=4))
         lines.append(_share(f"kept, in {summary['clusters']['written']:,} clusters", records["kept"], records["input"]))
         lines.extend(_rejected(records["rejected"], records["input"]))
+        fetch = summary.get("fetch")
+        if fetch:
+            lines.append(f"  fetch: {fetch['fetched']:,} images fetched ({fetch['bytes'] / 1e6:.1f} MB), "
+                         f"{fetch['passed_through']:,} records had their bytes already")
+            lines.append(_row("rejected by fetch", sum(fetch["rejected"].values())))
+            lines.extend(_row(reason, n, indent=4)
+                         for reason, n in sorted(fetch["rejected"].items(), key=lambda kv: (-kv[1], kv[0])))
         for reason, n in sorted(summary["clusters"]["rejected"].items()):
             lines.append(f"  clusters dropped as {reason}: {n:,}")
         for truncated in records.get("truncated_files", []):

@@ -71,12 +71,17 @@ class RunRequest:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="GLOB",
-                        help="Input files (repeatable). Phase 'clusters': crawled pairs as Parquet "
-                             "(.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar shards (.tar); "
-                             "later phases: the previous phase's Parquet output (phase synthesize: "
-                             "OUT/clusters/*.parquet when omitted; phase assemble: OUT/candidates/*.parquet, "
-                             "with the clusters from assemble.clusters or OUT/clusters/*.parquet). Any Beam file "
-                             "system path (gs://, s3://) works.")
+                        help="Input files (repeatable; formats by extension, mixed freely). Phase 'clusters': "
+                             "crawled pairs as Parquet (.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar "
+                             "shards (.tar, .tar.gz; img2dataset's); web pages as WARC files (.warc, .warc.gz: "
+                             "each page's <img> tags, their bytes from the WARC or fetched); Parquet or JSONL of "
+                             "other layouts with --set read.preset=mmc4|obelics|img2dataset|laion or a column "
+                             "mapping --set 'read.columns={image_url: url, text: caption}' (MMC4 and OBELICS "
+                             "documents, img2dataset's Parquet, URL lists: images without bytes are fetched, "
+                             "see the fetch.* keys). Later phases: the previous phase's Parquet output (phase "
+                             "synthesize: OUT/clusters/*.parquet when omitted; phase assemble: "
+                             "OUT/candidates/*.parquet, with the clusters from assemble.clusters or "
+                             "OUT/clusters/*.parquet). Any Beam file system path (gs://, s3://) works.")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="Output directory: clusters/, rejects/, manifest.json (and, with later "
                              "phases, candidates/, examples/, scores/, README.md (the dataset card), "
@@ -183,7 +188,7 @@ def first_phase_inputs(request: RunRequest, config: PipelineConfig) -> PhaseInpu
                            cluster_files=tuple(assemble_cluster_files(request, config)))
     files = expand_inputs(list(request.inputs))
     for input_file in files[:config.read.validate_max_files]:
-        validate_input_file(input_file)
+        validate_input_file(input_file, config.read)
     LOG.info("%d input file(s): %s", len(files), ", ".join(f"{n} {fmt}" for fmt, n in _format_counts(files).items()))
     return PhaseInputs(out, files=tuple(files))
 
