@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import build_config, to_dict
 from schemas.ids import cluster_id
-from schemas.parquet import CLUSTERS_SCHEMA, REJECTS_SCHEMA, check_schema_version
+from schemas.parquet import CLUSTERS_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, check_schema_version
 from tests.conftest import REPO, SAMPLE, PhaseOutput, read_rows, run_pipeline
 from tests.formats import write_jsonl, write_webdataset
 from transforms.normalize import NormalizeConfig, normalize_image
@@ -116,7 +116,7 @@ def test_exact_expected_clusters(phase1: PhaseOutput, sample_rows: list[dict]) -
         assert cluster["domain"] == cluster["page_url"].split("/")[2]
         for im in cluster["images"]:
             assert max(im["width"], im["height"]) <= 768 and min(im["width"], im["height"]) >= 256
-            assert len(im["phash"]) == 16 and im["image"][:2] == b"\xff\xd8"  # JPEG
+            assert len(im["phash"]) == 16 and im["image"]["bytes"][:2] == b"\xff\xd8"  # JPEG
         assert cluster["subject"] is None and cluster["prompts"] == []
 
 
@@ -141,7 +141,7 @@ def test_manifest_counts_reconcile(phase1: PhaseOutput, sample_rows: list[dict])
         assert counters[stage][reason] == n, reason
     assert counters["dedupe"]["images_kept"] == kept
     assert manifest["config"] == to_dict(build_config("demo", None, NO_MODELS[1::2] if NO_MODELS else ()))
-    assert manifest["profile"] == "demo" and manifest["schema_version"] == 1
+    assert manifest["profile"] == "demo" and manifest["schema_version"] == SCHEMA_VERSION == 2
     assert manifest["versions"]["apache-beam"] and manifest["inputs"]["formats"] == {"parquet": 1}
     assert phase["wall_seconds"] > 0
 
