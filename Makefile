@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PEERS ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.installed
 
-.PHONY: demo demo-web test install lint bench gpu-check peers sample clean
+.PHONY: demo demo-web test test-fast install lint bench gpu-check peers sample clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ demo-web: $(STAMP)
 	$(BIN)/python scripts/demo_web.py --output $(OUT)-web
 	@echo "Open the report in a browser: file://$(abspath $(OUT))-web/report/index.html"
 
+# One test process per core (pytest-xdist), progress as a percentage; tests that share a session-wide run go to
+# one worker (--dist loadgroup). test-fast leaves out the tests marked slow (end-to-end runs, model training).
+PYTEST_RUN := $(BIN)/python -m pytest -n auto --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST_RUN) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PYTEST_RUN) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from pipeline.phases import Phase, PhaseInputs
 
 
+INPUT_STAGES = ("read", "extract")
+"""The stages whose ``records`` counter is phase 1's input: records read from files, ``<img>`` found on WARC pages."""
+
+
 def beam_counters(result: Any) -> dict[str, dict[str, int]]:
     """``{namespace: {name: value}}`` of a finished pipeline's counters (committed where supported)."""
     counters: dict[str, dict[str, int]] = {}
@@ -82,7 +86,9 @@ def clusters_summary(phase: Phase, output_dir: str, counters: dict[str, dict[str
     dropped whole, per reason."""
     written = cluster_summary(output_dir)
     rejects = reject_summary(output_dir, "clusters")
-    n_input = counters.get("read", {}).get("records", 0)
+    # The phase's input: the records read from files plus every <img> found on WARC pages (each a pair or a reject).
+    sources = {stage: counters.get(stage, {}).get("records", 0) for stage in INPUT_STAGES}
+    n_input = sum(sources.values())
     whole = whole_cluster_reasons(phase)
     cluster_rejects = {reason: rows for reason, rows in rejects["rows"].items() if reason in whole}
     # File-level rows account for no record: they are listed apart from the record funnel.
@@ -91,7 +97,7 @@ def clusters_summary(phase: Phase, output_dir: str, counters: dict[str, dict[str
     truncated = reject_rows(output_dir, "clusters", TRUNCATED_FILE, ["source", "detail"])
     if truncated:
         records["truncated_files"] = [{"path": row["source"], "detail": row["detail"]} for row in truncated]
-    return {
+    summary: dict[str, Any] = {
         "wall_seconds": round(time.monotonic() - started, 3),
         "records": records,
         "clusters": {"written": written["clusters"], "rejected": cluster_rejects},
@@ -99,6 +105,13 @@ def clusters_summary(phase: Phase, output_dir: str, counters: dict[str, dict[str
         "counters": counters,
         "stats": read_stats(output_dir, "clusters"),
     }
+    if sources.get("extract"):
+        summary["input_records"] = sources  # where they came from: files read, <img> found on WARC pages
+    if "fetch" in counters or "fetch" in rejects["by_stage"]:
+        fetch = counters.get("fetch", {})
+        summary["fetch"] = {"fetched": fetch.get("fetched", 0), "passed_through": fetch.get("passed_through", 0),
+                            "bytes": fetch.get("bytes", 0), "rejected": rejects["by_stage"].get("fetch", {})}
+    return summary
 
 
 def synthesize_summary(phase: Phase, output_dir: str, counters: dict[str, dict[str, int]], inputs: PhaseInputs,
@@ -198,6 +211,38 @@ def record_phase(manifest: dict[str, Any], phase: str, summary: dict[str, Any]) 
         manifest[block] = summary[block]
     manifest["phases"][phase] = {"finished": now(), **summary}
     manifest["funnel"] = funnel(manifest)
+    run_cost = cost(manifest)
+    if run_cost:
+        manifest["cost"] = run_cost
+
+
+COST_UNIT = ("device-seconds of phase 2 (per cluster: load, latents, prior, train, sample, cleanup), on the device "
+             "the synthesis workers had: GPU-seconds on GPU workers; with several worker processes sharing one GPU, "
+             "divide by their number")
+
+
+def cost(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What synthesis cost, from the run's own figures: seconds per cluster and per kept example, and the hours
+    that N clusters or examples would take -- the numbers a data engineer budgets with. Empty before phase 2."""
+    synth = manifest.get("phases", {}).get("synthesize")
+    seconds = (synth or {}).get("seconds_per_cluster", {}).get("total") or {}
+    if not seconds.get("mean"):
+        return {}
+    per_cluster, total = float(seconds["mean"]), float(seconds["total"])
+    out: dict[str, Any] = {
+        "unit": COST_UNIT,
+        "device": (manifest.get("config", {}).get("synth", {}).get("model", {}) or {}).get("device"),
+        "clusters": synth.get("clusters", {}).get("written"),
+        "seconds_per_cluster": round(per_cluster, 3),
+        "seconds_total": round(total, 1),
+        "hours_per_10000_clusters": round(per_cluster * 10_000 / 3600, 2),
+    }
+    examples = (manifest.get("candidates") or {}).get("examples")
+    if examples:
+        per_example = total / examples
+        out.update({"examples": examples, "seconds_per_example": round(per_example, 3),
+                    "hours_per_100000_examples": round(per_example * 100_000 / 3600, 2)})
+    return out
 
 
 _UNIT = {"clusters": "records", "synthesize": "clusters", "assemble": "candidates"}
@@ -335,15 +380,23 @@ def funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """
     steps: list[dict[str, Any]] = []
     records = manifest.get("records")
+    phases = manifest.get("phases", {})
     if records:
         steps.append({"step": "input records", "unit": "records", "count": records["input"]})
+        rejected = records["rejected"]
+        if "fetch" in phases.get("clusters", {}):
+            # With the fetch stage: what read, extract and fetch refused before any image byte was looked at.
+            early = early_rejects(phases["clusters"].get("rejects_by_stage", {}))
+            steps.append({"step": "records with image bytes", "unit": "records",
+                          "count": records["input"] - sum(early.values()), "rejected": early})
+            rejected = {reason: n - early.get(reason, 0) for reason, n in rejected.items()
+                        if n - early.get(reason, 0)}
         steps.append({"step": "images kept in clusters", "unit": "records", "count": records["kept"],
-                      "rejected": records["rejected"]})
+                      "rejected": rejected})
     clusters = manifest.get("clusters")
     if clusters:
         steps.append({"step": "clusters written", "unit": "clusters", "count": clusters["written"],
                       "dropped_whole": clusters.get("rejected", {})})
-    phases = manifest.get("phases", {})
     synth = phases.get("synthesize")
     if synth:
         if not clusters:
@@ -364,6 +417,18 @@ def funnel(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         steps.append({"step": "examples", "unit": "examples", "count": candidates["examples"],
                       "rejected": by_stage.get("assemble", {})})
     return steps
+
+
+FETCH_STAGES = ("read", "extract", "fetch")
+"""The stages up to the fetch stage: what they reject never had image bytes looked at."""
+
+
+def early_rejects(by_stage: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Records the stages up to fetch rejected, by reason (file-level ``truncated_file`` rows count none)."""
+    early: Counter[str] = Counter()
+    for stage in FETCH_STAGES:
+        early.update({reason: n for reason, n in by_stage.get(stage, {}).items() if reason != TRUNCATED_FILE})
+    return dict(sorted((reason, n) for reason, n in early.items() if n))
 
 
 def departures(step: dict[str, Any]) -> dict[str, int]:

@@ -183,19 +183,35 @@ def dataset_card(manifest: dict[str, Any], config: CardConfig, present: set[str]
                [[f"`{name}`", f"`{dtype}`", EXAMPLE_FIELDS.get(name, "")] for name, dtype in
                 schema_fields(EXAMPLES_SCHEMA)]),
         "",
-        "Reading them in a trainer (streaming row groups, split across ranks and DataLoader workers):",
+        "Image columns are Hugging Face `Image` features (`{bytes, path}` structs, the `datasets` features stored in "
+        "each file), so `datasets` returns PIL images and the Hub viewer shows them:",
         "",
         "```python",
-        "from schemas.reader import ExamplesDataset, iter_examples   # pip install icl-cluster-pipeline",
+        "import datasets",
+        "ds = datasets.load_dataset(\"parquet\", data_files=\"examples/*.parquet\", split=\"train\")",
+        "ds[0][\"target\"][\"image\"]   # a PIL image",
+        "```",
+        "",
+        "Or the pipeline's own reader, which streams row groups and splits them across ranks and DataLoader workers. "
+        "The pipeline is not on PyPI: install it from a checkout of its repository (the reader itself needs only "
+        "pyarrow and Pillow, and torch for the `IterableDataset`):",
+        "",
+        "```sh",
+        "git clone <the pipeline's repository>",
+        "pip install pyarrow pillow && pip install --no-deps ./icl-cluster-pipeline",
+        "```",
+        "",
+        "```python",
+        "from schemas.reader import ExamplesDataset, iter_examples",
         "dataset = ExamplesDataset(\"examples/*.parquet\", decode=\"tensor\")",
         "loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=4)",
-        "# or: datasets.load_dataset(\"parquet\", data_files=\"examples/*.parquet\", split=\"train\")",
         "```",
         "",
         "## How it was made",
         "",
     ]
     parts += _how_made(run_config, assemble)
+    parts += _cost(manifest)
     parts += ["", "## Counts", "", "From input records to examples (each step's count, and what left before it):",
               ""]
     funnel_rows = []
@@ -291,6 +307,19 @@ def _responsible_lines(run_config: dict[str, Any]) -> list[str]:
                      f"a similarity of at least {semantic.get('cluster_threshold')} and images at "
                      f"{semantic.get('image_threshold')} were removed, one of each group kept.")
     return lines
+
+
+def _cost(manifest: dict[str, Any]) -> list[str]:
+    """The synthesis cost of the run, in words (the manifest's ``cost`` block)."""
+    run_cost = manifest.get("cost") or {}
+    if not run_cost:
+        return []
+    line = (f"Synthesis took {run_cost['seconds_per_cluster']:.2f} device-seconds per cluster "
+            f"({run_cost['hours_per_10000_clusters']:,.1f} device-hours per 10,000 clusters)")
+    if run_cost.get("seconds_per_example"):
+        line += (f" and {run_cost['seconds_per_example']:.2f} per kept example "
+                 f"({run_cost['hours_per_100000_examples']:,.1f} device-hours per 100,000 examples)")
+    return ["", line + f", on device `{run_cost.get('device')}`. Unit: {run_cost['unit']}."]
 
 
 def _thresholds(manifest: dict[str, Any]) -> list[str]:

@@ -75,13 +75,20 @@ def _cmd_run(argv: Sequence[str]) -> int:
     from pipeline.run import RunError, UsageError, parse_run_args, run
     from transforms.common import InputFormatError
 
+    handler = None
     try:
+        request = parse_run_args(list(argv))[0]
+        handler = log_to_file(request.output)
         manifest = run(list(argv))
     except (InputFormatError, UsageError) as error:
         return _failed("run", error, 2)
     except RunError as error:
         return _failed("run", error, 1)
-    phases = list(parse_run_args(list(argv))[0].phases)  # this invocation's, not an earlier run's
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    phases = list(request.phases)  # this invocation's, not an earlier run's
     for phase in phases:
         print(funnel_table(manifest, phase))
         print()
@@ -162,26 +169,62 @@ class _DropBeamImportNoise(logging.Filter):
 
 
 class _DropOpenClipInfo(logging.Filter):
-    """open_clip logs every step of building a model at INFO on the root logger; its warnings stay."""
+    """open_clip logs every step of building a model at INFO on the root logger; its warnings stay, except the two
+    it gives for random weights, which our own load announces once (a tiny random model is the demo's choice)."""
+
+    _RANDOM_WEIGHTS = ("No pretrained weights loaded", "Local config loaded, but no CLIP weights found")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "open_clip" not in record.pathname
+        if "open_clip" not in record.pathname:
+            return True
+        return record.levelno >= logging.WARNING and not record.getMessage().startswith(self._RANDOM_WEIGHTS)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+class _ConsoleDetail(logging.Filter):
+    """What the console leaves to the log file and --verbose: the training library's per-step and per-subject
+    lines (the synthesis stage reports progress itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith("dreambooth_synth")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def configure_logging(level: int = logging.INFO, verbose: bool = False) -> None:
     """Console logging for the command; call before Apache Beam is imported."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropBeamImportNoise())
         handler.addFilter(_DropOpenClipInfo())
+        if not verbose:
+            handler.addFilter(_ConsoleDetail())
     # Beam's own INFO lines (options, stage fusion, ...) drown the pipeline's progress.
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def log_to_file(output_dir: str) -> logging.Handler | None:
+    """Also write the whole log (training loss included) to ``OUT/run.log`` when the output is local; returns the
+    handler (the caller removes it when the run ends)."""
+    import os
+
+    if "://" in output_dir:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "run.log")
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_DropBeamImportNoise())
+    handler.addFilter(_DropOpenClipInfo())
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    configure_logging()
+    verbose = "--verbose" in argv or "-v" in argv
+    argv = [a for a in argv if a not in ("--verbose", "-v")]
+    configure_logging(verbose=verbose)
 
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: icl-pipeline {{run,config,report}} ...\n\n{DESCRIPTION}")

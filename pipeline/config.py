@@ -38,6 +38,8 @@ from transforms.settings import (
     DedupeConfig,
     DetectorConfig,
     EmbedConfig,
+    ExtractConfig,
+    FetchConfig,
     GroupConfig,
     LLMConfig,
     NormalizeConfig,
@@ -108,6 +110,8 @@ class PipelineConfig:
     """Every setting of a run, one section per stage."""
 
     read: ReadConfig = field(default_factory=ReadConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)

@@ -32,8 +32,19 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
     if phase == "clusters":
         records = summary["records"]
         lines.append(_row("input records", records["input"]))
+        sources = summary.get("input_records", {})
+        if sources:
+            lines.append(_row("read from files", sources.get("read", 0), indent=4))
+            lines.append(_row("<img> found on WARC pages", sources.get("extract", 0), indent=4))
         lines.append(_share(f"kept, in {summary['clusters']['written']:,} clusters", records["kept"], records["input"]))
         lines.extend(_rejected(records["rejected"], records["input"]))
+        fetch = summary.get("fetch")
+        if fetch:
+            lines.append(f"  fetch: {fetch['fetched']:,} images fetched ({fetch['bytes'] / 1e6:.1f} MB), "
+                         f"{fetch['passed_through']:,} records had their bytes already")
+            lines.append(_row("rejected by fetch", sum(fetch["rejected"].values())))
+            lines.extend(_row(reason, n, indent=4)
+                         for reason, n in sorted(fetch["rejected"].items(), key=lambda kv: (-kv[1], kv[0])))
         for reason, n in sorted(summary["clusters"]["rejected"].items()):
             lines.append(f"  clusters dropped as {reason}: {n:,}")
         for truncated in records.get("truncated_files", []):
@@ -60,7 +71,8 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
             parts = ", ".join(f"{part} {seconds[part]['mean']:.1f}" for part in seconds
                               if part != "total" and seconds[part])
             lines.append(f"  seconds per cluster: mean {seconds['total']['mean']:.1f}, p90 "
-                         f"{seconds['total']['p90']:.1f} ({parts})")
+                         f"{seconds['total']['p90']:.1f} ({parts}); "
+                         f"{seconds['total']['mean'] * 10_000 / 3600:,.1f} device-hours per 10,000 clusters")
         lines.append(_reconciled(clusters, "clusters"))
     elif phase == "assemble":
         candidates = summary["candidates"]
@@ -88,6 +100,11 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
         if examples.get("files"):
             lines.append(f"  examples/: {examples['files']} file(s), {examples['row_groups']} row group(s), "
                          f"{examples['bytes'] / 1e6:.1f} MB")
+        run_cost = manifest.get("cost", {})
+        if run_cost.get("seconds_per_example"):
+            lines.append(f"  synthesis cost: {run_cost['seconds_per_cluster']:.1f} device-s per cluster, "
+                         f"{run_cost['seconds_per_example']:.1f} per kept example; "
+                         f"{run_cost['hours_per_100000_examples']:,.1f} device-hours per 100,000 examples")
         lines.append(_reconciled(candidates, "candidates"))
     return "\n".join(lines)
 

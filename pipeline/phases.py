@@ -6,16 +6,18 @@ writes the last output (its ``sink``), each stage's extra outputs (``stats/``, `
 (``rejects/<phase>-*.parquet``). The stage modules declare their reject reasons (``REASONS``); the accounting
 reads them from a phase's entry (:meth:`Phase.reasons`).
 
-Why this order (phase 1): the model stages come after dedupe (no detector or GPU time on duplicates). The safety
-stage (faces, NSFW) comes before the CLIP embedding, so that photos that leave cost no GPU time and the embeddings
-are those of the images as stored (incidental faces blurred). Cross-page duplicates are decided after the
-coherence filter, on the cleaned clusters, so that the copy kept is one that is written (and the most coherent of
-equal size), and only the ~10% of clusters the filter keeps are held for that global decision; semantic duplicates
-(by CLIP embeddings) are decided next, on what the cheap hash comparison left, ranked by the same rule;
-decontamination comes last among them, where its CLIP check can use the embeddings and its count is the number of
-clusters it took out of the output. Captioning and prompt writing, the costliest model calls per cluster, run only
-on the clusters that survive all of that: captions, then the subject (read from the captions), then scene prompts
-(for the subject).
+Why this order (phase 1): the source reads pairs (read) and WARC pages (extract); the fetch stage, present when some
+input carries no image bytes, comes right after it, so that normalize and everything after see the records they see
+for a byte-carrying crawl, and no byte is fetched for a record read had already refused. The model stages come after
+dedupe (no detector or GPU time on duplicates). The safety stage (faces, NSFW) comes before the CLIP embedding, so
+that photos that leave cost no GPU time and the embeddings are those of the images as stored (incidental faces
+blurred). Cross-page duplicates are decided after the coherence filter, on the cleaned clusters, so that the copy
+kept is one that is written (and the most coherent of equal size), and only the ~10% of clusters the filter keeps
+are held for that global decision; semantic duplicates (by CLIP embeddings) are decided next, on what the cheap hash
+comparison left, ranked by the same rule; decontamination comes last among them, where its CLIP check can use the
+embeddings and its count is the number of clusters it took out of the output. Captioning and prompt writing, the
+costliest model calls per cluster, run only on the clusters that survive all of that: captions, then the subject
+(read from the captions), then scene prompts (for the subject).
 
 Phase 3: the NSFW check of the renders (``FlagNsfwTargets``) runs on the scored units, before the target filter,
 which rejects a flagged render as ``nsfw`` before any other criterion.
@@ -41,6 +43,8 @@ from transforms import (
     decontaminate,
     dedupe,
     embed,
+    extract,
+    fetch,
     group,
     normalize,
     nsfw_targets,
@@ -68,6 +72,7 @@ from transforms.outputs import (
     write_stage_extras,
 )
 from transforms.read import InputFile
+from transforms.settings import ExtractConfig, ReadConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -93,6 +98,10 @@ def _always(config: PipelineConfig) -> bool:
     return True
 
 
+def _whatever_the_inputs(config: PipelineConfig, inputs: PhaseInputs) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of a phase: a stage module's composite, applied under ``label`` when ``enabled``."""
@@ -104,6 +113,10 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool] = _always
     check: Callable[[PipelineConfig], Any] | None = None
     """A cheap check of what the stage will need (a model name, reference files), before anything runs."""
+    needed: Callable[[PipelineConfig, PhaseInputs], bool] = _whatever_the_inputs
+    """Whether an enabled stage applies to these inputs (Fetch: only when some input carries no image bytes)."""
+    also: tuple[ModuleType, ...] = ()
+    """Other stage modules whose steps the composite runs: their dead letters (and ``REASONS``) leave with it."""
 
     @property
     def name(self) -> str:
@@ -111,7 +124,10 @@ class Stage:
 
     @property
     def reasons(self) -> tuple[Reason, ...]:
-        return self.module.REASONS
+        return tuple(reason for module in (self.module, *self.also) for reason in module.REASONS)
+
+    def applies(self, config: PipelineConfig, inputs: PhaseInputs) -> bool:
+        return self.enabled(config) and self.needed(config, inputs)
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,35 @@ class Phase:
 # --- phase 1: crawled pairs -> clusters -----------------------------------------------------------------------
 
 
+class ReadCrawl(beam.PTransform):
+    """``PBegin`` -> the ``InputRecord`` s of phase 1's input files: WARC files through the extract stage (their
+    pages' images, with the bytes the WARC captured), the others through the read stage; one stream of records
+    and one of dead letters."""
+
+    def __init__(self, files: Sequence[InputFile], read_config: ReadConfig, extract_config: ExtractConfig) -> None:
+        super().__init__()
+        self._warc = [f.path for f in files if f.format == read.WARC]
+        self._others = [f for f in files if f.format != read.WARC]
+        self._read_config = read_config
+        self._extract_config = extract_config
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
+        parts = []
+        if self._others or not self._warc:
+            parts.append(pbegin | "ReadPairs" >> read.ReadPairs(self._others, self._read_config))
+        if self._warc:
+            parts.append(pbegin | "ExtractPages" >> extract.ExtractPages(self._warc, self._extract_config))
+        if len(parts) == 1:
+            return parts[0]
+        records = tuple(part.output for part in parts) | "MergeRecords" >> beam.Flatten()
+        rejects = tuple(part.rejects for part in parts) | "MergeRejects" >> beam.Flatten()
+        return StageOutput(records, rejects)
+
+
+def _fetch_needed(config: PipelineConfig, inputs: PhaseInputs) -> bool:
+    return fetch.fetch_needed(config.fetch, read.byteless_inputs(inputs.files, config.read))
+
+
 def safety_enabled(config: PipelineConfig) -> bool:
     """The safety stage runs when the detector is on and it has something to decide: the NSFW check, or a people
     policy that drops person clusters or blurs faces."""
@@ -152,8 +197,10 @@ def _clusters_output(clusters: beam.PCollection, config: PipelineConfig,
 
 CLUSTERS = Phase(
     name="clusters",
-    source=Stage("Read", read, lambda c, i: read.ReadPairs(list(i.files), c.read)),
+    source=Stage("Read", read, lambda c, i: ReadCrawl(i.files, c.read, c.extract), also=(extract,)),
     stages=(
+        Stage("Fetch", fetch, lambda c, i: fetch.Fetch(c.fetch), enabled=lambda c: c.fetch.enabled != "never",
+              needed=_fetch_needed),
         Stage("Normalize", normalize, lambda c, i: normalize.Normalize(c.normalize)),
         Stage("GroupByPage", group, lambda c, i: group.GroupByPage(c.group, c.dedupe)),
         Stage("Dedupe", dedupe, lambda c, i: dedupe.Dedupe(c.dedupe, c.group.min_images)),
@@ -296,7 +343,7 @@ def build_phase(p: beam.Pipeline, phase: Phase, config: PipelineConfig,
     output, rejects = p | phase.source.label >> phase.source.make(config, inputs)
     stage_rejects = [rejects]
     for stage in phase.stages:
-        if not stage.enabled(config):
+        if not stage.applies(config, inputs):
             continue
         result = output | stage.label >> stage.make(config, inputs)
         write_stage_extras(result, stage.label, inputs.output_dir, phase.name, stage.name, config.output)

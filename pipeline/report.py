@@ -47,8 +47,12 @@ REPORT = "report/index.html"
 # --- pictures ------------------------------------------------------------------------------------------------
 
 
-def thumbnail(data: bytes | None, size: int) -> str:
-    """A JPEG data URL of the image at most ``size`` px a side ('' when it does not decode)."""
+def thumbnail(data: Any, size: int) -> str:
+    """A JPEG data URL of the image at most ``size`` px a side ('' when it does not decode); ``data`` is encoded
+    bytes or an image column's value."""
+    from schemas.parquet import image_bytes
+
+    data = image_bytes(data)
     if not data:
         return ""
     from PIL import Image
@@ -65,7 +69,7 @@ def thumbnail(data: bytes | None, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _img(data: bytes | None, size: int, title: str = "", cls: str = "") -> str:
+def _img(data: Any, size: int, title: str = "", cls: str = "") -> str:
     url = thumbnail(data, size)
     if not url:
         return f'<div class="missing {cls}" title="{_e(title)}">no image</div>'
@@ -209,7 +213,18 @@ def _run_section(manifest: dict[str, Any]) -> str:
             ("pipeline version", manifest.get("version")),
             ("command", " ".join(manifest.get("command", [])))]
     rows += [(f"phase {name}", f"{summary.get('wall_seconds', 0):.1f} s") for name, summary in phases.items()]
+    run_cost = manifest.get("cost") or {}
+    if run_cost:
+        rows.append(("synthesis cost per cluster", f"{run_cost['seconds_per_cluster']:.2f} device-s "
+                                                   f"({run_cost['hours_per_10000_clusters']:,.1f} h per 10,000 "
+                                                   f"clusters)"))
+    if run_cost.get("seconds_per_example"):
+        rows.append(("synthesis cost per kept example", f"{run_cost['seconds_per_example']:.2f} device-s "
+                                                        f"({run_cost['hours_per_100000_examples']:,.1f} h per "
+                                                        f"100,000 examples)"))
     body = "<table class='kv'>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
+    if run_cost:
+        body += f"<p class='note'>{_e(run_cost['unit'])}.</p>"
     return _section("run", "Run", body)
 
 

@@ -24,7 +24,13 @@ from pipeline import accounting
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config
 from pipeline.phases import ORDER, PHASE_OUTPUTS, PHASES, PhaseInputs, build_phase, check_resources
-from pipeline.runners import UnsupportedRunnerError, check_runner, fnapi_data_plane_fix, portable_job_options
+from pipeline.runners import (
+    UnsupportedRunnerError,
+    check_runner,
+    fnapi_data_plane_fix,
+    missing_weights,
+    portable_job_options,
+)
 from transforms.models.clip import model_id
 from transforms.outputs import (
     count_parquet_rows,
@@ -65,12 +71,17 @@ class RunRequest:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", action="append", default=[], metavar="GLOB",
-                        help="Input files (repeatable). Phase 'clusters': crawled pairs as Parquet "
-                             "(.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar shards (.tar); "
-                             "later phases: the previous phase's Parquet output (phase synthesize: "
-                             "OUT/clusters/*.parquet when omitted; phase assemble: OUT/candidates/*.parquet, "
-                             "with the clusters from assemble.clusters or OUT/clusters/*.parquet). Any Beam file "
-                             "system path (gs://, s3://) works.")
+                        help="Input files (repeatable; formats by extension, mixed freely). Phase 'clusters': "
+                             "crawled pairs as Parquet (.parquet), JSONL (.jsonl, .jsonl.gz) or WebDataset tar "
+                             "shards (.tar, .tar.gz; img2dataset's); web pages as WARC files (.warc, .warc.gz: "
+                             "each page's <img> tags, their bytes from the WARC or fetched); Parquet or JSONL of "
+                             "other layouts with --set read.preset=mmc4|obelics|img2dataset|laion or a column "
+                             "mapping --set 'read.columns={image_url: url, text: caption}' (MMC4 and OBELICS "
+                             "documents, img2dataset's Parquet, URL lists: images without bytes are fetched, "
+                             "see the fetch.* keys). Later phases: the previous phase's Parquet output (phase "
+                             "synthesize: OUT/clusters/*.parquet when omitted; phase assemble: "
+                             "OUT/candidates/*.parquet, with the clusters from assemble.clusters or "
+                             "OUT/clusters/*.parquet). Any Beam file system path (gs://, s3://) works.")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="Output directory: clusters/, rejects/, manifest.json (and, with later "
                              "phases, candidates/, examples/, scores/, README.md (the dataset card), "
@@ -84,6 +95,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Override one config key (repeatable), value parsed as YAML, e.g. "
                              "--set group.min_images=4. List keys: icl-pipeline config --list.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Show every log line on the console: training loss per step, Beam's own INFO lines. "
+                             "A local run's whole log is in OUT/run.log either way.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Remove the outputs of later phases that this run would leave stale (for example "
                              "examples/ of an earlier run when only --phases clusters runs again). Without it, "
@@ -137,6 +151,9 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     config = build_config(request.profile, request.config_file, request.overrides)
     check_stage_resources(config)
     options = PipelineOptions(beam_args)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"  # chosen here, so Beam need not say so
+    check_weights(config, request.phases, options)
     try:
         check_runner(options)
         portable_job_options(options, beam_args)
@@ -171,7 +188,7 @@ def first_phase_inputs(request: RunRequest, config: PipelineConfig) -> PhaseInpu
                            cluster_files=tuple(assemble_cluster_files(request, config)))
     files = expand_inputs(list(request.inputs))
     for input_file in files[:config.read.validate_max_files]:
-        validate_input_file(input_file)
+        validate_input_file(input_file, config.read)
     LOG.info("%d input file(s): %s", len(files), ", ".join(f"{n} {fmt}" for fmt, n in _format_counts(files).items()))
     return PhaseInputs(out, files=tuple(files))
 
@@ -323,6 +340,34 @@ def check_stale_outputs(request: RunRequest) -> list[str]:
     FileSystems.delete(files)
     LOG.info("--overwrite: removed %d file(s) of phase(s) %s that this run makes stale", len(files), ", ".join(stale))
     return files
+
+
+def weights_needed(config: PipelineConfig, phases: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(config key, Hugging Face repo, what)`` of the hub-hosted weights the requested phases load."""
+    needs = []
+    if config.embed.enabled and not config.embed.checkpoint and config.embed.pretrained and (
+            "clusters" in phases or "assemble" in phases):
+        from transforms.models.clip import pretrained_config
+
+        repo = (pretrained_config(config.embed).get("hf_hub") or "").strip("/")
+        if repo:
+            needs.append(("embed.checkpoint", repo, f"the CLIP weights of {config.embed.model}/"
+                                                    f"{config.embed.pretrained}"))
+    name = config.synth.model.name
+    if "synthesize" in phases and "/" in name and not os.path.isdir(name) and "://" not in name:
+        needs.append(("synth.model.name", name, "the base model"))
+    return needs
+
+
+def check_weights(config: PipelineConfig, phases: Sequence[str], options: PipelineOptions) -> None:
+    """On a local run, fail in the first seconds -- one line naming the key to set -- when weights the run needs
+    are neither cached nor downloadable, instead of every worker retrying the download."""
+    local = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+    if options.view_as(StandardOptions).runner not in local:
+        return  # remote workers fetch for themselves; this machine's network says nothing about theirs
+    problems = missing_weights(weights_needed(config, phases))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_stage_resources(config: PipelineConfig) -> None:

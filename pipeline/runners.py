@@ -136,3 +136,44 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# --- model weights a local run needs --------------------------------------------------------------------
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    import os
+    import socket
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def missing_weights(needs: list[tuple[str, str, str]], hub_reachable: Any = _hub_reachable) -> list[str]:
+    """For ``(key, Hugging Face repo, what)`` of the weights a run needs: one message per repo that is neither in
+    the local Hugging Face cache nor reachable (``HF_HUB_OFFLINE`` set, or the hub does not answer)."""
+    from huggingface_hub import snapshot_download
+
+    missing = []
+    reachable: bool | None = None
+    for key, repo, what in needs:
+        try:
+            snapshot_download(repo, local_files_only=True)
+            continue
+        except Exception:  # noqa: BLE001 -- not in the cache (its exception types vary between releases)
+            pass
+        if reachable is None:
+            reachable = hub_reachable()
+        if not reachable:
+            missing.append(f"{what} ({repo}): not in the Hugging Face cache, and the hub cannot be reached "
+                           f"(offline, or HF_HUB_OFFLINE is set); set {key} to local files")
+    return missing

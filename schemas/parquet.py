@@ -7,6 +7,7 @@ Each output has exactly one ``pa.schema``; its metadata names the output and the
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,15 +29,55 @@ from schemas.records import (
     TrainSettings,
 )
 
-SCHEMA_VERSION = 1
-"""Version of every layout in this module. Bump it when a field changes meaning or type."""
+SCHEMA_VERSION = 2
+"""Version of every layout in this module. Bump it when a field changes meaning or type (2: image columns are
+Hugging Face ``Image`` structs, ``{bytes, path}``, and every file carries its ``datasets`` features)."""
 
 _VERSION_KEY = b"icl.schema_version"
 _NAME_KEY = b"icl.schema"
+_HF_KEY = b"huggingface"
+
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+"""An image column: the layout Hugging Face ``datasets`` stores its ``Image`` feature in, so that
+``load_dataset("parquet", ...)`` returns PIL images and the Hub viewer previews them. ``bytes`` holds the encoded
+image (JPEG or PNG); ``path`` is empty (the bytes are the image)."""
+
+
+def image_cell(data: bytes) -> dict[str, Any]:
+    """An image column's value for encoded image bytes."""
+    return {"bytes": data, "path": None}
+
+
+def image_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of an image column's value (also of a version-1 file's plain binary column)."""
+    if isinstance(value, dict):
+        return value.get("bytes")
+    return value
+
+
+_HF_VALUE_TYPES = {
+    pa.string(): "string", pa.large_string(): "large_string", pa.binary(): "binary", pa.bool_(): "bool",
+    pa.int8(): "int8", pa.int16(): "int16", pa.int32(): "int32", pa.int64(): "int64",
+    pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64",
+}
+
+
+def hf_feature(arrow_type: pa.DataType) -> Any:
+    """The Hugging Face ``datasets`` feature (as its ``to_dict`` form) of an Arrow type; :data:`IMAGE_TYPE` is an
+    ``Image``."""
+    if arrow_type == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_struct(arrow_type):
+        return {arrow_type.field(i).name: hf_feature(arrow_type.field(i).type) for i in range(arrow_type.num_fields)}
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return {"feature": hf_feature(arrow_type.value_type), "_type": "List"}
+    return {"dtype": _HF_VALUE_TYPES[arrow_type], "_type": "Value"}
 
 
 def _with_metadata(name: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={_NAME_KEY: name.encode(), _VERSION_KEY: str(SCHEMA_VERSION).encode()})
+    features = {f.name: hf_feature(f.type) for f in fields}
+    return pa.schema(fields, metadata={_NAME_KEY: name.encode(), _VERSION_KEY: str(SCHEMA_VERSION).encode(),
+                                       _HF_KEY: json.dumps({"info": {"features": features}}).encode()})
 
 
 CLUSTER_IMAGE_TYPE = pa.struct([
@@ -44,7 +85,7 @@ CLUSTER_IMAGE_TYPE = pa.struct([
     pa.field("record_id", pa.string()),
     pa.field("source", pa.string()),
     pa.field("image_url", pa.string()),
-    pa.field("image", pa.binary(), nullable=False),
+    pa.field("image", IMAGE_TYPE, nullable=False),
     pa.field("width", pa.int32(), nullable=False),
     pa.field("height", pa.int32(), nullable=False),
     pa.field("source_width", pa.int32()),
@@ -121,7 +162,7 @@ REJECTS_SCHEMA = _with_metadata("rejects", [
 
 DEMO_TYPE = pa.struct([
     pa.field("image_id", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
+    pa.field("image", IMAGE_TYPE, nullable=False),
     pa.field("caption", pa.string()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
@@ -129,7 +170,7 @@ DEMO_TYPE = pa.struct([
 
 TARGET_TYPE = pa.struct([
     pa.field("candidate_id", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
+    pa.field("image", IMAGE_TYPE, nullable=False),
     # The trainer's prompt: the template with the subject phrase, no identifier ("a red teapot on a beach").
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("prompt_template", pa.string()),
@@ -231,7 +272,7 @@ def image_to_row(image: ImageRecord) -> dict[str, Any]:
         "record_id": image.record_id,
         "source": image.source,
         "image_url": image.image_url,
-        "image": image.image,
+        "image": image_cell(image.image),
         "width": image.width,
         "height": image.height,
         "source_width": image.source_width,
@@ -292,7 +333,7 @@ def cluster_from_row(row: dict[str, Any]) -> Cluster:
             domain=row["domain"],
             image_url=im.get("image_url"),
             text=im.get("text"),
-            image=im["image"],
+            image=image_bytes(im["image"]),
             width=im["width"],
             height=im["height"],
             phash=im.get("phash") or "",
@@ -400,7 +441,7 @@ CANDIDATES_SCHEMA = _with_metadata("candidates", [
     pa.field("identifier", pa.string()),
     pa.field("k", pa.int32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
+    pa.field("image", IMAGE_TYPE, nullable=False),
     pa.field("width", pa.int32(), nullable=False),
     pa.field("height", pa.int32(), nullable=False),
     pa.field("nsfw", pa.bool_()),
@@ -417,6 +458,7 @@ def candidate_to_row(candidate: Candidate) -> dict[str, Any]:
     """The row of ``candidates/*.parquet`` for a candidate (a dict matching :data:`CANDIDATES_SCHEMA`)."""
     row = {name: getattr(candidate, name) for name in CANDIDATES_SCHEMA.names
            if name not in ("train", "sample", "seconds")}
+    row["image"] = image_cell(candidate.image)
     row["train"] = dataclasses.asdict(candidate.train)
     row["sample"] = dataclasses.asdict(candidate.sample)
     row["seconds"] = dataclasses.asdict(candidate.seconds)
@@ -426,6 +468,7 @@ def candidate_to_row(candidate: Candidate) -> dict[str, Any]:
 def candidate_from_row(row: dict[str, Any]) -> Candidate:
     """Inverse of :func:`candidate_to_row`."""
     fields = {name: row.get(name) for name in CANDIDATES_SCHEMA.names if name not in ("train", "sample", "seconds")}
+    fields["image"] = image_bytes(fields["image"])
     return Candidate(**fields, train=TrainSettings(**row["train"]), sample=SampleSettings(**row["sample"]),
                      seconds=SynthSeconds(**row["seconds"]))
 
@@ -448,10 +491,10 @@ def example_to_row(example: Example) -> dict[str, Any]:
         "page_url": example.page_url,
         "subject": example.subject,
         "class_noun": example.class_noun,
-        "demos": [dataclasses.asdict(demo) for demo in example.demos],
+        "demos": [{**dataclasses.asdict(demo), "image": image_cell(demo.image)} for demo in example.demos],
         "target": {
             "candidate_id": candidate.candidate_id,
-            "image": candidate.image,
+            "image": image_cell(candidate.image),
             "prompt": scored.prompt,
             "prompt_template": candidate.prompt_template,
             "rendered_prompt": candidate.prompt,

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Literal
 
 import pyarrow.parquet as pq
 
-from schemas.parquet import check_schema_version
+from schemas.parquet import check_schema_version, image_bytes
 
 try:  # torch is optional: only ExamplesDataset and decode="tensor" need it
     from torch.utils.data import IterableDataset as _DatasetBase
@@ -113,7 +113,9 @@ def shard_units(paths: Sequence[str]) -> list[ShardUnit]:
 
 # --- decoding ----------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, decode: Decode) -> Any:
+def decode_image(data: Any, decode: Decode) -> Any:
+    """An image column's value (``{bytes, path}``) as encoded bytes, a PIL image or a uint8 tensor."""
+    data = image_bytes(data)
     if decode == "bytes":
         return data
     from PIL import Image

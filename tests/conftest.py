@@ -19,6 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample" / "crawl.parquet"
 
+# Tests never reach a model hub (nothing leaves this machine): the libraries read these when first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 # The multi-process DirectRunner starts worker processes that import our packages: make sure they
 # find this checkout even when the project is not installed.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
@@ -160,3 +164,28 @@ def portable_args(services: tuple[str, str]) -> tuple[str, ...]:
     job, pool = services
     return ("--runner", "PortableRunner", "--job_endpoint", job, "--environment_type", "EXTERNAL",
             "--environment_config", pool)
+
+
+# --- selection and scheduling -----------------------------------------------------------------------------------
+
+HEAVY_FIXTURES = {
+    "demo_run": "demo_run",              # all three phases on the sample, once per session
+    "sample_phase1": "sample_phase1",
+    "portable_services": "portable",     # Beam's job service and worker pool
+    "phase1": None,                      # test_phase1's module run of phase 1
+    "tiny_sd_dir": None,                 # tests that train and render with the tiny Stable Diffusion
+}
+"""Fixtures that take seconds to tens of seconds to build: a test using one is ``slow`` (``make test-fast``
+leaves it out). Tests sharing a session-wide run go to one xdist worker (``--dist loadgroup``), so the run is
+built once per session instead of once per worker."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        heavy = used & HEAVY_FIXTURES.keys()
+        if heavy:
+            item.add_marker(pytest.mark.slow)
+        groups = sorted(HEAVY_FIXTURES[name] for name in heavy if HEAVY_FIXTURES[name])
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))

@@ -106,6 +106,7 @@ def test_example_rows_carry_demos_target_scores_and_provenance(clusters) -> None
     assert set(row) == set(EXAMPLES_SCHEMA.names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_kb, group_kb", [(4096, 1024), (300, 100), (60, 20)])
 def test_shards_are_sized_by_bytes_and_read_back_whole(clusters, tmp_path, shard_kb: int, group_kb: int) -> None:
     backpack, teapot, _ = clusters

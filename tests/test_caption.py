@@ -147,6 +147,7 @@ def _vllm(server: FakeOpenAIServer, **kwargs: Any) -> CaptionConfig:
     return CaptionConfig(backend="vllm", endpoint=server.url, model=VL_MODEL, **kwargs)
 
 
+@pytest.mark.slow
 def test_vllm_backend_captions_every_image(server, sample_rows) -> None:
     server.reset()
     clusters = sample_clusters(sample_rows, ["/products/backpack", "/products/cat", "/produkt/vase"])

@@ -66,6 +66,7 @@ def evaluation_set(tmp_path, product_photos: list[bytes]):
     return refs
 
 
+@pytest.mark.slow
 def test_sample_cluster_with_an_evaluation_photo_is_rejected(tmp_path, evaluation_set) -> None:
     out = run_pipeline([SAMPLE], tmp_path / "out", "--profile", "demo", "--set", "cluster_filter.enabled=false",
                        "--set", f"decontaminate.against={evaluation_set}")
@@ -85,6 +86,7 @@ def test_sample_cluster_with_an_evaluation_photo_is_rejected(tmp_path, evaluatio
     assert out.manifest["phases"]["clusters"]["counters"]["decontaminate"]["references_unreadable"] == 1
 
 
+@pytest.mark.slow
 def test_clip_check_catches_a_mirrored_copy(tmp_path, product_photos: list[bytes]) -> None:
     # A mirrored copy is 30+ bits away in perceptual hash; the image embeddings (here of the tiny random
     # model, which still maps a mirrored photo closer to its original than to any other photo) catch it.

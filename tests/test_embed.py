@@ -89,11 +89,16 @@ def test_offline_real_model_fails_with_a_clear_message(monkeypatch, tmp_path) ->
     assert "--set embed.checkpoint=" in message
 
 
-def test_offline_run_of_the_local_profile_fails_with_that_message(monkeypatch, tmp_path) -> None:
+def test_offline_worker_load_fails_with_that_message(monkeypatch, tmp_path) -> None:
+    """Where the launcher cannot tell (remote workers), a worker without the weights says which key to set.
+    (A local run fails before it starts: tests/test_runners.py.)"""
+    from pipeline.config import build_config
+    from transforms.models.clip import ModelWeightsUnavailable, load_image_encoder
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(Exception, match="could not fetch the pretrained weights") as caught:
-        run_pipeline([SAMPLE], tmp_path / "out", "--profile", "local")
+    with pytest.raises(ModelWeightsUnavailable, match="could not fetch the pretrained weights") as caught:
+        load_image_encoder(build_config("local").embed)
     assert "embed.checkpoint" in str(caught.value)
 
 
@@ -194,6 +199,7 @@ def test_undecodable_images_are_dead_letters(product_photos: list[bytes]) -> Non
                                            "clusters": 1, "images": 4, "num_inferences": 1}
 
 
+@pytest.mark.slow
 def test_failed_inference_batches_reach_the_dead_letter_output() -> None:
     # A tensor of the wrong shape makes the model raise: RunInference's dead-letter output holds the batch,
     # and the stage turns it into one embedding_failed reject per image. (Each element here outweighs
@@ -219,6 +225,7 @@ def test_inference_failures_become_one_reject_per_image(product_photos: list[byt
     assert "CUDA OOM" in rejects[0].detail
 
 
+@pytest.mark.slow
 def test_one_model_copy_shared_across_processes(clusters) -> None:
     # Beam's large_model path: the model lives in one server process and the handler calls it by proxy.
     config = dataclasses.replace(TINY, share_model_across_processes=True)

@@ -9,6 +9,7 @@ DataLoader workers, and Hugging Face ``datasets``).
 from __future__ import annotations
 
 import collections
+import io
 import os
 
 import pyarrow.parquet as pq
@@ -139,17 +140,29 @@ def test_two_ranks_times_three_workers_read_every_real_example_once(demo_run: Ph
     assert len(ExamplesDataset(pattern).units) >= 6  # enough row groups that every reader has work
 
 
-def test_hugging_face_datasets_loads_a_real_shard(demo_run: PhaseOutput, tmp_path) -> None:
+def test_hugging_face_datasets_gives_pil_images_for_every_image_column(demo_run: PhaseOutput, tmp_path) -> None:
+    """examples/, clusters/ and candidates/ load with datasets itself; every image column is its Image feature."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     import datasets
+    from PIL import Image
 
     shards = list_shards(str(demo_run.output / "examples" / "*.parquet"))
     first = pq.read_table(shards[0])
     loaded = datasets.load_dataset("parquet", data_files=shards[0], split="train", cache_dir=str(tmp_path / "hf"))
     assert loaded.num_rows == first.num_rows
     assert loaded[0]["example_id"] == first.column("example_id")[0].as_py()
-    assert loaded[0]["target"]["image"] == first.column("target")[0].as_py()["image"]
-    assert len(loaded[0]["demos"]) == 3 and loaded[0]["scores"]["text_sim"] is not None
+    target = loaded[0]["target"]["image"]
+    stored = Image.open(io.BytesIO(first.column("target")[0].as_py()["image"]["bytes"]))
+    assert isinstance(target, Image.Image) and target.size == stored.size
+    assert target.convert("RGB").tobytes() == stored.convert("RGB").tobytes()
+    assert len(loaded[0]["demos"]) == 3 and all(isinstance(d["image"], Image.Image) for d in loaded[0]["demos"])
+    assert loaded[0]["scores"]["text_sim"] is not None
+
+    for folder, column in (("clusters", lambda row: row["images"][0]["image"]),
+                           ("candidates", lambda row: row["image"])):
+        files = sorted(str(p) for p in (demo_run.output / folder).glob("*.parquet"))
+        data = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / folder))
+        assert isinstance(column(data[0]), Image.Image), folder
 
 
 # --- phase 3 alone ----------------------------------------------------------------------------------------
@@ -181,3 +194,19 @@ def test_phase_three_alone_on_the_multiprocess_runner_gives_the_same_examples(de
 def test_phase_three_needs_candidates(sample_phase1: PhaseOutput) -> None:
     with pytest.raises(InputFormatError, match="matches no file .*phase assemble reads the synthesize phase's"):
         run(["--phases", "assemble", "--output", str(sample_phase1.output)])
+
+
+def test_cost_of_synthesis_is_in_the_manifest_card_and_report(demo_run: PhaseOutput) -> None:
+    """GPU-seconds per cluster and per kept example, and hours for N, from the run's own seconds."""
+    manifest = demo_run.manifest
+    run_cost = manifest["cost"]
+    seconds = manifest["phases"]["synthesize"]["seconds_per_cluster"]["total"]
+    examples = manifest["candidates"]["examples"]
+    assert run_cost["seconds_per_cluster"] == round(seconds["mean"], 3) > 0
+    assert run_cost["seconds_per_example"] == round(seconds["total"] / examples, 3)
+    assert run_cost["hours_per_10000_clusters"] == round(seconds["mean"] * 10_000 / 3600, 2)
+    assert run_cost["hours_per_100000_examples"] == round(seconds["total"] / examples * 100_000 / 3600, 2)
+    card = (demo_run.output / "README.md").read_text()
+    assert f"{run_cost['seconds_per_example']:.2f} per kept example" in card
+    report = (demo_run.output / "report" / "index.html").read_text()
+    assert "synthesis cost per kept example" in report

@@ -45,6 +45,7 @@ def object_prompts() -> list[tuple[Prompt, ...]]:
     return [template_prompts(cid, "teapot", False, 8) for cid in IDS]
 
 
+@pytest.mark.slow
 def test_every_skill_is_reachable(live_prompts, object_prompts) -> None:
     assert {p.skill for ps in live_prompts for p in ps} == set(SKILLS)
     assert {p.skill for ps in object_prompts for p in ps} == set(SKILLS) - LIVE_ONLY

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from schemas.parquet import EXAMPLES_SCHEMA, SchemaVersionError
+from schemas.parquet import EXAMPLES_SCHEMA, SchemaVersionError, image_cell
 from schemas.reader import ExamplesDataset, iter_examples, list_shards, shard_units, split_units
 
 SHARD_ROWS = (10, 7, 5)   # three shards of unequal length
@@ -25,9 +25,11 @@ def _row(i: int, photos: list[bytes]) -> dict:
         "page_url": "https://shop.example.com/p",
         "subject": "teapot",
         "class_noun": "teapot",
-        "demos": [{"image_id": f"d{k}", "image": photos[(i + k) % len(photos)], "caption": f"demo {k}",
+        "demos": [{"image_id": f"d{k}", "image": image_cell(photos[(i + k) % len(photos)]),
+                   "caption": f"demo {k}",
                    "width": 288, "height": 288} for k in range(3)],
-        "target": {"candidate_id": f"t{i}", "image": photos[(i + 5) % len(photos)], "prompt": "a teapot on a beach",
+        "target": {"candidate_id": f"t{i}", "image": image_cell(photos[(i + 5) % len(photos)]),
+                   "prompt": "a teapot on a beach",
                    "prompt_template": "a {subject} on a beach", "rendered_prompt": "a sks teapot on a beach",
                    "skill": "recontextualization", "seed": i, "k": 0, "width": 288, "height": 288,
                    "source_image_id": "d9"},
@@ -60,10 +62,10 @@ def test_iter_examples_streams_every_row_decoded(shards) -> None:
     first = examples[0]
     assert isinstance(first["target"]["image"], Image.Image) and first["target"]["image"].size == (288, 288)
     assert len(first["demos"]) == 3 and all(isinstance(d["image"], Image.Image) for d in first["demos"])
-    original = Image.open(io.BytesIO(rows[0]["demos"][0]["image"])).convert("RGB")
+    original = Image.open(io.BytesIO(rows[0]["demos"][0]["image"]["bytes"])).convert("RGB")
     assert first["demos"][0]["image"].tobytes() == original.tobytes()
     raw = next(iter_examples(pattern, decode="bytes", columns=["example_id", "target"]))
-    assert set(raw) == {"example_id", "target"} and raw["target"]["image"] == rows[0]["target"]["image"]
+    assert set(raw) == {"example_id", "target"} and raw["target"]["image"] == rows[0]["target"]["image"]["bytes"]
 
 
 def test_units_come_from_the_footers(shards) -> None:
@@ -117,7 +119,14 @@ def test_hugging_face_datasets_loads_the_shards(shards, tmp_path) -> None:
     loaded = datasets.load_dataset("parquet", data_files=sorted(list_shards(pattern)), split="train",
                                    cache_dir=str(tmp_path / "hf"))
     assert loaded.num_rows == len(rows)
-    assert loaded[0]["example_id"] == "ex000" and loaded[0]["target"]["image"] == rows[0]["target"]["image"]
+    # Image columns are datasets' Image feature: PIL images, the same pixels as the stored bytes.
+    assert isinstance(loaded.features["target"]["image"], datasets.Image)
+    assert isinstance(loaded.features["demos"].feature["image"], datasets.Image)
+    first = loaded[0]
+    assert first["example_id"] == "ex000" and isinstance(first["target"]["image"], Image.Image)
+    original = Image.open(io.BytesIO(rows[0]["target"]["image"]["bytes"])).convert("RGB")
+    assert first["target"]["image"].convert("RGB").tobytes() == original.tobytes()
+    assert all(isinstance(d["image"], Image.Image) for d in first["demos"])
     assert loaded[3]["demos"][2]["caption"] == "demo 2"
 
 

@@ -39,8 +39,9 @@ def test_reasons_are_declared_whole_cluster_and_documented() -> None:
     documented = set(re.findall(r"^\|(?: \d+ \|)? (\w+) \| `(\w+)` \|", REASONS_DOC.read_text(), flags=re.MULTILINE))
     for phase in PHASES.values():
         for stage in (phase.source, *phase.stages):
-            for reason in stage.reasons:
-                assert (stage.name, reason.code) in documented, (phase.name, stage.name, reason.code)
+            for module in (stage.module, *stage.also):
+                for reason in module.REASONS:
+                    assert (module.STAGE, reason.code) in documented, (phase.name, module.STAGE, reason.code)
 
 
 def test_switches() -> None:

@@ -95,3 +95,36 @@ def test_portable_job_gets_a_long_deadline_and_an_unreachable_endpoint_fails_fas
     gone = ["--runner", "PortableRunner", "--job_endpoint", f"127.0.0.1:{port}"]
     with pytest.raises(UnsupportedRunnerError, match="no job service answers"):
         portable_job_options(PipelineOptions(gone), gone, connect_timeout_s=2)
+
+
+def test_offline_local_run_fails_at_once_naming_the_keys(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local profile's real weights, not cached, no hub (HF_HUB_OFFLINE: nothing leaves this machine): one
+    error before any pipeline is built, naming the keys to set."""
+    import time
+
+    from pipeline.config import ConfigError
+    from pipeline.run import run
+    from tests.conftest import SAMPLE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        run(["--profile", "local", "--input", str(SAMPLE), "--output", str(tmp_path / "out")])
+    assert time.monotonic() - started < 60
+    message = str(error.value)
+    assert "set embed.checkpoint to local files" in message and "set synth.model.name to local files" in message
+    assert not (tmp_path / "out" / "clusters").exists()
+
+
+def test_missing_weights_asks_the_hub_only_when_the_cache_lacks_them(tmp_path, monkeypatch) -> None:
+    from pipeline.runners import missing_weights
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    asked = []
+    problems = missing_weights([("embed.checkpoint", "org/not-cached", "the CLIP weights")],
+                               hub_reachable=lambda: asked.append(1) or False)
+    assert asked == [1] and problems == ["the CLIP weights (org/not-cached): not in the Hugging Face cache, and the "
+                                         "hub cannot be reached (offline, or HF_HUB_OFFLINE is set); set "
+                                         "embed.checkpoint to local files"]
+    assert missing_weights([("k", "org/x", "w")], hub_reachable=lambda: True) == []  # downloadable: the run fetches

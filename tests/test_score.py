@@ -138,6 +138,7 @@ def test_copy_of_a_demo_is_detected_and_named_as_the_source(clusters, encoder, t
     assert counters(run, "score")["reference_embeddings_reused"] == len(teapot.images)
 
 
+@pytest.mark.slow
 def test_text_and_image_similarities_are_the_models(clusters, encoder, tmp_path) -> None:
     """Scores through RunInference equal a direct computation with the same model; stored embeddings (float16)
     give the same subject similarities as computed ones."""

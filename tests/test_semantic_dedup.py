@@ -177,6 +177,7 @@ def save_to(path: Path):
     return save
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bucket_size", [4, 1000])
 @pytest.mark.parametrize("order", [1, -1])
 def test_stage_on_constructed_embeddings(shops: dict, bucket_size: int, order: int) -> None:

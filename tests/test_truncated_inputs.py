@@ -171,3 +171,136 @@ def test_truncated_input_fails_the_run_unless_allowed(rows: list[dict], tmp_path
     rejects = [r for r in allowed.rejects() if r["reason"] == TRUNCATED_FILE]
     assert len(rejects) == 1 and rejects[0]["n_images"] == 0
     assert SAMPLE.exists()
+
+
+# --- document presets: the same reader rules ---------------------------------------------------------------------
+
+MMC4_FILE = Path(__file__).parent / "data" / "web" / "mmc4_docs.jsonl"
+
+
+@pytest.mark.parametrize("cut", ["line_boundary", "mid_line"])
+def test_a_cut_gzip_jsonl_read_through_a_preset_is_reported(tmp_path: Path, cut: str) -> None:
+    lines = MMC4_FILE.read_bytes().splitlines(keepends=True)
+    data, offsets = _gzip_with_flush_points(lines)
+    end = offsets[1] if cut == "line_boundary" else (offsets[1] + offsets[2]) // 2
+    path = tmp_path / "docs.jsonl.gz"
+    path.write_bytes(data[:end])
+    fn = ReadFileFn(ReadConfig(preset="mmc4"))
+    fn.setup()
+    items = list(fn.process(InputFile(str(path), "jsonl")))
+    records = [item for item in items if not isinstance(item, beam.pvalue.TaggedOutput)]
+    rejects = [item.value for item in items if isinstance(item, beam.pvalue.TaggedOutput)]
+    n_images = sum(len(json.loads(line)["image_info"]) for line in lines[:2])
+    _assert_truncated(records, rejects, path, n_images)
+    assert {r.source.split("#")[0] for r in records} == {f"{path}:1", f"{path}:2"}
+
+
+# --- WARC files: the extract stage --------------------------------------------------------------------------------
+
+
+def _warc_captures() -> list:
+    from tests.web_site import Capture, sample_photos
+
+    photos = list(sample_photos(2).items())
+    captures = []
+    for i in range(3):
+        html = "".join(f'<p>Photo {j}</p><img src="/img/{name}" alt="photo {j}">' for j, (name, _) in enumerate(photos))
+        captures.append(Capture(f"https://shop.example.com/p/{i}", f"<html><body>{html}</body></html>".encode(),
+                                "text/html; charset=utf-8"))
+        if i == 1:
+            captures += [Capture(f"https://shop.example.com/img/{name}", photo, "image/jpeg") for name, photo in photos]
+    return captures
+
+
+def _record_ends(path: Path) -> list[tuple[int, str]]:
+    """Where each record of a whole WARC file ends (warcio's offset + length), with its type and target."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    ends = []
+    with open(path, "rb") as handle:
+        records = ArchiveIterator(handle)
+        for record in records:
+            kind = f"{record.rec_type} {record.rec_headers.get_header('WARC-Target-URI')}"
+            record.content_stream().read()
+            ends.append((records.get_record_offset() + records.get_record_length(), kind))
+    return ends
+
+
+def _extract(path: Path) -> tuple[int, list]:
+    from transforms.extract import ExtractConfig, ReadWarcFn
+
+    fn = ReadWarcFn(ExtractConfig())
+    fn.setup()
+    pairs, rejects = 0, []
+    for item in fn.process(str(path)):
+        if isinstance(item, beam.pvalue.TaggedOutput):
+            if item.tag == "rejects":
+                rejects.append(item.value)
+        else:
+            pairs += 1
+    return pairs, rejects
+
+
+@pytest.mark.parametrize("suffix", [".warc", ".warc.gz"])
+def test_a_warc_file_cut_anywhere_is_reported_with_the_pages_before_the_cut(tmp_path: Path, suffix: str) -> None:
+    """Every cut that is not between two records -- in a header block, in a body, in a gzip member's end, in a
+    record warcio would skip (the request records) -- gives the pages whose records are whole, then one
+    ``truncated_file`` row; a cut between records gives those pages and nothing else (it cannot be told apart)."""
+    from tests.web_site import write_warc
+    from transforms.common import InputFormatError
+
+    whole = Path(write_warc(tmp_path / f"whole{suffix}", _warc_captures()))
+    data = whole.read_bytes()
+    ends = _record_ends(whole)
+    assert _extract(whole) == (6, [])
+    # Between records: the gzip member's end; uncompressed, also inside the blank lines that separate records.
+    between = {0} | {end + k for end, _ in ends for k in (range(5) if suffix == ".warc" else (0,))}
+    cuts = sorted({c for end, _ in ends for c in range(end - 12, end + 8) if 0 < c < len(data)}
+                  | set(range(1, len(data), 97)))
+    path = tmp_path / f"cut{suffix}"
+    reported = 0
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        pages = sum(1 for end, kind in ends if end <= cut and kind.startswith("response https://shop.example.com/p/"))
+        try:
+            pairs, rejects = _extract(path)
+        except InputFormatError:
+            assert cut < ends[0][0], cut  # only a file cut inside its very first record reads as no WARC at all
+            continue
+        assert pairs == 2 * pages, cut
+        if cut in between:
+            assert rejects == [], cut
+        else:
+            assert [(r.stage, r.reason, r.source, r.n_images) for r in rejects] == [
+                ("extract", TRUNCATED_FILE, str(path), 0)], cut
+            assert f"{pages} pages were read" in rejects[0].detail
+            reported += 1
+    assert reported > len(cuts) // 2
+
+
+@pytest.mark.slow
+def test_a_truncated_warc_fails_the_run_unless_allowed(tmp_path: Path) -> None:
+    from pipeline.run import RunError
+    from tests.web_site import write_warc
+
+    whole = Path(write_warc(tmp_path / "whole.warc.gz", _warc_captures()))
+    data = whole.read_bytes()
+    last_image_end = [end for end, kind in _record_ends(whole) if kind.startswith("response") and "/img/" in kind][-1]
+    cut = tmp_path / "crawl.warc.gz"
+    cut.write_bytes(data[:last_image_end - 200])  # inside the second captured photo: the third page is lost
+    # No fetching: the pairs whose photo the cut lost reach normalize without bytes (missing_image).
+    fast = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
+            "--set", "cross_page.enabled=false", "--set", "fetch.enabled=never")
+    with pytest.raises(RunError, match="end early"):
+        run_pipeline([cut], tmp_path / "out", *fast)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    records = manifest["records"]
+    assert records["input"] == 4 and records["reconciled"]
+    # the second photo, on each of the two pages read, has no bytes; the first alone is no cluster
+    assert records["rejected"] == {"cluster_too_small": 2, "missing_image": 2} and records["kept"] == 0
+    assert [t["path"] for t in records["truncated_files"]] == [str(cut)]
+    assert "2 pages were read" in records["truncated_files"][0]["detail"]
+
+    allowed = run_pipeline([cut], tmp_path / "out2", *fast, "--set", "read.allow_truncated=true")
+    assert allowed.manifest["records"]["reconciled"] and len(allowed.manifest["records"]["truncated_files"]) == 1
+    assert [r["stage"] for r in allowed.rejects() if r["reason"] == TRUNCATED_FILE] == ["extract"]

@@ -3,6 +3,7 @@ site, some images captured in the WARC and joined, the others fetched; exact pai
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import apache_beam as beam
@@ -167,12 +168,20 @@ def test_join_keys_and_bad_warc_files(tmp_path: Path) -> None:
         validate_warc(str(bad))
 
 
-def test_a_cut_off_warc_file_stops_with_its_name(tmp_path: Path) -> None:
+def test_a_cut_off_warc_file_keeps_its_pages_and_is_reported(tmp_path: Path) -> None:
     with WebSite(PHOTOS) as site:
         warc = build_warc(site, tmp_path / "crawl.warc.gz")
     data = Path(warc).read_bytes()
-    Path(warc).write_bytes(data[:len(data) // 2])
+    Path(warc).write_bytes(data[:len(data) // 2])  # inside the first captured photo, after the three pages
     fn = ReadWarcFn(ExtractConfig())
     fn.setup()
-    with pytest.raises(InputFormatError, match=r"crawl.warc.gz: not a readable WARC file after 3 pages .*cut off"):
-        list(fn.process(warc))
+    items = list(fn.process(warc))
+    rejects = [item.value for item in items if isinstance(item, beam.pvalue.TaggedOutput) and item.tag == "rejects"]
+    pairs = [item for item in items if not isinstance(item, beam.pvalue.TaggedOutput)]
+    # all 13 <img> of the three pages: 8 pairs, 5 skipped tags; the captured photos after the cut are lost
+    assert len(pairs) == 8
+    truncated = [r for r in rejects if r.reason == "truncated_file"]
+    assert len(rejects) == 6 and len(truncated) == 1 and rejects[-1] is truncated[0]
+    assert truncated[0].source == warc and truncated[0].n_images == 0 and truncated[0].stage == "extract"
+    assert re.search(r"crawl.warc.gz: the WARC file ends early: .*cut off.*; 3 pages were read", truncated[0].detail)
+    validate_warc(warc)  # a WARC file all the same: the run reads it and reports the cut

@@ -31,7 +31,6 @@ import binascii
 import json
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
@@ -43,26 +42,34 @@ from apache_beam.io.filesystems import FileSystems
 from schemas.ids import content_id, stable_id
 from schemas.records import InputRecord
 from transforms.common import reject
-from transforms.read import JSONL, MALFORMED_RECORD, PARQUET, InputFormatError
+from transforms.read import (
+    DOWNLOAD_FAILED,
+    JSONL,
+    MALFORMED_RECORD,
+    PARQUET,
+    TRUNCATION_ERRORS,
+    InputFormatError,
+    TruncatedInputError,
+    input_lines,
+    open_input,
+)
+
+# The spec and the presets are settings (``read.preset``, ``read.columns``), checked when the config is built.
+from transforms.settings import (
+    DOCUMENT_FIELDS,
+    IMG2DATASET,
+    LAION,
+    MMC4,
+    OBELICS,
+    PRESET_COLUMNS,
+    PRESETS,
+    DocumentSpec,
+    document_spec,
+)
 
 STAGE = "read"
 
-DOWNLOAD_FAILED = "download_failed"
-
-MMC4, OBELICS, IMG2DATASET, LAION = "mmc4", "obelics", "img2dataset", "laion"
-
-FIELDS = ("page_url", "image_url", "text", "image", "status", "error")
-"""Our fields a column mapping may name: the ``InputRecord`` fields and the download outcome columns."""
-
-PRESET_COLUMNS: dict[str, dict[str, str]] = {
-    # img2dataset's Parquet output: url, caption, the image in a column named after --encode_format (jpg by
-    # default), status, error_message; the page URL only when listed in --save_additional_columns.
-    IMG2DATASET: {"image_url": "url", "text": "caption", "image": "jpg", "page_url": "page_url",
-                  "status": "status", "error": "error_message"},
-    # LAION-400M / LAION-5B metadata Parquet: URL and TEXT, no page URL (such rows reach normalize without one).
-    LAION: {"image_url": "URL", "text": "TEXT"},
-}
-PRESETS = (MMC4, OBELICS, *PRESET_COLUMNS)
+FIELDS = DOCUMENT_FIELDS
 
 _OPTIONAL_COLUMNS = {"page_url", "text", "image", "status", "error"}
 """Mapped columns a file may lack (a URL list has no image column, LAION has no page URL)."""
@@ -72,46 +79,6 @@ _DOCUMENT_COLUMNS = {MMC4: ("url", "image_info", "text_list"),
 _REQUIRED_DOCUMENT_COLUMNS = {MMC4: ("url", "image_info"), OBELICS: ("images",)}
 
 _SUCCESS = ("success", "ok", "")
-
-
-@dataclass(frozen=True)
-class DocumentSpec:
-    """How rows of a file become pairs: a document preset (``mmc4``, ``obelics``) or a column mapping."""
-
-    preset: str | None = None
-    columns: Mapping[str, str] = field(default_factory=dict)
-    """Our field -> the file's column; with a mapping preset, these override the preset's entries."""
-
-    def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown read.preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        unknown = sorted(set(self.columns) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"read.columns: unknown field(s) {', '.join(unknown)}; map any of {', '.join(FIELDS)}")
-        if self.preset in (MMC4, OBELICS) and self.columns:
-            raise ValueError(f"read.columns cannot be combined with read.preset={self.preset} (a document layout)")
-        if self.preset is None and "image_url" not in self.columns and "image" not in self.columns:
-            raise ValueError("read.columns must map image_url or image")
-
-    @property
-    def document(self) -> bool:
-        return self.preset in (MMC4, OBELICS)
-
-    def mapping(self) -> dict[str, str]:
-        """The column mapping (preset entries, then ``columns``); empty for document presets."""
-        return {**PRESET_COLUMNS.get(self.preset or "", {}), **self.columns}
-
-    @property
-    def byteless(self) -> bool:
-        """Whether rows of this spec come without image bytes (the pipeline then needs the fetch stage)."""
-        return self.document or "image" not in self.mapping()
-
-
-def document_spec(preset: str | None, columns: Mapping[str, str] | None) -> DocumentSpec | None:
-    """The spec for ``read.preset`` / ``read.columns``; ``None`` when neither is set (the default layouts)."""
-    if preset is None and not columns:
-        return None
-    return DocumentSpec(preset, dict(columns or {}))
 
 
 # --- one row -> pairs --------------------------------------------------------------------------------------
@@ -282,8 +249,8 @@ def check_document_layout(path: str, fmt: str, spec: DocumentSpec) -> None:
     elif fmt == JSONL:
         names = []
         try:
-            with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
-                for line in iter(handle.readline, b""):
+            with open_input(path, compressed=True) as handle:
+                for line in input_lines(handle):
                     if line.strip():
                         first = json.loads(line)
                         if not isinstance(first, dict):
@@ -318,10 +285,12 @@ def read_documents(path: str, fmt: str, spec: DocumentSpec,
             except (pa.ArrowException, OSError) as error:
                 raise InputFormatError(f"{path}: Parquet data unreadable ({error})") from error
     elif fmt == JSONL:
-        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
+        # Python's decompressors (read.open_input), not Beam's: a compressed file cut short must raise, not pass
+        # for a whole shorter one (the read stage turns the error into a truncated_file row).
+        with open_input(path, compressed=True) as handle:
             line_number = 0
             try:
-                for line_number, line in enumerate(iter(handle.readline, b""), start=1):
+                for line_number, line in enumerate(input_lines(handle), start=1):
                     if not line.strip():
                         continue
                     source = f"{path}:{line_number}"
@@ -331,8 +300,9 @@ def read_documents(path: str, fmt: str, spec: DocumentSpec,
                         yield _malformed(source, f"line is not JSON ({error})")
                         continue
                     yield from row_pairs(values, source, spec)
-            except (OSError, EOFError, zlib.error) as error:
-                raise InputFormatError(f"{path}: unreadable after line {line_number} ({error})") from error
+            except TRUNCATION_ERRORS as error:
+                raise TruncatedInputError(f"{path}: the compressed stream ends early, after line {line_number} "
+                                          f"({type(error).__name__}: {error})") from error
     else:
         raise InputFormatError(f"{path}: {_what(spec)} applies to Parquet and JSONL files, not {fmt}")
 

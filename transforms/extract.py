@@ -17,14 +17,19 @@ time, never a file's or the job's.
 Record ids follow *read*: ``stable_id(page_url, image_url, content_id(bytes))`` for a pair with captured bytes,
 ``stable_id(page_url, image_url, None)`` for one without (which *fetch* keeps). ``source`` is
 ``PATH@OFFSET#imgN``: the page record's byte offset in the WARC file and the ``<img>``'s position on the page.
+
+Accounting: ``extract/records`` counts every ``<img>`` found (a pair or a dead letter), the stage's input as
+``read/records`` is read's. A WARC file that ends inside a record (``TruncatedWarcError``) keeps the pages read
+before the cut and becomes one ``truncated_file`` row (file-level, ``n_images`` 0), as a cut ``.jsonl.gz`` does
+in *read*; one cut exactly between two records (gzip members) cannot be told from a whole file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,48 +38,21 @@ from warcio.exceptions import ArchiveLoadFailed
 
 from schemas.ids import content_id, stable_id
 from schemas.records import InputRecord
-from transforms.common import REJECTS, Progress, StageOutput, count, internal_error, option, reject
-from transforms.read import InputFormatError
+from transforms.common import INTERNAL_ERROR, REJECTS, Progress, Reason, StageOutput, count, internal_error, reject
+from transforms.read import TRUNCATED_FILE, InputFormatError
+from transforms.settings import ExtractConfig
 from transforms.web import html as web_html
-from transforms.web.fetcher import DEFAULT_OPT_OUT_DIRECTIVES as IMAGE_OPT_OUT_DIRECTIVES
 from transforms.web.fetcher import OPTED_OUT, x_robots_opt_out
-from transforms.web.warc import HTML, IMAGE, iter_responses
+from transforms.web.warc import HTML, IMAGE, TruncatedWarcError, iter_responses
 
 LOG = logging.getLogger(__name__)
 
 STAGE = "extract"
 
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of the extract stage (config section ``extract``); defaults and sources in docs/defaults.md."""
-
-    nearby_chars: int = option(200, "Characters of page text kept on each side of an image as its nearby text.")
-    text_fallback: bool = option(True, "When an <img> has neither alt nor title, its nearby text becomes the "
-                                       "pair's text (else the text is empty).")
-    pixel_hosts: tuple[str, ...] = option(web_html.DEFAULT_PIXEL_HOSTS, "Hosts (or host/path prefixes) of "
-                                                                       "tracking pixels (tracking_pixel).")
-    skip_regions: tuple[str, ...] = option(web_html.DEFAULT_SKIP_REGIONS, "Elements whose images are page chrome "
-                                                                         "(navigation_image).")
-    page_opt_out_directives: tuple[str, ...] = option(
-        web_html.DEFAULT_OPT_OUT_DIRECTIVES, "Directives of <meta name=robots> or the page's X-Robots-Tag that opt "
-                                             "all its images out (opted_out).")
-    image_opt_out_directives: tuple[str, ...] = option(
-        IMAGE_OPT_OUT_DIRECTIVES, "X-Robots-Tag directives on a captured image response that opt it out "
-                                  "(opted_out); the fetcher's defaults.")
-    robots_token: str = option("icl-cluster-pipeline", "Our robots name (<meta name=TOKEN>, 'TOKEN: noai').")
-    max_page_bytes: int = option(10 * 1024 * 1024, "Larger HTML bodies are not parsed (counted as "
-                                                   "extract/pages_too_large).")
-    max_image_bytes: int = option(32 * 1024 * 1024, "Larger captured image bodies are not joined (the pair is "
-                                                    "fetched instead; normalize.max_bytes by default).")
-
-    def __post_init__(self) -> None:
-        if self.nearby_chars < 0:
-            raise ValueError(f"nearby_chars must be >= 0, got {self.nearby_chars}")
-        if self.max_page_bytes < 1 or self.max_image_bytes < 1:
-            raise ValueError("max_page_bytes and max_image_bytes must be positive")
-        if not self.robots_token.strip():
-            raise ValueError("robots_token must not be blank")
+REASONS = tuple(Reason(code) for code in (
+    web_html.NAVIGATION_IMAGE, web_html.INLINE_DATA_URI, web_html.TRACKING_PIXEL, web_html.INVALID_IMAGE_URL,
+    web_html.REPEATED_IMAGE_URL, OPTED_OUT, INTERNAL_ERROR, TRUNCATED_FILE))
+"""Reject reasons (docs/reasons.md). ``truncated_file`` is a file-level row, as read's: a WARC file cut short."""
 
 
 class CapturedImage(NamedTuple):
@@ -170,8 +148,16 @@ class ReadWarcFn(beam.DoFn):
                 self._progress.add()
                 yield from self._page(response.url, response.body, response.content_type, response.x_robots_tag,
                                       source)
+        except TruncatedWarcError as error:
+            # As read does for a cut .jsonl.gz or tar: what was read goes on, and one file-level row says the rest
+            # is missing (the launcher fails the run unless read.allow_truncated).
+            LOG.error("extract: %s: %s (%s pages read from it)", path, error, f"{pages:,}")
+            count(STAGE, "truncated_files")
+            yield reject(STAGE, TRUNCATED_FILE, f"{path}: the WARC file ends early: {error}; {pages} pages were read "
+                         "from it, the rest of the file is missing", id=stable_id("truncated", path), source=path,
+                         n_images=0)
         except ArchiveLoadFailed as error:
-            raise InputFormatError(f"{path}: not a readable WARC file after {pages} pages ({error})") from error
+            raise InputFormatError(f"{path}: not a readable WARC file ({error})") from error
         LOG.info("extract: %s pages from %s", f"{pages:,}", path)
 
     def _page(self, url: str, body: bytes, content_type: str | None, x_robots_tag: tuple[str, ...],
@@ -250,11 +236,18 @@ class ExtractPages(beam.PTransform):
 
 
 def validate_warc(path: str) -> None:
-    """Raise :class:`InputFormatError` unless ``path`` starts with a readable WARC record (reads one record)."""
+    """Raise :class:`InputFormatError` unless ``path`` starts with a readable WARC record (reads one response).
+
+    A WARC file cut short passes: the stage reports it as ``truncated_file`` when it reads it.
+    """
     try:
-        next(iter_responses(path, 1), None)
+        with contextlib.closing(iter_responses(path, 1)) as responses:
+            next(responses, None)
+    except TruncatedWarcError:
+        return
     except (ArchiveLoadFailed, OSError, EOFError) as error:
         raise InputFormatError(f"{path}: not a readable WARC file ({error})") from error
 
 
-__all__ = ["STAGE", "CapturedImage", "ExtractConfig", "ExtractPages", "join_key", "page_pairs", "validate_warc"]
+__all__ = ["REASONS", "STAGE", "CapturedImage", "ExtractConfig", "ExtractPages", "join_key", "page_pairs",
+           "validate_warc"]

@@ -26,95 +26,28 @@ import math
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.records import InputRecord
-from transforms.common import INTERNAL_ERROR, REJECTS, Progress, StageOutput, count, option, reject
-from transforms.web.fetcher import (
-    DEFAULT_OPT_OUT_DIRECTIVES,
-    FETCH_INVALID_URL,
-    Fetcher,
-    FetchPolicy,
-    FetchResult,
-    host_key,
-)
+from transforms.common import INTERNAL_ERROR, REJECTS, Progress, Reason, StageOutput, count, reject
+from transforms.settings import DEFAULT_USER_AGENT, FetchConfig
+from transforms.web import fetcher as web_fetcher
+from transforms.web.fetcher import FETCH_INVALID_URL, Fetcher, FetchPolicy, FetchResult, host_key
 
 LOG = logging.getLogger(__name__)
 
 STAGE = "fetch"
 
-# Names the project and what it obeys; an operator adds a contact (``+https://...`` or an e-mail address) for
-# site owners with fetch.user_agent.
-DEFAULT_USER_AGENT = "icl-cluster-pipeline/0.1 (image-text dataset builder; obeys robots.txt and X-Robots-Tag noai)"
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    """Settings of the fetch stage (config section ``fetch``); defaults and their sources in docs/defaults.md."""
-
-    enabled: Literal["auto", "always", "never"] = option(
-        "auto", "auto: fetch when an input carries no image bytes (WARC pages, MMC4, OBELICS, URL lists); always: "
-                "also fetch byte-less rows of other inputs; never: byte-less records reach normalize (missing_image).")
-    user_agent: str = option(DEFAULT_USER_AGENT, "User-Agent header: names the project; add a contact for site "
-                                                 "owners (a URL or an e-mail address) on real crawls.")
-    robots_token: str = option("icl-cluster-pipeline", "Our name in robots.txt groups, X-Robots-Tag 'BOT: ...' "
-                                                       "values and <meta name=BOT>.")
-    total_concurrency: int = option(32, "Requests in flight at once per worker process, all hosts together.")
-    per_host_concurrency: int = option(2, "Requests in flight at once per host (host:port), across the job.")
-    per_host_rate: float = option(1.0, "Request starts per second per host, across the job (robots.txt's "
-                                       "Crawl-delay lowers it).")
-    timeout_s: float = option(10.0, "Whole-request timeout in seconds (connect, headers and body): fetch_timeout.")
-    connect_timeout_s: float = option(5.0, "Connection timeout in seconds.")
-    max_retries: int = option(2, "Retries after a 429, a 5xx or a dropped connection (not after a timeout).")
-    backoff_s: float = option(1.0, "First retry delay without Retry-After; doubles per retry, with jitter.")
-    max_retry_after_s: float = option(60.0, "Longest Retry-After (and backoff) honoured; a longer one ends the "
-                                            "retries at once.")
-    max_bytes: int = option(32 * 1024 * 1024, "Largest image body read, in bytes (fetch_too_large); matches "
-                                              "normalize.max_bytes.")
-    max_redirects: int = option(5, "Redirects followed per URL (fetch_too_many_redirects).")
-    respect_robots: bool = option(True, "Obey robots.txt (RFC 9309). Turn off only for sites you own.")
-    max_crawl_delay_s: float = option(10.0, "Longest robots.txt Crawl-delay honoured; a host asking for more is "
-                                            "not fetched (robots_disallowed).")
-    opt_out_directives: tuple[str, ...] = option(DEFAULT_OPT_OUT_DIRECTIVES, "X-Robots-Tag directives that opt an "
-                                                                             "image out (opted_out).")
-    allow_private_addresses: bool = option(False, "Fetch from private, loopback and link-local addresses (tests, "
-                                                  "intranet crawls); refused by default (fetch_private_address).")
-    urls_per_shard: int = option(64, "A host with more distinct URLs is split over up to per_host_concurrency "
-                                     "workers, each with its share of the host's limits.")
-    max_shards_in_flight: int = option(64, "Host shards one worker fetches at once.")
-
-    def __post_init__(self) -> None:
-        if self.enabled not in ("auto", "always", "never"):
-            raise ValueError(f"enabled must be auto, always or never, got {self.enabled!r}")
-        for name in ("total_concurrency", "per_host_concurrency", "urls_per_shard", "max_shards_in_flight",
-                     "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.per_host_concurrency > self.total_concurrency:
-            raise ValueError(f"per_host_concurrency ({self.per_host_concurrency}) exceeds total_concurrency "
-                             f"({self.total_concurrency})")
-        for name in ("per_host_rate", "timeout_s", "connect_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("backoff_s", "max_retry_after_s", "max_crawl_delay_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.max_retries <= 10:
-            raise ValueError(f"max_retries must be within 0..10, got {self.max_retries}")
-        if not 0 <= self.max_redirects <= 20:
-            raise ValueError(f"max_redirects must be within 0..20, got {self.max_redirects}")
-        if not self.user_agent.strip() or not self.robots_token.strip():
-            raise ValueError("user_agent and robots_token must not be blank")
-
-    def policy(self) -> FetchPolicy:
-        """The fetcher's settings (the fields both classes share)."""
-        names = {f.name for f in dataclasses.fields(FetchPolicy)}
-        return FetchPolicy(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
-
+REASONS = tuple(Reason(code) for code in (
+    web_fetcher.FETCH_INVALID_URL, web_fetcher.FETCH_PRIVATE_ADDRESS, web_fetcher.ROBOTS_DISALLOWED,
+    web_fetcher.OPTED_OUT, web_fetcher.FETCH_HTTP_4XX, web_fetcher.FETCH_HTTP_5XX, web_fetcher.FETCH_RATE_LIMITED,
+    web_fetcher.FETCH_HTTP_OTHER, web_fetcher.FETCH_TIMEOUT, web_fetcher.FETCH_TOO_LARGE, web_fetcher.FETCH_DNS_ERROR,
+    web_fetcher.FETCH_CONNECTION_ERROR, web_fetcher.FETCH_TOO_MANY_REDIRECTS, web_fetcher.NOT_AN_IMAGE,
+    INTERNAL_ERROR))
+"""Reject reasons (docs/reasons.md), one per record: the fetcher's outcome for its URL."""
 
 def fetch_needed(config: FetchConfig, byteless_inputs: bool) -> bool:
     """Whether the pipeline gets a Fetch stage: ``always``; ``auto`` when an input format carries no bytes."""
@@ -317,4 +250,5 @@ class Fetch(beam.PTransform):
         return StageOutput(output, rejects)
 
 
-__all__ = ["DEFAULT_USER_AGENT", "STAGE", "Fetch", "FetchConfig", "fetch_needed", "needs_fetch", "shard_host"]
+__all__ = ["DEFAULT_USER_AGENT", "REASONS", "STAGE", "Fetch", "FetchConfig", "fetch_needed", "needs_fetch",
+           "shard_host"]

@@ -1,6 +1,9 @@
 """Stage *read*: crawled image-text pairs from Parquet, JSONL and WebDataset files.
 
-Every input format yields the same :class:`~schemas.records.InputRecord`. Files are streamed (Parquet
+Every input format yields the same :class:`~schemas.records.InputRecord`. Parquet and JSONL files of other
+layouts -- MMC4 and OBELICS documents, img2dataset's Parquet, URL lists -- are read through
+``read.preset`` / ``read.columns`` (:mod:`transforms.documents`); WARC files (``.warc``, ``.warc.gz``) are
+matched and checked here but read by the *extract* stage (:mod:`transforms.extract`). Files are streamed (Parquet
 row group by row group in batches of ``read.batch_rows`` rows, JSONL line by line, tar member by
 member), so a reader never holds a whole file in memory. All IO goes through Beam's ``FileSystems``,
 so ``gs://`` and ``s3://`` paths work wherever the matching Beam extra is installed.
@@ -24,7 +27,7 @@ import lzma
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +46,7 @@ LOG = logging.getLogger(__name__)
 
 STAGE = "read"
 
-PARQUET, JSONL, WEBDATASET = "parquet", "jsonl", "webdataset"
+PARQUET, JSONL, WEBDATASET, WARC = "parquet", "jsonl", "webdataset", "warc"
 
 # Longest suffix first: ".jsonl.gz" must win over ".gz".
 _SUFFIXES = (
@@ -52,7 +55,12 @@ _SUFFIXES = (
     (".parquet", PARQUET),
     (".tar.gz", WEBDATASET),
     (".tar", WEBDATASET),
+    (".warc.gz", WARC),
+    (".warc", WARC),
 )
+
+DOCUMENT_FORMATS = (PARQUET, JSONL)
+"""The formats ``read.preset`` and ``read.columns`` apply to (the others have one layout each)."""
 
 _WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 
@@ -63,7 +71,10 @@ TRUNCATED_FILE = "truncated_file"
 """A file-level reject: a compressed (or tar) input that ends early. Its row accounts for no record (the
 records it held past the cut were never read); the records before the cut go on."""
 
-REASONS = (Reason(MALFORMED_RECORD), Reason(IMAGE_UNREADABLE), Reason(TRUNCATED_FILE))
+DOWNLOAD_FAILED = "download_failed"
+"""A row of a mapped layout (``read.columns``, ``read.preset=img2dataset``) whose download failed upstream."""
+
+REASONS = (Reason(MALFORMED_RECORD), Reason(IMAGE_UNREADABLE), Reason(TRUNCATED_FILE), Reason(DOWNLOAD_FAILED))
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ _PARQUET_COLUMNS = {
 }
 
 
-def _lines(handle: Any) -> Iterator[bytes]:
+def input_lines(handle: Any) -> Iterator[bytes]:
     """Lines of a Beam file handle (``CompressedFile`` has ``readline`` but is not iterable)."""
     return iter(handle.readline, b"")
 
@@ -127,10 +138,10 @@ _DECOMPRESSORS = {".gz": gzip.GzipFile, ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFil
 """Compressed suffixes read with Python's own decompressors, which raise on a stream that ends early (Beam's
 ``CompressedFile`` returns end of file instead, so a truncated file would pass for a shorter whole one)."""
 
-_TRUNCATION_ERRORS = (EOFError, zlib.error, lzma.LZMAError, OSError)
+TRUNCATION_ERRORS = (EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
-def _open(path: str, compressed: bool = False) -> Any:
+def open_input(path: str, compressed: bool = False) -> Any:
     """A binary file handle on ``path`` through Beam FileSystems; with ``compressed``, decompressed by suffix."""
     raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
     if not compressed:
@@ -176,27 +187,45 @@ def parquet_columns(path: str, schema: pa.Schema) -> list[str]:
     return columns
 
 
-def validate_input_file(input_file: InputFile) -> None:
-    """Check that a file is readable in its format and has the fields we need (reads little data)."""
+def byteless_inputs(files: Iterable[InputFile], config: ReadConfig) -> bool:
+    """Whether some input yields pairs without image bytes, which the *fetch* stage then fetches (``fetch.enabled:
+    auto``): WARC pages, and Parquet or JSONL files read through a preset or mapping without an image column."""
+    spec = config.spec()
+    return any(f.format == WARC or (spec is not None and spec.byteless and f.format in DOCUMENT_FORMATS)
+               for f in files)
+
+
+def validate_input_file(input_file: InputFile, config: ReadConfig | None = None) -> None:
+    """Check that a file is readable in its format and has the fields we need (reads little data): with
+    ``read.preset`` / ``read.columns`` set, a Parquet or JSONL file has that layout's columns."""
     path = input_file.path
-    if input_file.format == PARQUET:
-        with _open(path) as handle:
+    spec = config.spec() if config is not None else None
+    if input_file.format == WARC:
+        from transforms.extract import validate_warc  # (extract imports this module)
+
+        validate_warc(path)
+    elif spec is not None and input_file.format in DOCUMENT_FORMATS:
+        from transforms.documents import check_document_layout  # (documents imports this module)
+
+        check_document_layout(path, input_file.format, spec)
+    elif input_file.format == PARQUET:
+        with open_input(path) as handle:
             try:
                 schema = pq.ParquetFile(handle).schema_arrow
             except (pa.ArrowException, OSError) as error:
                 raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
         parquet_columns(path, schema)
     elif input_file.format == JSONL:
-        with _open(path, compressed=True) as handle:
+        with open_input(path, compressed=True) as handle:
             try:
-                for line in _lines(handle):
+                for line in input_lines(handle):
                     if line.strip():
                         _check_first_jsonl_line(path, line)
                         break
             except (OSError, EOFError, zlib.error) as error:
                 raise InputFormatError(f"{path}: cannot be read as JSONL ({error})") from error
     elif input_file.format == WEBDATASET:
-        with _open(path, compressed=True) as handle:
+        with open_input(path, compressed=True) as handle:
             try:
                 with tarfile.open(fileobj=handle, mode="r|") as tar:
                     next(iter(tar), None)
@@ -236,7 +265,7 @@ def _read_failure(source: str, reason: str, detail: str, **kwargs: Any) -> beam.
 
 
 def read_parquet(path: str, batch_rows: int) -> Iterator[InputRecord]:
-    with _open(path) as handle:
+    with open_input(path) as handle:
         try:
             parquet = pq.ParquetFile(handle)
         except (pa.ArrowException, OSError) as error:
@@ -267,13 +296,13 @@ def read_jsonl(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutput]:
 
     Raises :class:`TruncatedInputError` after the last whole line when a compressed file ends early.
     """
-    with _open(path, compressed=True) as handle:
+    with open_input(path, compressed=True) as handle:
         line_number = 0
         try:
-            for line_number, line in enumerate(_lines(handle), start=1):
+            for line_number, line in enumerate(input_lines(handle), start=1):
                 if line.strip():
                     yield _jsonl_record(path, line_number, line)
-        except _TRUNCATION_ERRORS as error:
+        except TRUNCATION_ERRORS as error:
             raise TruncatedInputError(f"{path}: the compressed stream ends early, after line {line_number} "
                                       f"({type(error).__name__}: {error})") from error
 
@@ -296,7 +325,7 @@ def _jsonl_record(path: str, line_number: int, line: bytes) -> InputRecord | bea
         full = image_path if "://" in image_path or image_path.startswith("/") else \
             FileSystems.join(FileSystems.split(path)[0], image_path)
         try:
-            with _open(full) as image_file:
+            with open_input(full) as image_file:
                 image = image_file.read()
         except OSError as error:
             return _read_failure(source, IMAGE_UNREADABLE, f"image_path {image_path!r}: {error}",
@@ -330,10 +359,10 @@ def _webdataset_sample(path: str, key: str, parts: dict[str, bytes]) -> InputRec
 
 def read_webdataset(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutput]:
     """Samples of an img2dataset tar shard: ``KEY.jpg|png|webp``, ``KEY.txt``, ``KEY.json``."""
-    with _open(path, compressed=True) as handle:
+    with open_input(path, compressed=True) as handle:
         try:
             tar = tarfile.open(fileobj=handle, mode="r|", tarinfo=_EndMarkedTarInfo)
-        except (tarfile.TarError, *_TRUNCATION_ERRORS) as error:
+        except (tarfile.TarError, *TRUNCATION_ERRORS) as error:
             raise InputFormatError(f"{path}: not a readable tar (WebDataset) file ({error})") from error
         key: str | None = None
         parts: dict[str, bytes] = {}
@@ -351,7 +380,7 @@ def read_webdataset(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutpu
                     key, parts = member_key, {}
                 extracted = tar.extractfile(member)
                 parts[extension] = extracted.read() if extracted is not None else b""
-        except (tarfile.TarError, *_TRUNCATION_ERRORS) as error:
+        except (tarfile.TarError, *TRUNCATION_ERRORS) as error:
             # The sample being read when the data stopped may lack parts: it is part of the lost tail.
             raise TruncatedInputError(f"{path}: the tar data ends early, inside or after sample {key!r} "
                                       f"({type(error).__name__}: {error})") from error
@@ -372,14 +401,19 @@ class ReadFileFn(beam.DoFn):
         self._progress = Progress(STAGE, "records")
 
     def process(self, input_file: InputFile) -> Iterator[Any]:
-        if input_file.format == PARQUET:
+        spec = self._config.spec()
+        if spec is not None and input_file.format in DOCUMENT_FORMATS:
+            from transforms.documents import read_documents  # (documents imports this module)
+
+            items = read_documents(input_file.path, input_file.format, spec, self._config.batch_rows)
+        elif input_file.format == PARQUET:
             items = read_parquet(input_file.path, self._config.batch_rows)
         elif input_file.format == JSONL:
             items = read_jsonl(input_file.path)
         elif input_file.format == WEBDATASET:
             items = read_webdataset(input_file.path)
-        else:
-            raise InputFormatError(f"{input_file.path}: unknown format {input_file.format!r}")
+        else:  # WARC files go to the extract stage
+            raise InputFormatError(f"{input_file.path}: the read stage does not read {input_file.format!r} files")
         # A bad *file* (InputFormatError) fails the job on purpose; anything else unexpected is a bug
         # that must not silently lose the rest of the file, so it fails the job too. A file that ends early
         # keeps what was read before the cut and becomes one truncated_file row: the launcher fails the run
@@ -402,7 +436,8 @@ class ReadFileFn(beam.DoFn):
 
 
 class ReadPairs(beam.PTransform):
-    """``PBegin`` -> ``InputRecord``s, from already matched and checked input files."""
+    """``PBegin`` -> ``InputRecord``s, from already matched and checked input files (not WARC files: those are
+    the extract stage's)."""
 
     def __init__(self, files: list[InputFile], config: ReadConfig) -> None:
         super().__init__()
@@ -423,14 +458,18 @@ class ReadPairs(beam.PTransform):
 
 
 __all__ = [
+    "DOCUMENT_FORMATS",
+    "DOWNLOAD_FAILED",
     "IMAGE_UNREADABLE",
     "MALFORMED_RECORD",
     "TRUNCATED_FILE",
+    "WARC",
     "InputFile",
     "InputFormatError",
     "TruncatedInputError",
     "ReadConfig",
     "ReadPairs",
+    "byteless_inputs",
     "expand_inputs",
     "input_format",
     "validate_input_file",

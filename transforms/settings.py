@@ -13,10 +13,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from dreambooth_synth.config import ModelConfig, SampleConfig, SpeedConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from transforms.web.fetcher import FetchPolicy
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -28,6 +31,77 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
 
 
 # --- phase 1: reading and normalizing ------------------------------------------------------------------------
+
+
+# Document presets and column mappings of the read stage (``read.preset``, ``read.columns``); the readers are in
+# transforms/documents.py.
+MMC4, OBELICS, IMG2DATASET, LAION = "mmc4", "obelics", "img2dataset", "laion"
+
+DOCUMENT_FIELDS = ("page_url", "image_url", "text", "image", "status", "error")
+"""Our fields a column mapping may name: the ``InputRecord`` fields and the download outcome columns."""
+
+PRESET_COLUMNS: dict[str, dict[str, str]] = {
+    # img2dataset's Parquet output: url, caption, the image in a column named after --encode_format (jpg by
+    # default), status, error_message; the page URL only when listed in --save_additional_columns.
+    IMG2DATASET: {"image_url": "url", "text": "caption", "image": "jpg", "page_url": "page_url",
+                  "status": "status", "error": "error_message"},
+    # LAION-400M / LAION-5B metadata Parquet: URL and TEXT, no page URL (such rows reach normalize without one).
+    LAION: {"image_url": "URL", "text": "TEXT"},
+}
+PRESETS = (MMC4, OBELICS, *PRESET_COLUMNS)
+
+DOWNLOAD_OUTCOME_COLUMNS = {"status": "status", "error": "error_message"}
+"""img2dataset's names of a row's download outcome, read by any mapping with an image column."""
+
+
+@dataclass(frozen=True)
+class DocumentSpec:
+    """How rows of a file become pairs: a document preset (``mmc4``, ``obelics``) or a column mapping."""
+
+    preset: str | None = None
+    columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Our field -> the file's column; with a mapping preset, these override the preset's entries."""
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown read.preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        unknown = sorted(set(self.columns) - set(DOCUMENT_FIELDS))
+        if unknown:
+            raise ValueError(f"read.columns: unknown field(s) {', '.join(unknown)}; map any of "
+                             f"{', '.join(DOCUMENT_FIELDS)}")
+        if self.preset in (MMC4, OBELICS) and self.columns:
+            raise ValueError(f"read.columns cannot be combined with read.preset={self.preset} (a document layout)")
+        if self.preset is None and "image_url" not in self.columns and "image" not in self.columns:
+            raise ValueError("read.columns must map image_url or image")
+
+    @property
+    def document(self) -> bool:
+        return self.preset in (MMC4, OBELICS)
+
+    def mapping(self) -> dict[str, str]:
+        """The column mapping (preset entries, then ``columns``); empty for document presets.
+
+        A mapping with an image column but no ``status`` / ``error`` reads img2dataset's ``status`` and
+        ``error_message`` when a file has them, so that its failed downloads keep their message; a URL list (no
+        image column) has no download outcome to read.
+        """
+        mapping = {**PRESET_COLUMNS.get(self.preset or "", {}), **self.columns}
+        if "image" in mapping:
+            for name, column in DOWNLOAD_OUTCOME_COLUMNS.items():
+                mapping.setdefault(name, column)
+        return mapping
+
+    @property
+    def byteless(self) -> bool:
+        """Whether rows of this spec come without image bytes (the pipeline then needs the fetch stage)."""
+        return self.document or "image" not in self.mapping()
+
+
+def document_spec(preset: str | None, columns: Mapping[str, str] | None) -> DocumentSpec | None:
+    """The spec for ``read.preset`` / ``read.columns``; ``None`` when neither is set (the default layouts)."""
+    if preset is None and not columns:
+        return None
+    return DocumentSpec(preset, dict(columns or {}))
 
 
 @dataclass(frozen=True)
@@ -43,12 +117,149 @@ class ReadConfig:
     allow_truncated: bool = option(False, "Let a run whose compressed or tar input ends early finish with exit "
                                           "status 0 (the file is still reported as truncated_file in rejects/ "
                                           "and the manifest); by default such a run fails.")
+    preset: str | None = option(None, "Layout of the Parquet and JSONL inputs when not ours: mmc4, obelics (one "
+                                      "document per row, image URLs without bytes), img2dataset (its Parquet "
+                                      "output, failed downloads kept as download_failed), laion (URL, TEXT).")
+    columns: dict[str, str] = option(help="Column mapping for Parquet and JSONL inputs, our field -> their column "
+                                          "(fields: page_url, image_url, text, image, status, error), e.g. "
+                                          "{image_url: url, text: caption, image: jpg}; over the preset's. With "
+                                          "an image column, status and error default to img2dataset's status and "
+                                          "error_message (a row without bytes that failed: download_failed).",
+                                     factory=dict)
 
     def __post_init__(self) -> None:
         if self.batch_rows < 1:
             raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
         if self.validate_max_files < 0:
             raise ValueError(f"validate_max_files must be >= 0, got {self.validate_max_files}")
+        self.spec()  # an unknown preset or field fails here, before anything runs
+
+    def spec(self) -> DocumentSpec | None:
+        """The document spec of ``preset`` and ``columns``; ``None`` for our own layouts."""
+        return document_spec(self.preset, self.columns)
+
+
+# --- phase 1: web inputs (WARC pages, pairs without image bytes) --------------------------------------------
+
+DEFAULT_SKIP_REGIONS = ("nav", "header", "footer")
+
+# Hosts whose images are beacons, not pictures (analytics and advertising pixels). A host matches itself and
+# its subdomains.
+DEFAULT_PIXEL_HOSTS = (
+    "pixel.wp.com", "stats.wp.com", "www.facebook.com/tr", "facebook.com/tr", "google-analytics.com",
+    "googleadservices.com", "doubleclick.net", "bat.bing.com", "px.ads.linkedin.com", "scorecardresearch.com",
+    "pixel.quantserve.com", "analytics.twitter.com", "t.co/i/adsct", "ct.pinterest.com", "adnxs.com",
+    "pixel.mathtag.com", "tr.snapchat.com", "sp.analytics.yahoo.com", "pixel.adsafeprotected.com",
+    "matomo.cloud", "bluekai.com", "krxd.net", "rlcdn.com", "demdex.net",
+)
+
+DEFAULT_PAGE_OPT_OUT_DIRECTIVES = ("noai", "noimageai")
+"""Page-level AI opt-outs (``<meta name="robots" content="noai">``, the page's ``X-Robots-Tag``)."""
+
+DEFAULT_IMAGE_OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+"""``X-Robots-Tag`` directives that opt an image response out: img2dataset's defaults."""
+
+# Names the project and what it obeys; an operator adds a contact (``+https://...`` or an e-mail address) for
+# site owners with fetch.user_agent.
+DEFAULT_USER_AGENT = "icl-cluster-pipeline/0.1 (image-text dataset builder; obeys robots.txt and X-Robots-Tag noai)"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of the extract stage (config section ``extract``); defaults and sources in docs/defaults.md."""
+
+    nearby_chars: int = option(200, "Characters of page text kept on each side of an image as its nearby text.")
+    text_fallback: bool = option(True, "When an <img> has neither alt nor title, its nearby text becomes the "
+                                       "pair's text (else the text is empty).")
+    pixel_hosts: tuple[str, ...] = option(DEFAULT_PIXEL_HOSTS, "Hosts (or host/path prefixes) of tracking pixels "
+                                                               "(tracking_pixel).")
+    skip_regions: tuple[str, ...] = option(DEFAULT_SKIP_REGIONS, "Elements whose images are page chrome "
+                                                                 "(navigation_image).")
+    page_opt_out_directives: tuple[str, ...] = option(
+        DEFAULT_PAGE_OPT_OUT_DIRECTIVES, "Directives of <meta name=robots> or the page's X-Robots-Tag that opt "
+                                         "all its images out (opted_out).")
+    image_opt_out_directives: tuple[str, ...] = option(
+        DEFAULT_IMAGE_OPT_OUT_DIRECTIVES, "X-Robots-Tag directives on a captured image response that opt it out "
+                                          "(opted_out); the fetcher's defaults.")
+    robots_token: str = option("icl-cluster-pipeline", "Our robots name (<meta name=TOKEN>, 'TOKEN: noai').")
+    max_page_bytes: int = option(10 * 1024 * 1024, "Larger HTML bodies are not parsed (counted as "
+                                                   "extract/pages_too_large).")
+    max_image_bytes: int = option(32 * 1024 * 1024, "Larger captured image bodies are not joined (the pair is "
+                                                    "fetched instead; normalize.max_bytes by default).")
+
+    def __post_init__(self) -> None:
+        if self.nearby_chars < 0:
+            raise ValueError(f"nearby_chars must be >= 0, got {self.nearby_chars}")
+        if self.max_page_bytes < 1 or self.max_image_bytes < 1:
+            raise ValueError("max_page_bytes and max_image_bytes must be positive")
+        if not self.robots_token.strip():
+            raise ValueError("robots_token must not be blank")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Settings of the fetch stage (config section ``fetch``); defaults and their sources in docs/defaults.md."""
+
+    enabled: Literal["auto", "always", "never"] = option(
+        "auto", "auto: fetch when an input carries no image bytes (WARC pages, MMC4, OBELICS, URL lists); always: "
+                "also fetch byte-less rows of other inputs; never: byte-less records reach normalize (missing_image).")
+    user_agent: str = option(DEFAULT_USER_AGENT, "User-Agent header: names the project; add a contact for site "
+                                                 "owners (a URL or an e-mail address) on real crawls.")
+    robots_token: str = option("icl-cluster-pipeline", "Our name in robots.txt groups, X-Robots-Tag 'BOT: ...' "
+                                                       "values and <meta name=BOT>.")
+    total_concurrency: int = option(32, "Requests in flight at once per worker process, all hosts together.")
+    per_host_concurrency: int = option(2, "Requests in flight at once per host (host:port), across the job.")
+    per_host_rate: float = option(1.0, "Request starts per second per host, across the job (robots.txt's "
+                                       "Crawl-delay lowers it).")
+    timeout_s: float = option(10.0, "Whole-request timeout in seconds (connect, headers and body): fetch_timeout.")
+    connect_timeout_s: float = option(5.0, "Connection timeout in seconds.")
+    max_retries: int = option(2, "Retries after a 429, a 5xx or a dropped connection (not after a timeout).")
+    backoff_s: float = option(1.0, "First retry delay without Retry-After; doubles per retry, with jitter.")
+    max_retry_after_s: float = option(60.0, "Longest Retry-After (and backoff) honoured; a longer one ends the "
+                                            "retries at once.")
+    max_bytes: int = option(32 * 1024 * 1024, "Largest image body read, in bytes (fetch_too_large); matches "
+                                              "normalize.max_bytes.")
+    max_redirects: int = option(5, "Redirects followed per URL (fetch_too_many_redirects).")
+    respect_robots: bool = option(True, "Obey robots.txt (RFC 9309). Turn off only for sites you own.")
+    max_crawl_delay_s: float = option(10.0, "Longest robots.txt Crawl-delay honoured; a host asking for more is "
+                                            "not fetched (robots_disallowed).")
+    opt_out_directives: tuple[str, ...] = option(DEFAULT_IMAGE_OPT_OUT_DIRECTIVES, "X-Robots-Tag directives that "
+                                                                                   "opt an image out (opted_out).")
+    allow_private_addresses: bool = option(False, "Fetch from private, loopback and link-local addresses (tests, "
+                                                  "intranet crawls); refused by default (fetch_private_address).")
+    urls_per_shard: int = option(64, "A host with more distinct URLs is split over up to per_host_concurrency "
+                                     "workers, each with its share of the host's limits.")
+    max_shards_in_flight: int = option(64, "Host shards one worker fetches at once.")
+
+    def __post_init__(self) -> None:
+        if self.enabled not in ("auto", "always", "never"):
+            raise ValueError(f"enabled must be auto, always or never, got {self.enabled!r}")
+        for name in ("total_concurrency", "per_host_concurrency", "urls_per_shard", "max_shards_in_flight",
+                     "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.per_host_concurrency > self.total_concurrency:
+            raise ValueError(f"per_host_concurrency ({self.per_host_concurrency}) exceeds total_concurrency "
+                             f"({self.total_concurrency})")
+        for name in ("per_host_rate", "timeout_s", "connect_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("backoff_s", "max_retry_after_s", "max_crawl_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_retries <= 10:
+            raise ValueError(f"max_retries must be within 0..10, got {self.max_retries}")
+        if not 0 <= self.max_redirects <= 20:
+            raise ValueError(f"max_redirects must be within 0..20, got {self.max_redirects}")
+        if not self.user_agent.strip() or not self.robots_token.strip():
+            raise ValueError("user_agent and robots_token must not be blank")
+
+    def policy(self) -> FetchPolicy:
+        """The fetcher's settings (the fields both classes share)."""
+        from transforms.web.fetcher import FetchPolicy  # (aiohttp: only where a fetcher runs)
+
+        names = {f.name for f in dataclasses.fields(FetchPolicy)}
+        return FetchPolicy(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names})
 
 
 DEFAULT_TRACKING_PARAMS = (
@@ -172,6 +383,9 @@ class EmbedConfig:
     device: str = option("auto", "auto (CUDA when available), cpu or cuda.")
     precision: str = option("auto", "Autocast precision of inference: auto (bf16 on CUDA when supported, else "
                                     "fp16; fp32 on CPU), fp32, bf16 or fp16.")
+    cpu_threads: int = option(0, "Torch threads of a worker process on CPU (0: torch's default, one per core). With "
+                                 "several worker processes on a machine, 1 each avoids their thread pools "
+                                 "fighting over the cores.")
     batch_size: int = option(64, "Images per inference batch (clusters are batched whole, weighted by their "
                                  "image count).")
     min_batch_size: int | None = option(None, "Smallest batch Beam's adaptive batching may emit; null: equal "
@@ -187,6 +401,8 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must be an open_clip architecture name or 'tiny-random'")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.model == TINY_RANDOM and self.pretrained:
             raise ValueError(f"model {TINY_RANDOM} has no pretrained weights; set pretrained to null "
                              f"(got {self.pretrained!r})")

@@ -166,11 +166,17 @@ class _Worker:
         self.trained = self.cached = self.rejected = 0
         self.trained_seconds = 0.0
         self.started = time.monotonic()
+        self._last_report = 0.0
 
-    def report(self, cluster_id: str, outcome: str) -> None:
+    def report(self, cluster_id: str, outcome: str, interval: float = 10.0) -> None:
+        """Log progress: the first cluster, then at most every ``interval`` seconds, and the last one."""
         done = self.trained + self.cached + self.rejected
-        per_cluster = self.trained_seconds / self.trained if self.trained else 0.0
+        now = time.monotonic()
         share = -(-self.total // self.workers) if self.total else 0  # this worker's expected share
+        if done > 1 and now - self._last_report < interval and done != share:
+            return
+        self._last_report = now
+        per_cluster = self.trained_seconds / self.trained if self.trained else 0.0
         left = max(share - done, 0)
         eta = f", about {_duration(left * per_cluster)} left" if per_cluster and share else ""
         of = f"/{share}" if share else ""

@@ -64,12 +64,11 @@ NOT_AN_IMAGE = "not_an_image"
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parse at least 500 KiB
 ROBOTS_MAX_REDIRECTS = 5  # RFC 9309 2.3.1.2
-DEFAULT_OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")  # img2dataset's defaults
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """How the fetcher behaves; ``transforms.fetch.FetchConfig`` holds the documented defaults."""
+    """How the fetcher behaves; ``transforms.settings.FetchConfig`` holds the documented defaults."""
 
     user_agent: str
     robots_token: str

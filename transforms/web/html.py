@@ -27,26 +27,16 @@ from urllib.parse import urljoin, urlsplit
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 from w3lib.encoding import html_to_unicode
 
+# The defaults live with the extract stage's settings (config section ``extract``).
+from transforms.settings import DEFAULT_PAGE_OPT_OUT_DIRECTIVES as DEFAULT_OPT_OUT_DIRECTIVES
+from transforms.settings import DEFAULT_PIXEL_HOSTS, DEFAULT_SKIP_REGIONS
+
 # Skip reasons (documented in docs/reasons.md, stage `extract`).
 INLINE_DATA_URI = "inline_data_uri"
 TRACKING_PIXEL = "tracking_pixel"
 NAVIGATION_IMAGE = "navigation_image"
 INVALID_IMAGE_URL = "invalid_image_url"
 REPEATED_IMAGE_URL = "repeated_image_url"
-
-DEFAULT_SKIP_REGIONS = ("nav", "header", "footer")
-
-# Hosts whose images are beacons, not pictures (analytics and advertising pixels). A host matches itself and
-# its subdomains.
-DEFAULT_PIXEL_HOSTS = (
-    "pixel.wp.com", "stats.wp.com", "www.facebook.com/tr", "facebook.com/tr", "google-analytics.com",
-    "googleadservices.com", "doubleclick.net", "bat.bing.com", "px.ads.linkedin.com", "scorecardresearch.com",
-    "pixel.quantserve.com", "analytics.twitter.com", "t.co/i/adsct", "ct.pinterest.com", "adnxs.com",
-    "pixel.mathtag.com", "tr.snapchat.com", "sp.analytics.yahoo.com", "pixel.adsafeprotected.com",
-    "matomo.cloud", "bluekai.com", "krxd.net", "rlcdn.com", "demdex.net",
-)
-
-DEFAULT_OPT_OUT_DIRECTIVES = ("noai", "noimageai")
 
 # Lazy-loading libraries (lazysizes, lozad, jQuery lazyload, WordPress plugins, ...) put the real image here.
 LAZY_SRC_ATTRIBUTES = ("data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-echo",

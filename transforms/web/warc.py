@@ -8,8 +8,11 @@ encodings removed; a body larger than ``max_bytes`` is not read (``too_large`` i
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -88,48 +91,112 @@ def image_magic(head: bytes) -> str | None:
     return None
 
 
+class TruncatedWarcError(ArchiveLoadFailed):
+    """A WARC file ends inside a record (or has bytes after its last whole record that form none): it was cut.
+    The records before the cut are whole and were yielded."""
+
+
+_PARSE_ERRORS = (AttributeError, ValueError, EOFError, zlib.error, OSError)
+"""What warcio raises on a record whose headers are cut off or garbled, besides ``ArchiveLoadFailed``."""
+
+_TAIL_PROBE = 64
+
+
 def iter_responses(path: str, max_bytes: int) -> Iterator[WarcResponse]:
     """The ``response`` and ``resource`` records of one WARC file, streamed (one record in memory at a time).
 
+    warcio reads a cut file as a shorter whole one in most places (a record cut in its header block ends the
+    iteration, a cut body reads short), so every record is checked to hold all of its ``Content-Length`` bytes,
+    and the last whole record to end where the file does (an uncompressed file may end in the record separator).
+
     Raises:
-        warcio.exceptions.ArchiveLoadFailed: the file is not a WARC file (ARC files are not read either), or is cut
-            off mid-header.
+        TruncatedWarcError: the file ends, or breaks, inside a record (after yielding the records before it).
+        warcio.exceptions.ArchiveLoadFailed: the file is not a WARC file (ARC files are not read either).
     """
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         records = ArchiveIterator(handle)
-        for record in records:
+        iterator = iter(records)
+        end, compressed = 0, False
+        while True:
+            try:
+                record = next(iterator)
+            except StopIteration:
+                break
+            except ArchiveLoadFailed as error:
+                if end == 0:  # no whole record yet: not a WARC file (or its first record is broken)
+                    raise
+                raise TruncatedWarcError(f"the record after offset {end} is cut off or damaged ({error})") from error
+            except _PARSE_ERRORS as error:
+                raise TruncatedWarcError(f"the record after offset {end} is cut off or damaged "
+                                         f"({type(error).__name__}: {error})") from error
             if record.format != "warc":
                 # warcio reads anything that is not WARC as the old ARC format; we take WARC only
                 raise ArchiveLoadFailed(f"record at offset {records.offset} is not a WARC record ({record.format})")
-            if record.rec_type not in ("response", "resource"):
-                continue
-            url = record.rec_headers.get_header("WARC-Target-URI")
-            if not url:
-                continue
-            if record.rec_type == "response" and record.http_headers is not None:
-                status_line = record.http_headers.get_statuscode()
-                status = int(status_line) if status_line and status_line.isdigit() else None
-                content_type = record.http_headers.get_header("Content-Type")
-                robots = tuple(value for name, value in record.http_headers.headers
-                               if name.lower() == "x-robots-tag")
-            elif record.rec_type == "resource":
-                status, robots = None, ()
-                content_type = record.rec_headers.get_header("Content-Type")
-            else:
-                continue
-            stream = record.content_stream()
-            body = stream.read(max_bytes + 1)
-            too_large = len(body) > max_bytes
-            if not too_large:
-                stream.read(1)  # reach the end of the record, so that a cut-off record shows
-                remaining = getattr(record.raw_stream, "limit", 0)
-                if remaining > 0:
-                    raise ArchiveLoadFailed(f"record for {url} is cut off ({remaining} bytes missing): truncated file")
+            if not (record.rec_headers.get_header("Content-Length") or "").strip().isdigit():
+                # mandatory in WARC; missing or empty when the record's header block was cut (warcio reads on)
+                raise TruncatedWarcError(f"the record at offset {end} has no Content-Length: its header block is cut "
+                                         "off")
+            response = _response(record, max_bytes)
+            # Read what is left of the record (warcio would, without saying whether it was all there).
+            while record.raw_stream.read(1 << 16):
+                pass
+            missing = getattr(record.raw_stream, "limit", 0)
+            if missing > 0:
+                url = record.rec_headers.get_header("WARC-Target-URI")
+                raise TruncatedWarcError(f"the {record.rec_type} record for {url} at offset {end} is cut off "
+                                         f"({missing} bytes missing)")
             offset = records.get_record_offset()  # after reading: asking before the body is read skips the body
-            kind = sniff_kind(content_type, body[:512])
-            yield WarcResponse(url=url, kind=kind, status=status, content_type=content_type, x_robots_tag=robots,
-                               body=None if too_large else body, offset=offset, too_large=too_large)
+            end = offset + records.get_record_length()
+            decompressor = records.reader.decompressor
+            compressed = decompressor is not None
+            if compressed and not getattr(decompressor, "eof", True):
+                # the record's gzip member stops before its end (its CRC and size): the file was cut there
+                raise TruncatedWarcError(f"the gzip member of the {record.rec_type} record at offset {offset} is cut "
+                                         "off before its end")
+            if response is not None:
+                yield dataclasses.replace(response, offset=offset)
+        _check_tail(path, end, compressed)
 
 
-__all__ = ["HTML", "IMAGE", "OTHER", "WARC_SUFFIXES", "WarcResponse", "image_magic", "is_warc", "iter_responses",
-           "looks_like_html", "sniff_kind"]
+def _response(record: Any, max_bytes: int) -> WarcResponse | None:
+    """The response or resource of one record (offset still unknown), or ``None`` for other records."""
+    if record.rec_type not in ("response", "resource"):
+        return None
+    url = record.rec_headers.get_header("WARC-Target-URI")
+    if not url:
+        return None
+    if record.rec_type == "response" and record.http_headers is not None:
+        status_line = record.http_headers.get_statuscode()
+        status = int(status_line) if status_line and status_line.isdigit() else None
+        content_type = record.http_headers.get_header("Content-Type")
+        robots = tuple(value for name, value in record.http_headers.headers if name.lower() == "x-robots-tag")
+    elif record.rec_type == "resource":
+        status, robots = None, ()
+        content_type = record.rec_headers.get_header("Content-Type")
+    else:
+        return None
+    body = record.content_stream().read(max_bytes + 1)
+    too_large = len(body) > max_bytes
+    kind = sniff_kind(content_type, body[:512])
+    return WarcResponse(url=url, kind=kind, status=status, content_type=content_type, x_robots_tag=robots,
+                        body=None if too_large else body, offset=-1, too_large=too_large)
+
+
+def _check_tail(path: str, end: int, compressed: bool) -> None:
+    """Raise :class:`TruncatedWarcError` when bytes follow the last whole record (ending at ``end``): a record
+    whose header block was cut, which warcio takes for the end of the file. An uncompressed file may end in the
+    blank lines that separate records."""
+    matched = FileSystems.match([path])[0].metadata_list
+    if not matched or matched[0].size_in_bytes <= end:
+        return
+    size = matched[0].size_in_bytes
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        handle.seek(end)
+        tail = handle.read(_TAIL_PROBE)
+    if compressed or tail.strip(b"\r\n") or size - end > _TAIL_PROBE:
+        raise TruncatedWarcError(f"{size - end} bytes after the last whole record (offset {end}) form no record: "
+                                 f"the file is cut off or damaged there")
+
+
+__all__ = ["HTML", "IMAGE", "OTHER", "WARC_SUFFIXES", "TruncatedWarcError", "WarcResponse", "image_magic", "is_warc",
+           "iter_responses", "looks_like_html", "sniff_kind"]
