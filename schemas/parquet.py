@@ -74,7 +74,34 @@ def hf_feature(arrow_type: pa.DataType) -> Any:
     return {"dtype": _HF_VALUE_TYPES[arrow_type], "_type": "Value"}
 
 
+def _has_image(arrow_type: pa.DataType) -> bool:
+    if arrow_type == IMAGE_TYPE:
+        return True
+    if pa.types.is_struct(arrow_type):
+        return any(_has_image(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return _has_image(arrow_type.value_type)
+    return False
+
+
+def _nullable(field: pa.Field) -> pa.Field:
+    """The field with every level nullable (its children too)."""
+    t = field.type
+    if pa.types.is_struct(t):
+        t = pa.struct([_nullable(t.field(i)) for i in range(t.num_fields)])
+    elif pa.types.is_list(t):
+        t = pa.list_(_nullable(t.value_field))
+    elif pa.types.is_large_list(t):
+        t = pa.large_list(_nullable(t.value_field))
+    return pa.field(field.name, t, nullable=True, metadata=field.metadata)
+
+
 def _with_metadata(name: str, fields: list[pa.Field]) -> pa.Schema:
+    # ``datasets`` takes a column's feature from the metadata only when the feature's own Arrow field equals the
+    # file's, and its fields are all nullable: a column that holds an image is stored with every level nullable,
+    # or ``load_dataset`` would give its images as raw {bytes, path} dicts. Their values are still always set: the
+    # rows come from typed records (``*_to_row``).
+    fields = [_nullable(f) if _has_image(f.type) else f for f in fields]
     features = {f.name: hf_feature(f.type) for f in fields}
     return pa.schema(fields, metadata={_NAME_KEY: name.encode(), _VERSION_KEY: str(SCHEMA_VERSION).encode(),
                                        _HF_KEY: json.dumps({"info": {"features": features}}).encode()})

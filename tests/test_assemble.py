@@ -15,7 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ConfigError, build_config
-from schemas.parquet import EXAMPLES_SCHEMA, check_schema_version, example_to_row
+from schemas.parquet import EXAMPLES_SCHEMA, check_schema_version, example_to_row, image_bytes
 from schemas.reader import iter_examples, list_shards
 from tests.clip_helpers import counters
 from tests.clusters import sample_clusters
@@ -97,7 +97,7 @@ def test_example_rows_carry_demos_target_scores_and_provenance(clusters) -> None
     demos = choose_demos(backpack, s.source_image_id, s.candidate.candidate_id, 3)
     row = example_to_row(make_example(backpack, s, demos, RUN))
     assert [d["image_id"] for d in row["demos"]] == [d.image_id for d in demos]
-    assert row["demos"][0]["image"] == demos[0].image and row["demos"][0]["caption"] == demos[0].caption
+    assert image_bytes(row["demos"][0]["image"]) == demos[0].image and row["demos"][0]["caption"] == demos[0].caption
     target = row["target"]
     assert target["prompt"] == "a red teapot on a beach" and target["rendered_prompt"] == "a sks teapot on a beach"
     assert target["prompt_template"] == "a {subject} on a beach" and target["source_image_id"] == s.source_image_id

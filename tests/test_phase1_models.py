@@ -135,7 +135,7 @@ def test_vllm_backends_fill_every_field_through_beam(vllm_run) -> None:
     normal = {page: c for page, c in clusters.items() if not c["provenance"]["fallbacks"]}
     assert len(normal) == N_CLUSTERS - 3
     for page, cluster in normal.items():
-        captions = [caption_for(im["image"]) for im in cluster["images"]]
+        captions = [caption_for(im["image"]["bytes"]) for im in cluster["images"]]
         assert cluster["provenance"] == {
             "caption_backend": "vllm", "subject_backend": "vllm", "prompts_backend": "vllm", "fallbacks": [],
             "caption_model": VL_MODEL, "caption_prompt": tags["caption"], "subject_model": TEXT_MODEL,

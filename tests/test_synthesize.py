@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline.config import ConfigError, build_config
 from pipeline.phases import build_synthesize_pipeline
 from pipeline.run import UsageError, run
-from schemas.parquet import CANDIDATES_SCHEMA, candidate_from_row, candidate_to_row
+from schemas.parquet import CANDIDATES_SCHEMA, SCHEMA_VERSION, candidate_from_row, candidate_to_row, image_bytes
 from tests.conftest import SAMPLE, read_rows
 from tests.tiny_models import (
     broken_copy,
@@ -127,7 +127,7 @@ def test_stage_renders_candidates_and_rejects_the_broken_cluster(tiny_sd_dir, cl
     assert row["sample"]["steps"] == 2 and row["sample"]["images_per_prompt"] == 2
     assert row["seconds"]["train"] > 0 and row["seconds"]["total"] >= row["seconds"]["train"]
     assert row["n_train_images"] == len(teapot.images) and row["final_loss"] > 0
-    assert Image.open(io.BytesIO(row["image"])).size == (64, 64)
+    assert Image.open(io.BytesIO(image_bytes(row["image"]))).size == (64, 64)
     assert candidate_to_row(candidate_from_row(row)) == row  # the record round-trips through its row
     assert [r["reason"] for r in read_rows(tmp_path / "out", "rejects", "synthesize")] == ["no_usable_images"]
 
@@ -295,6 +295,6 @@ def test_beam_storage_writes_atomically(tmp_path) -> None:
 
 def test_candidates_schema_has_its_name_and_version() -> None:
     assert CANDIDATES_SCHEMA.metadata[b"icl.schema"] == b"candidates"
-    assert CANDIDATES_SCHEMA.metadata[b"icl.schema_version"] == b"1"
+    assert CANDIDATES_SCHEMA.metadata[b"icl.schema_version"] == str(SCHEMA_VERSION).encode()
     assert {"candidate_id", "cluster_id", "prompt", "prompt_template", "skill", "seed", "image", "train", "sample",
             "final_loss", "seconds"} <= set(CANDIDATES_SCHEMA.names)

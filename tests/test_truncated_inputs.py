@@ -290,7 +290,8 @@ def test_a_truncated_warc_fails_the_run_unless_allowed(tmp_path: Path) -> None:
     cut.write_bytes(data[:last_image_end - 200])  # inside the second captured photo: the third page is lost
     # No fetching: the pairs whose photo the cut lost reach normalize without bytes (missing_image).
     fast = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-            "--set", "cross_page.enabled=false", "--set", "fetch.enabled=never")
+            "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
+            "--set", "fetch.enabled=never")
     with pytest.raises(RunError, match="end early"):
         run_pipeline([cut], tmp_path / "out", *fast)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

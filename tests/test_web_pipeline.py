@@ -32,7 +32,8 @@ MMC4_FILE = DATA / "mmc4_docs.jsonl"
 I2D_FILE = DATA / "img2dataset_00000.parquet"
 
 NO_MODELS: tuple[str, ...] = ("--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-                              "--set", "cross_page.enabled=false", "--set", "caption.enabled=false",
+                              "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
+                              "--set", "caption.enabled=false",
                               "--set", "subject.enabled=false", "--set", "prompts.enabled=false")
 LOOPBACK_FETCH: tuple[str, ...] = ("--set", "fetch.allow_private_addresses=true", "--set", "fetch.per_host_rate=50",
                                    "--set", "fetch.per_host_concurrency=8")
