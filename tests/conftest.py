@@ -180,6 +180,7 @@ leaves it out). Tests sharing a session-wide run go to one xdist worker (``--dis
 built once per session instead of once per worker."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -189,3 +190,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         groups = sorted(HEAVY_FIXTURES[name] for name in heavy if HEAVY_FIXTURES[name])
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups[0]))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup``, xdist marks a grouped test by suffixing its node id with the group; without it
+    every worker builds every session-wide run (a minute more on two cores). Some pytest releases break that."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    grouped = [item for item in session.items if item.get_closest_marker("xdist_group")]
+    if grouped and "@" not in grouped[0].nodeid:
+        raise pytest.UsageError(f"pytest-xdist's --dist loadgroup does not group with pytest {pytest.__version__}: "
+                                "install the versions in constraints.txt")

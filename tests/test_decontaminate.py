@@ -17,6 +17,7 @@ from transforms.decontaminate import (
 )
 
 BACKPACK = "https://shop.example.com/products/backpack"
+SAFETY_OFF = ("--set", "detector.enabled=false")  # NudeNet over every photo: a third of a run, and no part of this
 
 
 def test_contamination_by_hash_or_by_clip() -> None:
@@ -70,7 +71,8 @@ def evaluation_set(tmp_path, product_photos: list[bytes]):
 def test_sample_cluster_with_an_evaluation_photo_is_rejected(tmp_path, evaluation_set) -> None:
     # Semantic dedup off: the blog post's photos are copies of product photos, which it would drop.
     out = run_pipeline([SAMPLE], tmp_path / "out", "--profile", "demo", "--set", "cluster_filter.enabled=false",
-                       "--set", "semantic_dedup.enabled=false", "--set", f"decontaminate.against={evaluation_set}")
+                       "--set", "semantic_dedup.enabled=false", "--set", "detector.enabled=false",
+                       "--set", f"decontaminate.against={evaluation_set}")
     contaminated = [r for r in out.rejects() if r["reason"] == "contaminated"]
     assert [(r["page_url"], r["stage"], r["n_images"]) for r in contaminated] == [(BACKPACK, "decontaminate", 6)]
     assert "backpack/00.jpg: perceptual-hash distance" in contaminated[0]["detail"]
@@ -94,15 +96,16 @@ def test_clip_check_catches_a_mirrored_copy(tmp_path, product_photos: list[bytes
     refs = tmp_path / "eval"
     refs.mkdir()
     (refs / "mirrored.jpg").write_bytes(reencode(product_photos[0], size=512, quality=90, mirror=True))
-    out = run_pipeline([SAMPLE], tmp_path / "out", "--profile", "demo", "--set", "cluster_filter.enabled=false",
-                       "--set", f"decontaminate.against={refs}", "--set", "decontaminate.clip_threshold=0.9965")
+    out = run_pipeline([SAMPLE], tmp_path / "out", "--profile", "demo", *SAFETY_OFF,
+                       "--set", "cluster_filter.enabled=false", "--set", f"decontaminate.against={refs}",
+                       "--set", "decontaminate.clip_threshold=0.9965")
     contaminated = [r for r in out.rejects() if r["reason"] == "contaminated"]
     assert [r["page_url"] for r in contaminated] == [BACKPACK]
     assert "CLIP similarity" in contaminated[0]["detail"]
     assert out.manifest["phases"]["clusters"]["stats"]["decontaminate"]["clip_threshold"] == 0.9965
     # Hash only: the mirrored copy goes unnoticed.
-    out = run_pipeline([SAMPLE], tmp_path / "out2", "--profile", "demo", "--set", "cluster_filter.enabled=false",
-                       "--set", f"decontaminate.against={refs}")
+    out = run_pipeline([SAMPLE], tmp_path / "out2", "--profile", "demo", *SAFETY_OFF,
+                       "--set", "cluster_filter.enabled=false", "--set", f"decontaminate.against={refs}")
     assert not [r for r in out.rejects() if r["reason"] == "contaminated"]
 
 
