@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each of --repeat-modes (default 1)")
     parser.add_argument("--repeat-modes", nargs="+", default=["mp2", "portable"], choices=MODES)
     parser.add_argument("--plain-records", type=int, default=3000, help="records the plain loop times")
-    parser.add_argument("--workdir", default=None, help="where crawls and outputs go (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None, help="where crawls and outputs go (default: a temporary folder); "
+                        "crawls there are kept, and reused by a later run of the same sizes")
     parser.add_argument("--keep", action="store_true", help="keep the crawls and outputs")
     parser.add_argument("--output", default="benchmarks/results/scale.json")
     args = parser.parse_args(argv)
@@ -262,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             crawl = str(workdir / f"crawl-{size}")
             started = time.monotonic()
-            build_crawl(crawl, size, hot_page=min(args.hot_page, size // 2), sides=tuple(args.sides))
+            spec = {"records": size, "hot_page": min(args.hot_page, size // 2), "sides": list(args.sides)}
+            marker = Path(crawl) / ".crawl.json"  # a crawl of the same spec kept in --workdir is reused
+            if not (marker.exists() and json.loads(marker.read_text()) == spec):
+                build_crawl(crawl, size, hot_page=spec["hot_page"], sides=tuple(args.sides))
+                marker.write_text(json.dumps(spec))
             entry: dict[str, Any] = {"records": size, "hot_page": min(args.hot_page, size // 2),
                                      "image_sides": list(args.sides),
                                      "crawl_build_s": round(time.monotonic() - started, 1), "runs": {}}
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["speedup_vs_in_memory"] = {m: round(r["records_per_s"] / base, 3)
                                                  for m, r in runs.items() if r.get("records_per_s")}
             results["sizes"][str(size)] = entry
-            if not args.keep:
+            write_results(args.output, results)  # each size as soon as it is measured
+            if not args.keep and not args.workdir:
                 shutil.rmtree(crawl, ignore_errors=True)
         sizes = [str(s) for s in args.sizes]
         if len(sizes) >= 2:
