@@ -20,10 +20,11 @@ run that does not is a failure, not a figure), the largest element Beam sampled,
 the runner process and of each worker process (sampled every 0.2 s with psutil). ``--repeat N`` runs the modes of
 ``--repeat-modes`` N times each (the no-loss check: every run must reconcile); their figures are the median.
 
-The baseline is a plain single-process loop that calls the
-same per-record functions -- decode and normalize (``normalize_image``, which includes the pHash), the CLIP
-preprocessing, and the CLIP forward pass on batches of the same size -- over the same crawl; ratios are per
-core (records/s of the mode divided by its worker processes).
+The baseline is a plain single-process loop that calls the same per-record functions on the same records
+(``--plain-records`` of them): decode and normalize every record (``normalize_image``, which includes the
+pHash), and, for the images a page keeps under the cap, the CLIP preprocessing and forward pass and the face
+and NSFW detector, on batches of the same sizes. Ratios are per core (records/s of the mode divided by its
+worker processes). ``--plain-only`` measures the baseline again into an existing results file.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ WORKERS = {"in_memory": 1, "mp1": 1, "mp2": 2, "portable": 2}
 
 
 class PeakMemory(threading.Thread):
-    """Samples the resident memory of a process tree; keeps each process's peak, and the role it plays."""
+    """Samples the resident memory and CPU time of a process tree; keeps each process's peak memory, its last CPU
+    time (user + system seconds) and the role it plays."""
 
     def __init__(self, roots: list[int], interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.roots = roots
         self.interval = interval
         self.peaks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
         self.roles: dict[int, str] = {}
         self._halt = threading.Event()
 
@@ -77,6 +80,8 @@ class PeakMemory(threading.Thread):
                 for process in tree:
                     try:
                         rss = process.memory_info().rss
+                        times = process.cpu_times()
+                        self.cpu[process.pid] = times.user + times.system
                         if process.pid not in self.roles:
                             self.roles[process.pid] = _role(process.cmdline(), process.pid in self.roots)
                     except psutil.Error:
@@ -92,6 +97,14 @@ class PeakMemory(threading.Thread):
             if peak >= 32 * 2**20:  # not the shells and launchers around the real processes
                 by_role.setdefault(self.roles.get(pid, "other"), []).append(round(peak / 2**20, 1))
         return {role: sorted(values, reverse=True) for role, values in sorted(by_role.items())}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds per role, summed over its processes (as last sampled: within ``interval`` of the end)."""
+        by_role: dict[str, float] = {}
+        for pid, seconds in self.cpu.items():
+            role = self.roles.get(pid, "other")
+            by_role[role] = round(by_role.get(role, 0.0) + seconds, 1)
+        return dict(sorted(by_role.items()))
 
 
 def _role(cmdline: list[str], is_root: bool) -> str:
@@ -158,7 +171,7 @@ def run_mode(mode: str, crawl: str, output: str, log: Path) -> dict[str, Any]:
         service.terminate()
         service.wait(timeout=30)
     result: dict[str, Any] = {"exit_status": code, "wall_s": round(wall, 1), "peak_rss_mib": peaks,
-                              "workers": WORKERS[mode]}
+                              "cpu_s": memory.cpu_seconds(), "workers": WORKERS[mode]}
     manifest_path = Path(output) / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -182,7 +195,10 @@ def run_mode(mode: str, crawl: str, output: str, log: Path) -> dict[str, Any]:
 
 
 def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
-    """The same per-record work without Beam: read, normalize (+pHash), CLIP preprocessing, CLIP forward."""
+    """The same per-record work without Beam, on the records the pipeline does it to: every record is read and
+    normalized (+pHash); the images a page keeps under ``group.max_images_per_page`` (the pipeline caps a page
+    before any model sees it) go through the CLIP preprocessing and forward pass and -- when the demo profile
+    runs the safety stage -- the face and NSFW detector (NudeNet, same input size and batch size)."""
     import glob
 
     import pyarrow.parquet as pq
@@ -191,24 +207,39 @@ def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
     from pipeline.config import build_config
     from transforms.models.clip import decode_image, image_transform, load_image_encoder
     from transforms.normalize import Rejected, normalize_image
+    from transforms.safety import decode_array
 
     config = build_config("demo")
+    cap = config.group.max_images_per_page
     encoder = load_image_encoder(config.embed)
     transform = image_transform(config.embed)
-    done, batch = 0, []
+    detector = None
+    if config.detector.enabled:
+        from transforms.models.detectors import load_detector
+
+        detector = load_detector(config.detector)
+    done, modelled, batch, pixels, per_page = 0, 0, [], [], {}
     started = time.perf_counter()
     for path in sorted(glob.glob(os.path.join(crawl, "*.parquet"))):
-        for chunk in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["image"]):
-            for data in chunk.column(0).to_pylist():
+        for chunk in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["page_url", "image"]):
+            for page, data in zip(chunk.column(0).to_pylist(), chunk.column(1).to_pylist(), strict=True):
+                done += 1
                 try:
                     normalized = normalize_image(data, config.normalize)
                 except Rejected:
                     continue
-                batch.append(transform(decode_image(normalized.image)))
-                done += 1
+                per_page[page] = per_page.get(page, 0) + 1
+                if per_page[page] <= cap:
+                    modelled += 1
+                    batch.append(transform(decode_image(normalized.image)))
+                    if detector is not None:
+                        pixels.append(decode_array(normalized.image))
                 if len(batch) == batch_size:
                     encoder.embed(torch.stack(batch))
                     batch = []
+                if len(pixels) == config.detector.batch_size:
+                    detector.detect(pixels)
+                    pixels = []
                 if done >= limit:
                     break
             if done >= limit:
@@ -217,9 +248,23 @@ def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
             break
     if batch:
         encoder.embed(torch.stack(batch))
+    if pixels:
+        detector.detect(pixels)
     seconds = time.perf_counter() - started
-    return {"records": done, "seconds": round(seconds, 2), "records_per_s": round(done / seconds, 2),
-            "batch_size": batch_size}
+    return {"records": done, "records_through_models": modelled, "seconds": round(seconds, 2),
+            "records_per_s": round(done / seconds, 2), "batch_size": batch_size,
+            "work": ["normalize", "phash", "page cap", "clip"] + (["detector"] if detector else [])}
+
+
+def rescore(results: dict[str, Any], workdir: Path, plain_records: int, batch_size: int) -> None:
+    """Measure the plain loop again on each size's kept crawl and recompute the ratios to it."""
+    for size, entry in results["sizes"].items():
+        entry["plain_loop"] = plain_loop(str(workdir / f"crawl-{size}"), min(int(size), plain_records), batch_size)
+        print(f"{size} records: plain loop {entry['plain_loop']['records_per_s']} records/s", flush=True)
+        for run in entry["runs"].values():
+            if run.get("records_per_s"):
+                run["per_core_vs_plain"] = round(run["records_per_s"] / run["workers"]
+                                                 / entry["plain_loop"]["records_per_s"], 3)
 
 
 def _summary(attempts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,9 +295,20 @@ def main(argv: list[str] | None = None) -> int:
                         "crawls there are kept, and reused by a later run of the same sizes")
     parser.add_argument("--keep", action="store_true", help="keep the crawls and outputs")
     parser.add_argument("--output", default="benchmarks/results/scale.json")
+    parser.add_argument("--plain-only", action="store_true",
+                        help="only measure the plain loop again, on the crawls kept in --workdir, and update the "
+                             "ratios of --output's runs")
     args = parser.parse_args(argv)
 
     from pipeline.config import build_config
+
+    if args.plain_only:
+        if not args.workdir:
+            parser.error("--plain-only needs the --workdir that holds the crawls")
+        results = json.loads(Path(args.output).read_text(encoding="utf-8"))
+        rescore(results, Path(args.workdir), args.plain_records, build_config("demo").embed.batch_size)
+        write_results(args.output, results)
+        return 0
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
