@@ -8,15 +8,18 @@ BIN := $(VENV)/bin
 OUT ?= out/demo
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Extra pip arguments for the install, e.g. PyTorch's CPU-only wheels (a smaller download):
+#   make demo PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'
+PIP_ARGS ?=
 
 PEERS ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.installed
 
-.PHONY: demo demo-web test test-fast install lint bench gpu-check peers sample clean
+.PHONY: demo demo-web run test test-fast install lint bench gpu-check peers sample clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +30,10 @@ demo: $(STAMP)
 	$(BIN)/icl-pipeline run --profile demo --input sample/crawl.parquet --output $(OUT) \
 		--phases clusters,synthesize,assemble
 	@echo "Open the report in a browser: file://$(abspath $(OUT))/report/index.html"
+
+# Any run without activating the virtualenv: make run ARGS="--input 'crawl/*.parquet' --output out/run1"
+run: $(STAMP)
+	$(BIN)/icl-pipeline run $(ARGS)
 
 # WARC pages -> extract -> fetch -> the three phases, against a loopback web site the script starts and stops
 # (127.0.0.1 only; real photos of the bundled sample).

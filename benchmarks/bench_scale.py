@@ -144,9 +144,10 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def run_mode(mode: str, crawl: str, output: str, log: Path) -> dict[str, Any]:
+def run_mode(mode: str, crawl: str, output: str, log: Path, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     args = [sys.executable, "-m", "pipeline.cli", "run", "--profile", "demo", "--phases", "clusters",
-            "--input", os.path.join(crawl, "*.parquet"), "--output", output, "--overwrite"]
+            "--input", os.path.join(crawl, "*.parquet"), "--output", output, "--overwrite",
+            *(a for o in overrides for a in ("--set", o))]
     services: list[subprocess.Popen] = []
     if mode in ("mp1", "mp2"):
         args += ["--direct_running_mode", "multi_processing", "--direct_num_workers", str(WORKERS[mode])]
@@ -194,7 +195,7 @@ def run_mode(mode: str, crawl: str, output: str, log: Path) -> dict[str, Any]:
 # --- the plain loop -------------------------------------------------------------------------------------
 
 
-def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
+def plain_loop(crawl: str, limit: int, batch_size: int, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """The same per-record work without Beam, on the records the pipeline does it to: every record is read and
     normalized (+pHash); the images a page keeps under ``group.max_images_per_page`` (the pipeline caps a page
     before any model sees it) go through the CLIP preprocessing and forward pass and -- when the demo profile
@@ -209,7 +210,7 @@ def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
     from transforms.normalize import Rejected, normalize_image
     from transforms.safety import decode_array
 
-    config = build_config("demo")
+    config = build_config("demo", overrides=list(overrides))
     cap = config.group.max_images_per_page
     encoder = load_image_encoder(config.embed)
     transform = image_transform(config.embed)
@@ -258,8 +259,10 @@ def plain_loop(crawl: str, limit: int, batch_size: int) -> dict[str, Any]:
 
 def rescore(results: dict[str, Any], workdir: Path, plain_records: int, batch_size: int) -> None:
     """Measure the plain loop again on each size's kept crawl and recompute the ratios to it."""
+    overrides = tuple(results.get("overrides", ()))
     for size, entry in results["sizes"].items():
-        entry["plain_loop"] = plain_loop(str(workdir / f"crawl-{size}"), min(int(size), plain_records), batch_size)
+        entry["plain_loop"] = plain_loop(str(workdir / f"crawl-{size}"), min(int(size), plain_records), batch_size,
+                                         overrides)
         print(f"{size} records: plain loop {entry['plain_loop']['records_per_s']} records/s", flush=True)
         for run in entry["runs"].values():
             if run.get("records_per_s"):
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                         "crawls there are kept, and reused by a later run of the same sizes")
     parser.add_argument("--keep", action="store_true", help="keep the crawls and outputs")
     parser.add_argument("--output", default="benchmarks/results/scale.json")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a configuration override for every run (the demo profile's otherwise)")
     parser.add_argument("--plain-only", action="store_true",
                         help="only measure the plain loop again, on the crawls kept in --workdir, and update the "
                              "ratios of --output's runs")
@@ -312,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {**header("scale"), "profile": "demo", "phase": "clusters", "sizes": {},
-                               "modes": args.modes}
+    results: dict[str, Any] = {**header("scale"), "profile": "demo", "overrides": args.set, "phase": "clusters",
+                               "sizes": {}, "modes": args.modes}
     batch_size = build_config("demo").embed.batch_size
     try:
         for size in args.sizes:
@@ -327,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
             entry: dict[str, Any] = {"records": size, "hot_page": min(args.hot_page, size // 2),
                                      "image_sides": list(args.sides),
                                      "crawl_build_s": round(time.monotonic() - started, 1), "runs": {}}
-            entry["plain_loop"] = plain_loop(crawl, min(size, args.plain_records), batch_size)
+            entry["plain_loop"] = plain_loop(crawl, min(size, args.plain_records), batch_size, tuple(args.set))
             print(f"{size} records: plain loop {entry['plain_loop']['records_per_s']} records/s", flush=True)
             for mode in args.modes:
                 attempts = []
                 for attempt in range(args.repeat if mode in args.repeat_modes else 1):
                     out = str(workdir / f"out-{size}-{mode}")
-                    run = run_mode(mode, crawl, out, workdir / f"log-{size}-{mode}-{attempt}.txt")
+                    run = run_mode(mode, crawl, out, workdir / f"log-{size}-{mode}-{attempt}.txt", tuple(args.set))
                     attempts.append(run)
                     print(f"  {mode:9s} #{attempt + 1} ok={run['ok']} wall={run['wall_s']} s "
                           f"records/s={run.get('records_per_s')} peak MiB={run['peak_rss_mib']} "
@@ -345,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     run["per_core_vs_plain"] = round(run["records_per_s"] / run["workers"]
                                                      / entry["plain_loop"]["records_per_s"], 3)
                 entry["runs"][mode] = run
+                results["sizes"][str(size)] = entry
+                write_results(args.output, results)  # each mode as soon as it is measured
             runs = entry["runs"]
             base = runs.get("in_memory", {}).get("records_per_s")
             if base:

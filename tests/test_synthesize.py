@@ -197,9 +197,11 @@ def test_phase_runs_on_the_multiprocess_direct_runner(tiny_sd_dir, clusters, tmp
     clusters_file = write_clusters_file([with_prompts(clusters[6], "cat", PROMPTS), clusters[7]],
                                         tmp_path / "clusters.parquet")
     manifest = _run_synthesize(clusters_file, str(tmp_path / "out"), tiny_sd_dir,
-                               "--direct_running_mode=multi_processing", "--direct_num_workers=2")
+                               "--direct_running_mode=multi_processing", "--direct_num_workers=2",
+                               **{"synth.train.steps": 1, "synth.sample.steps": 1, "synth.max_prompts": 1,
+                                  "synth.sample.images_per_prompt": 1})
     summary = manifest["phases"]["synthesize"]
-    assert summary["clusters"]["synthesized"] == 2 and summary["candidates"] == 8
+    assert summary["clusters"]["synthesized"] == 2 and summary["candidates"] == 2
     assert summary["clusters"]["reconciled"]
 
 
