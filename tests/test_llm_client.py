@@ -349,14 +349,18 @@ def test_vllm_command_line() -> None:
                    "--limit-mm-per-prompt", '{"image": 1}']
 
 
-def _launch_fake_instead(commands: list[list[str]]):
-    """Patch for ``vllm_server.start_process``: record the vLLM command, run the fake server with its arguments."""
+def _launch_fake_instead(commands: list[list[str]], processes: list[subprocess.Popen] | None = None):
+    """Patch for ``vllm_server.start_process``: record the vLLM command, run the fake server with its arguments
+    (recording the process in ``processes`` when given)."""
     real = vllm_server.start_process
 
     def start(cmd):
         commands.append(list(cmd))
         assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-        return real([sys.executable, str(FAKE_SERVER), *cmd[3:]])
+        process = real([sys.executable, str(FAKE_SERVER), *cmd[3:]])
+        if processes is not None:
+            processes.append(process)
+        return process
 
     return start
 
@@ -433,14 +437,7 @@ def test_connect_starts_one_shared_server_per_model_when_no_endpoint(monkeypatch
 
 def test_stopped_process_is_really_gone(monkeypatch) -> None:
     started: list[subprocess.Popen] = []
-    real = vllm_server.start_process
-
-    def start(cmd):
-        process = real([sys.executable, str(FAKE_SERVER), *cmd[3:]])
-        started.append(process)
-        return process
-
-    monkeypatch.setattr(vllm_server, "start_process", start)
+    monkeypatch.setattr(vllm_server, "start_process", _launch_fake_instead([], started))
     server = VLLMServer(TEXT_MODEL, startup_timeout_s=30, poll_interval_s=0.1).start()
     server.stop()
     assert started[0].poll() is not None
@@ -448,14 +445,7 @@ def test_stopped_process_is_really_gone(monkeypatch) -> None:
 
 def test_a_server_in_a_with_block_is_stopped_at_its_end(monkeypatch) -> None:
     started: list[subprocess.Popen] = []
-    real = vllm_server.start_process
-
-    def start(cmd):
-        process = real([sys.executable, str(FAKE_SERVER), *cmd[3:]])
-        started.append(process)
-        return process
-
-    monkeypatch.setattr(vllm_server, "start_process", start)
+    monkeypatch.setattr(vllm_server, "start_process", _launch_fake_instead([], started))
     with VLLMServer(TEXT_MODEL, startup_timeout_s=30, poll_interval_s=0.1) as server:
         assert server.healthy() and started[0].poll() is None
     assert started[0].poll() is not None and not server.healthy()

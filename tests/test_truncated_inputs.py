@@ -23,6 +23,9 @@ from tests.formats import write_jsonl, write_webdataset
 from transforms.read import TRUNCATED_FILE, InputFile, ReadConfig, ReadFileFn, TruncatedInputError, read_jsonl
 
 N_ROWS = 24
+NO_CLIP = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
+           "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false")
+"""Phase 1 without the CLIP stages: what is checked here is reading, not clustering."""
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +157,7 @@ def test_truncated_input_fails_the_run_unless_allowed(rows: list[dict], tmp_path
     data, offsets = _gzip_with_flush_points(lines)
     cut = tmp_path / "crawl.jsonl.gz"
     cut.write_bytes(data[:offsets[14] + 7])  # 15 whole lines and part of the 16th
-    fast = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-            "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
-            "--set", "detector.enabled=false")
+    fast = (*NO_CLIP, "--set", "detector.enabled=false")
     with pytest.raises(RunError, match="end early"):
         run_pipeline([cut], tmp_path / "out", *fast)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -289,9 +290,7 @@ def test_a_truncated_warc_fails_the_run_unless_allowed(tmp_path: Path) -> None:
     cut = tmp_path / "crawl.warc.gz"
     cut.write_bytes(data[:last_image_end - 200])  # inside the second captured photo: the third page is lost
     # No fetching: the pairs whose photo the cut lost reach normalize without bytes (missing_image).
-    fast = ("--profile", "demo", "--set", "embed.enabled=false", "--set", "cluster_filter.enabled=false",
-            "--set", "cross_page.enabled=false", "--set", "semantic_dedup.enabled=false",
-            "--set", "fetch.enabled=never")
+    fast = (*NO_CLIP, "--set", "fetch.enabled=never")
     with pytest.raises(RunError, match="end early"):
         run_pipeline([cut], tmp_path / "out", *fast)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
