@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +43,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from PIL import Image
 
+from transforms.models.coders import PickledArraysCoder
 from transforms.settings import TINY_RANDOM, EmbedConfig
 
 LOG = logging.getLogger(__name__)
@@ -377,29 +377,18 @@ class ImagePixels(NamedTuple):
     (not stacked per cluster) so that a batch is assembled with one copy, as a plain loop would."""
 
 
-class ImagePixelsCoder(beam.coders.Coder):
+class ImagePixelsCoder(PickledArraysCoder):
     """Coder of :class:`ImagePixels`: pickles them, and estimates their size from the tensors' sizes.
 
     ``ImagePixels`` rarely leave the fused step that makes and embeds them, but Beam samples the byte size
-    of elements of every PCollection for its metrics -- always the first ten, then about ten per doubling --
-    and with the default pickle coder it would pickle a whole batch (40 MB of pixels at 64 images) to
-    measure it.
+    of elements of every PCollection for its metrics, and with the default pickle coder it would pickle a whole
+    batch (40 MB of pixels at 64 images) to measure it.
     """
 
-    def encode(self, value: ImagePixels) -> bytes:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    value_type = ImagePixels
 
-    def decode(self, encoded: bytes) -> ImagePixels:
-        return pickle.loads(encoded)
-
-    def estimate_size(self, value: ImagePixels) -> int:
-        return 64 + sum(int(image.nbytes) for image in value.pixels)
-
-    def is_deterministic(self) -> bool:
-        return False
-
-    def to_type_hint(self) -> type:
-        return ImagePixels
+    def arrays(self, value: ImagePixels) -> Iterable[Any]:
+        return value.pixels
 
 
 beam.coders.registry.register_coder(ImagePixels, ImagePixelsCoder)

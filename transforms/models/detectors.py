@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -50,6 +49,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
+from transforms.models.coders import PickledArraysCoder
 from transforms.settings import DetectorConfig
 
 LOG = logging.getLogger(__name__)
@@ -124,24 +124,14 @@ class DetectorInput(NamedTuple):
     """RGB ``uint8 [H, W, 3]`` arrays."""
 
 
-class DetectorInputCoder(beam.coders.Coder):
+class DetectorInputCoder(PickledArraysCoder):
     """Pickles :class:`DetectorInput`, estimating its size from the arrays (Beam samples element sizes; the
     default coder would pickle megabytes of pixels to measure them)."""
 
-    def encode(self, value: DetectorInput) -> bytes:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    value_type = DetectorInput
 
-    def decode(self, encoded: bytes) -> DetectorInput:
-        return pickle.loads(encoded)
-
-    def estimate_size(self, value: DetectorInput) -> int:
-        return 64 + sum(int(image.nbytes) for image in value.images)
-
-    def is_deterministic(self) -> bool:
-        return False
-
-    def to_type_hint(self) -> type:
-        return DetectorInput
+    def arrays(self, value: DetectorInput) -> Iterable[Any]:
+        return value.images
 
 
 beam.coders.registry.register_coder(DetectorInput, DetectorInputCoder)
