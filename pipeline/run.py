@@ -27,6 +27,7 @@ from pipeline.phases import ORDER, PHASE_OUTPUTS, PHASES, PhaseInputs, build_pha
 from pipeline.runners import (
     UnsupportedRunnerError,
     check_runner,
+    dofn_specs_cache,
     fnapi_data_plane_fix,
     missing_weights,
     portable_job_options,
@@ -240,9 +241,10 @@ def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: 
         inputs = replace(inputs, n_input=count_parquet_rows(list(inputs.candidate_files)))
         LOG.info("phase assemble: %d candidates in %d file(s), clusters from %d file(s); CLIP %s", inputs.n_input,
                  len(inputs.candidate_files), len(inputs.cluster_files), model_id(config.embed))
-    p = factory(options)
-    build_phase(p, PHASES[phase], config, inputs)
-    result = run_pipeline(p, phase)
+    with dofn_specs_cache():  # Beam's inspection of each DoFn, once per DoFn instead of ~18 times
+        p = factory(options)
+        build_phase(p, PHASES[phase], config, inputs)
+        result = run_pipeline(p, phase)
     remove_temp_dirs(out, PHASES[phase].folders)
     summary = accounting.summarize(PHASES[phase], out, accounting.beam_counters(result), inputs, config, started)
     summary["largest_element"] = accounting.largest_elements(result, p)

@@ -12,6 +12,11 @@
   images each), in a different stage on every run. Setting the period to 0 makes the runner use Beam's
   size-based stream, which has no flush thread. ``tests/test_runners.py`` reproduces the bug with Beam's own
   classes and checks the fix.
+* :func:`dofn_specs_cache` removes a cost of Beam's, not a bug: Beam looks for state and timer parameters by
+  reading the signature of every method of a DoFn (``userstate.get_dofn_specs``), and does so about 18 times per
+  DoFn per run (graph construction, three ``to_runner_api`` passes, the DirectRunner's checks, each bundle): 2.3 s
+  of an 8 s phase-1 run of the bundled sample, the same on every run whatever its size. While active, the answer
+  is computed once per DoFn instance.
 * :func:`portable_job_options` works around another: Beam's ``PortableRunner`` (and ``FlinkRunner``,
   ``SparkRunner``, which extend it) opens the job's state and message streams with ``job_server_timeout`` (300 s
   by default) as their gRPC deadline, so every job that runs longer fails with ``DEADLINE_EXCEEDED`` after all its
@@ -98,6 +103,41 @@ def fnapi_data_plane_fix() -> Iterator[None]:
         yield
     finally:
         worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = previous
+
+
+@contextlib.contextmanager
+def dofn_specs_cache() -> Iterator[None]:
+    """While active, Beam's ``userstate.get_dofn_specs`` inspects each DoFn instance once (see the module
+    docstring); afterwards Beam's own function is back.
+
+    An instance's methods and their default arguments (where Beam's state and timer parameters live) do not change
+    once it is built, so its answer does not either. Entries hold a weak reference to their DoFn: a new object that
+    reuses a dead one's ``id`` is inspected afresh. Answers are copies, so a caller that changes its sets changes no
+    later answer.
+    """
+    import weakref
+
+    from apache_beam.transforms import userstate
+
+    original = userstate.get_dofn_specs
+    cache: dict[int, tuple[Any, frozenset, frozenset]] = {}
+
+    def get_dofn_specs(dofn: Any) -> tuple[set, set]:
+        entry = cache.get(id(dofn))
+        if entry is not None and entry[0]() is dofn:
+            return set(entry[1]), set(entry[2])
+        state, timers = original(dofn)
+        try:
+            cache[id(dofn)] = (weakref.ref(dofn), frozenset(state), frozenset(timers))
+        except TypeError:  # an object without weak references: not cached
+            pass
+        return state, timers
+
+    userstate.get_dofn_specs = get_dofn_specs
+    try:
+        yield
+    finally:
+        userstate.get_dofn_specs = original
 
 
 def bind_loopback_only() -> None:

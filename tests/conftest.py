@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import socket
@@ -22,6 +23,10 @@ SAMPLE = REPO / "sample" / "crawl.parquet"
 # Tests never reach a model hub (nothing leaves this machine): the libraries read these when first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One torch/OpenMP thread per process (read when torch is first imported; worker processes inherit it): the test
+# processes already take every core, and tiny models gain nothing from more threads that compete for them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # The multi-process DirectRunner starts worker processes that import our packages: make sure they
 # find this checkout even when the project is not installed.
@@ -29,12 +34,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.runners import bind_loopback_only, fnapi_data_plane_fix  # noqa: E402
+from pipeline.runners import bind_loopback_only, dofn_specs_cache, fnapi_data_plane_fix  # noqa: E402
 
 # The multi-process DirectRunner serves its workers over gRPC; keep those servers (and any other) on loopback.
 bind_loopback_only()
-# Pipelines that tests run directly (TestPipeline) get the FnApiRunner fix that pipeline.run applies to its runs.
-fnapi_data_plane_fix().__enter__()
+# Pipelines that tests run directly (TestPipeline) get what pipeline.run applies to its runs: the FnApiRunner fix,
+# and Beam's inspection of each DoFn once per DoFn (a third of a small stage test's time). Held open for the
+# session: a context manager left unreferenced is closed by the garbage collector, which undoes it at once.
+BEAM_FIXES = contextlib.ExitStack()
+BEAM_FIXES.enter_context(fnapi_data_plane_fix())
+BEAM_FIXES.enter_context(dofn_specs_cache())
 
 
 def read_rows(output_dir: str | os.PathLike, folder: str, prefix: str = "*") -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import pytest
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.runners import UnsupportedRunnerError, check_runner, fnapi_data_plane_fix
+from pipeline.runners import UnsupportedRunnerError, check_runner, dofn_specs_cache, fnapi_data_plane_fix
 
 
 def test_beams_time_based_stream_drops_chunks_written_while_it_flushes() -> None:
@@ -64,6 +64,63 @@ def test_fix_delivers_every_record_to_the_workers(monkeypatch: pytest.MonkeyPatc
         assert worker_handlers.DATA_BUFFER_TIME_LIMIT_MS == 0
         assert _records_seen(200, 1_000_000) == 200
     assert worker_handlers.DATA_BUFFER_TIME_LIMIT_MS == 1  # restored
+
+
+class _Buffered(beam.DoFn):
+    """A stateful DoFn with a timer: the specs Beam must keep finding through the cache."""
+
+    BUFFER = beam.transforms.userstate.BagStateSpec("buffer", beam.coders.VarIntCoder())
+    FLUSH = beam.transforms.userstate.TimerSpec("flush", beam.TimeDomain.WATERMARK)
+
+    def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), flush=beam.DoFn.TimerParam(FLUSH)):
+        buffer.add(element[1])
+        flush.set(0)
+
+    @beam.transforms.userstate.on_timer(FLUSH)
+    def emit(self, buffer=beam.DoFn.StateParam(BUFFER)):
+        yield sum(buffer.read())
+
+
+def test_dofn_specs_cache_answers_as_beam_does_once_per_dofn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apache_beam.transforms import userstate
+
+    from pipeline.config import build_config
+    from pipeline.phases import CLUSTERS, PhaseInputs, build_phase
+    from tests.conftest import SAMPLE
+    from transforms.read import InputFile
+
+    beams_own = userstate.get_dofn_specs
+    inspected: list[int] = []
+    monkeypatch.setattr(userstate, "get_dofn_specs", lambda dofn: inspected.append(id(dofn)) or beams_own(dofn))
+    p = beam.Pipeline()
+    sample = (InputFile(str(SAMPLE), "parquet"),)
+    build_phase(p, CLUSTERS, build_config(profile="demo"), PhaseInputs("unused-output", files=sample))
+    stateful = p | beam.Create([("k", 1)]) | beam.ParDo(_Buffered())
+    dofns = [t.transform.fn for t in _applied(p) if isinstance(t.transform, beam.ParDo)]
+    assert len(dofns) > 100 and stateful.producer.transform.fn in dofns
+    expected = [beams_own(dofn) for dofn in dofns]
+    with dofn_specs_cache():
+        inspected.clear()
+        for _ in range(3):  # the same DoFn asked again and again, as Beam does
+            assert [userstate.get_dofn_specs(dofn) for dofn in dofns] == expected
+            stateful_ones = [bool(state or timers) for state, timers in expected]
+            assert [userstate.is_stateful_dofn(dofn) for dofn in dofns] == stateful_ones
+        assert sorted(inspected) == sorted(id(d) for d in dofns)  # each inspected once
+        userstate.get_dofn_specs(dofns[-1])[0].clear()  # a caller changing its answer changes no later one
+        assert userstate.get_dofn_specs(dofns[-1]) == expected[-1]
+    assert expected[-1][0] and expected[-1][1]  # the stateful DoFn's state and timer were found
+    assert userstate.get_dofn_specs.__name__ == "<lambda>"  # what was there before is back
+
+
+def _applied(p: beam.Pipeline) -> list:
+    found = []
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node) -> None:
+            found.append(node)
+
+    p.visit(Visitor())
+    return found
 
 
 def test_dask_runner_is_refused_with_the_reason() -> None:
