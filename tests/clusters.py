@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import pickle
+from pathlib import Path
 from typing import Any
 
 from schemas.ids import cluster_id
@@ -44,3 +46,15 @@ def sample_clusters(sample_rows: list[dict[str, Any]], pages: list[str] | None =
 def beam_counters(result: Any, namespace: str) -> dict[str, int]:
     return {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
             if c.key.metric.namespace == namespace}
+
+
+def save_to(path: Path, key: Any = None):
+    """An ``assert_that`` matcher that hands the elements to the test through a file, sorted by ``key`` (the runner
+    pickles functions, so appending to a list of the test would not reach it); read back with :func:`load`."""
+    def save(actual: list) -> None:
+        path.write_bytes(pickle.dumps(sorted(actual, key=key)))
+    return save
+
+
+def load(path: Path) -> Any:
+    return pickle.loads(path.read_bytes())

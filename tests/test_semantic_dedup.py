@@ -3,7 +3,6 @@ on copies of real photos embedded by the tiny-random CLIP (which cannot tell cop
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import apache_beam as beam
@@ -15,6 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.records import ClusterStats
 from tests.clip_helpers import TINY, counters, photo_cluster, reencode, vector_cluster
+from tests.clusters import load, save_to
 from transforms.embed import Embed
 from transforms.semantic_dedup import REASONS as DECLARED
 from transforms.semantic_dedup import (
@@ -171,12 +171,6 @@ def test_hot_buckets_are_split_again_without_losing_duplicates() -> None:
     assert {a for a, _ in found} <= {a for a, _ in whole} and len(found) >= 0.9 * len(whole)
 
 
-def save_to(path: Path):
-    def save(actual: list) -> None:
-        path.write_bytes(pickle.dumps(sorted(actual)))
-    return save
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("bucket_size", [4, 1000])
 @pytest.mark.parametrize("order", [1, -1])
@@ -212,7 +206,7 @@ def test_rejects_name_the_copy_kept(shops: dict, tmp_path: Path) -> None:
     with TestPipeline() as p:
         _, rejects = p | beam.Create(list(shops.values())) | SemanticDedup(SemanticDedupConfig(), min_images=3)
         assert_that(rejects | beam.Map(lambda r: (r.reason, r.detail)), save_to(tmp_path / "rejects.pickle"))
-    details = pickle.loads((tmp_path / "rejects.pickle").read_bytes())
+    details = load(tmp_path / "rejects.pickle")
     by_reason = {}
     for reason, detail in details:
         by_reason.setdefault(reason, []).append(detail)
@@ -283,8 +277,7 @@ def run_tiny(pages: list, tmp_path: Path, options=None) -> tuple:
         assert_that(rejects | beam.Map(lambda r: (r.id, r.reason, r.n_images)), save_to(tmp_path / "rejects.pickle"),
                     label="SaveRejects")
         assert_that(embed_rejects, equal_to([]), label="NoEmbedRejects")
-    load = lambda name: pickle.loads((tmp_path / name).read_bytes())  # noqa: E731
-    return load("kept.pickle"), load("rejects.pickle"), counters(p.result, "semantic_dedup")
+    return load(tmp_path / "kept.pickle"), load(tmp_path / "rejects.pickle"), counters(p.result, "semantic_dedup")
 
 
 @pytest.mark.slow

@@ -449,76 +449,67 @@ def read_columns(pattern: str, columns: list[str]) -> pa.Table | None:
 # --- reading phase outputs ------------------------------------------------------------------------------
 
 
-class ReadClusterFileFn(beam.DoFn):
-    """A ``clusters/*.parquet`` path -> ``Cluster`` records, a few rows (row-group batches) at a time; counters
-    and dead letters under ``stage``."""
+def _unreadable_cluster(row: dict[str, Any], row_id: str) -> dict[str, Any]:
+    return {"cluster_id": row_id, "n_images": len(row.get("images") or ())}
 
-    def __init__(self, stage: str, batch_rows: int = 8) -> None:
-        self._batch_rows = batch_rows
+
+def _unreadable_candidate(row: dict[str, Any], row_id: str) -> dict[str, Any]:
+    return {"cluster_id": row.get("cluster_id")}  # one image: the render
+
+
+class PhaseRows(NamedTuple):
+    """How the rows of one kind of phase output become records."""
+
+    id_column: str
+    convert: Callable[[dict[str, Any]], Any]
+    batch_rows: int
+    """Rows converted at a time (rows with images are large)."""
+    unreadable: Callable[[dict[str, Any], str], dict[str, Any]]
+    """A row that does not convert -> the fields of its ``internal_error`` reject besides id, page and source."""
+
+
+PHASE_ROWS = {
+    "clusters": PhaseRows("cluster_id", cluster_from_row, 8, _unreadable_cluster),
+    "candidates": PhaseRows("candidate_id", candidate_from_row, 16, _unreadable_candidate),
+}
+"""The phase outputs a later phase reads as records, by the schema name their files carry."""
+
+
+class ReadPhaseFileFn(beam.DoFn):
+    """A phase-output file path -> its records (``clusters``: ``Cluster``, ``candidates``: ``Candidate``), a few
+    rows at a time, counted as ``<stage>/<kind>_read``. A row that does not convert is an ``internal_error`` reject
+    that names the file and the row; the rest of the file goes on."""
+
+    def __init__(self, kind: str, stage: str) -> None:
+        if kind not in PHASE_ROWS:
+            raise ValueError(f"no reader for phase output {kind!r} (known: {', '.join(PHASE_ROWS)})")
+        self._kind = kind
         self._stage = stage
 
     def process(self, path: str) -> Iterator[Any]:
+        rows = PHASE_ROWS[self._kind]
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             parquet = pq.ParquetFile(handle)
-            check_schema_version(parquet.schema_arrow, "clusters", path)
-            for batch in parquet.iter_batches(batch_size=self._batch_rows):
-                for i, row in enumerate(batch.to_pylist()):
-                    count(self._stage, "clusters_read")
-                    try:
-                        yield cluster_from_row(row)
-                    except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
-                        cid = row.get("cluster_id") or stable_id("unreadable-cluster", path, i)
-                        yield internal_error(self._stage, error, id=cid, cluster_id=cid, page_url=row.get("page_url"),
-                                             n_images=len(row.get("images") or ()), source=path)
-
-
-class ReadClusters(beam.PTransform):
-    """``PBegin`` -> ``Cluster``s from checked ``clusters/*.parquet`` paths (phase 1's output); the counter
-    ``<stage>/clusters_read`` and the rejects of unreadable rows are the reading stage's."""
-
-    def __init__(self, files: Sequence[str], stage: str) -> None:
-        super().__init__()
-        self._files = list(files)
-        self._stage = stage
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
-        read = (
-            pbegin
-            | "ListClusterFiles" >> beam.Create(self._files)
-            | "ReadClusterFiles" >> beam.ParDo(ReadClusterFileFn(self._stage)).with_outputs(
-                REJECTS, main="clusters")
-        )
-        return StageOutput(read.clusters, read[REJECTS])
-
-
-class ReadCandidateFileFn(beam.DoFn):
-    """A ``candidates/*.parquet`` path -> ``Candidate`` records, a few rows at a time; a row that does not
-    convert is an ``internal_error`` reject (the rest of the file goes on)."""
-
-    def __init__(self, stage: str, batch_rows: int = 16) -> None:
-        self._stage = stage
-        self._batch_rows = batch_rows
-
-    def process(self, path: str) -> Iterator[Any]:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            parquet = pq.ParquetFile(handle)
-            check_schema_version(parquet.schema_arrow, "candidates", path)
+            check_schema_version(parquet.schema_arrow, self._kind, path)
             n = 0
-            for batch in parquet.iter_batches(batch_size=self._batch_rows):
+            for batch in parquet.iter_batches(batch_size=rows.batch_rows):
                 for row in batch.to_pylist():
-                    count(self._stage, "candidates_read")
+                    count(self._stage, f"{self._kind}_read")
                     try:
-                        yield candidate_from_row(row)
+                        yield rows.convert(row)
                     except Exception as error:  # noqa: BLE001 -- one bad row must not lose the file
-                        cid = row.get("candidate_id") or stable_id("unreadable-candidate", path, n)
-                        yield internal_error(self._stage, error, id=cid, cluster_id=row.get("cluster_id"),
-                                             page_url=row.get("page_url"), source=f"{path}:{n}")
+                        row_id = row.get(rows.id_column) or stable_id(f"unreadable-{self._kind}", path, n)
+                        yield internal_error(self._stage, error, id=row_id, page_url=row.get("page_url"),
+                                             source=f"{path}:{n}", **rows.unreadable(row, row_id))
                     n += 1
 
 
-class ReadCandidates(beam.PTransform):
-    """``PBegin`` -> ``Candidate``s of checked ``candidates/*.parquet`` paths (phase 2's output); the counter
-    ``<stage>/candidates_read`` and the rejects of unreadable rows are the reading stage's."""
+class ReadPhaseOutput(beam.PTransform):
+    """``PBegin`` -> the records of checked phase-output files of the subclass's ``kind`` (a key of
+    :data:`PHASE_ROWS`); the counter ``<stage>/<kind>_read`` and the rejects of unreadable rows are the reading
+    stage's."""
+
+    kind = ""
 
     def __init__(self, files: Sequence[str], stage: str) -> None:
         super().__init__()
@@ -526,13 +517,27 @@ class ReadCandidates(beam.PTransform):
         self._stage = stage
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
+        noun = self.kind[:-1].capitalize()  # clusters -> Cluster: the step names of earlier releases
         read = (
             pbegin
-            | "ListCandidateFiles" >> beam.Create(self._files)
-            | "ReadCandidateFiles" >> beam.ParDo(ReadCandidateFileFn(self._stage)).with_outputs(
-                REJECTS, main="candidates")
+            | f"List{noun}Files" >> beam.Create(self._files)
+            | f"Read{noun}Files" >> beam.ParDo(ReadPhaseFileFn(self.kind, self._stage)).with_outputs(
+                REJECTS, main="records")
         )
-        return StageOutput(read.candidates, read[REJECTS])
+        return StageOutput(read.records, read[REJECTS])
+
+
+class ReadClusters(ReadPhaseOutput):
+    """``PBegin`` -> ``Cluster``s of checked ``clusters/*.parquet`` paths (phase 1's output, read by phases 2
+    and 3)."""
+
+    kind = "clusters"
+
+
+class ReadCandidates(ReadPhaseOutput):
+    """``PBegin`` -> ``Candidate``s of checked ``candidates/*.parquet`` paths (phase 2's output, read by phase 3)."""
+
+    kind = "candidates"
 
 
 # --- sampled reading (the report's galleries) -----------------------------------------------------------

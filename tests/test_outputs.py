@@ -1,0 +1,81 @@
+"""The readers of phase outputs (``transforms/outputs.py``): a later phase reads every row of a real
+``clusters/`` or ``candidates/`` file as a record, and a row that does not convert is a dead letter that names the
+file and the row, without losing the rest of the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
+
+from schemas.ids import stable_id
+from schemas.parquet import CANDIDATES_SCHEMA, CLUSTERS_SCHEMA, candidate_to_row, cluster_to_row
+from tests.clusters import beam_counters, load, sample_clusters, save_to
+from tests.phase3_helpers import as_png, candidate
+from transforms.outputs import ReadCandidates, ReadClusters, ReadPhaseFileFn
+
+
+def _read(transform: beam.PTransform, tmp_path: Path) -> tuple[list, list, dict]:
+    """(records, rejects as dicts, counters of the stage ``read``) of ``transform`` run on its own."""
+    fields = ("id", "stage", "reason", "n_images", "cluster_id", "source", "page_url")
+    with TestPipeline() as p:
+        records, rejects = p | transform
+        assert_that(records, save_to(tmp_path / "records.pickle", key=repr), label="SaveRecords")
+        assert_that(rejects | beam.Map(lambda r: {k: getattr(r, k) for k in fields}),
+                    save_to(tmp_path / "rejects.pickle", key=repr), label="SaveRejects")
+    return load(tmp_path / "records.pickle"), load(tmp_path / "rejects.pickle"), beam_counters(p.result, "read")
+
+
+def _without(schema: pa.Schema, column: str) -> pa.Schema:
+    """``schema`` less ``column``, with its name and version: a file of another build that the version check lets
+    through, whose rows do not convert."""
+    return schema.remove(schema.get_field_index(column))
+
+
+def test_clusters_files_with_rows_that_do_not_convert(sample_rows: list, tmp_path: Path) -> None:
+    clusters = sample_clusters(sample_rows)[:4]
+    good, odd = str(tmp_path / "good.parquet"), str(tmp_path / "odd.parquet")
+    pq.write_table(pa.Table.from_pylist([cluster_to_row(c) for c in clusters[:2]], schema=CLUSTERS_SCHEMA), good)
+    odd_rows = [cluster_to_row(clusters[2]), {**cluster_to_row(clusters[3]), "cluster_id": ""}]  # ... one without id
+    pq.write_table(pa.Table.from_pylist(odd_rows, schema=_without(CLUSTERS_SCHEMA, "domain")), odd)
+    records, rejects, counters = _read(ReadClusters([good, odd], "read"), tmp_path)
+    assert sorted(c.cluster_id for c in records) == sorted(c.cluster_id for c in clusters[:2])
+    assert {c.cluster_id: c.images for c in records} == {c.cluster_id: c.images for c in clusters[:2]}  # bytes too
+    unnamed = stable_id("unreadable-clusters", odd, 1)
+    assert sorted(rejects, key=lambda r: r["source"]) == [
+        {"id": clusters[2].cluster_id, "stage": "read", "reason": "internal_error",
+         "n_images": len(clusters[2].images), "cluster_id": clusters[2].cluster_id, "source": f"{odd}:0",
+         "page_url": clusters[2].page_url},
+        {"id": unnamed, "stage": "read", "reason": "internal_error", "n_images": len(clusters[3].images),
+         "cluster_id": unnamed, "source": f"{odd}:1", "page_url": clusters[3].page_url}]
+    assert counters == {"clusters_read": 4, "internal_error": len(clusters[2].images) + len(clusters[3].images)}
+
+
+def test_candidates_file_with_a_row_that_does_not_convert(sample_rows: list, tmp_path: Path) -> None:
+    cluster = sample_clusters(sample_rows)[0]
+    render = as_png(cluster.images[0].image, 64)
+    good, bad = candidate(cluster, render, tag="good"), candidate(cluster, render, tag="bad")
+    paths = [str(tmp_path / "good.parquet"), str(tmp_path / "odd.parquet")]
+    pq.write_table(pa.Table.from_pylist([candidate_to_row(good)], schema=CANDIDATES_SCHEMA), paths[0])
+    pq.write_table(pa.Table.from_pylist([candidate_to_row(bad)], schema=_without(CANDIDATES_SCHEMA, "train")),
+                   paths[1])
+    records, rejects, counters = _read(ReadCandidates(paths, "read"), tmp_path)
+    assert records == [good]
+    assert rejects == [{"id": bad.candidate_id, "stage": "read", "reason": "internal_error", "n_images": 1,
+                        "cluster_id": cluster.cluster_id, "source": f"{paths[1]}:0", "page_url": cluster.page_url}]
+    assert counters == {"candidates_read": 2, "internal_error": 1}
+
+
+def test_a_file_of_another_kind_is_refused(sample_rows: list, tmp_path: Path) -> None:
+    path = str(tmp_path / "clusters.parquet")
+    pq.write_table(pa.Table.from_pylist([cluster_to_row(sample_clusters(sample_rows)[0])], schema=CLUSTERS_SCHEMA),
+                   path)
+    with pytest.raises(Exception, match="candidates"):
+        list(ReadPhaseFileFn("candidates", "read").process(path))
+    with pytest.raises(ValueError, match="no reader for phase output 'examples'"):
+        ReadPhaseFileFn("examples", "read")
