@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -58,6 +59,8 @@ def read_rows(output_dir: str | os.PathLike, folder: str, prefix: str = "*") -> 
 class PhaseOutput:
     output: Path
     manifest: dict[str, Any]
+    console: subprocess.CompletedProcess | None = None
+    """For a run from the command line: its exit status, stdout and stderr."""
 
     def clusters(self) -> list[dict[str, Any]]:
         return read_rows(self.output, "clusters")
@@ -81,10 +84,21 @@ def sample_rows() -> list[dict[str, Any]]:
     return pq.read_table(SAMPLE).to_pylist()
 
 
+def run_command_line(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``icl-pipeline ARGS`` in a process of its own, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def sample_phase1(tmp_path_factory: pytest.TempPathFactory) -> PhaseOutput:
-    """Phase 1 on the bundled sample with the demo profile (in-memory DirectRunner), run once."""
-    return run_pipeline([SAMPLE], tmp_path_factory.mktemp("sample_phase1"), "--profile", "demo")
+    """Phase 1 on the bundled sample with the demo profile, run once as a user runs it: ``icl-pipeline run`` in a
+    process of its own (in-memory DirectRunner); ``console`` holds what it printed."""
+    output = tmp_path_factory.mktemp("sample_phase1") / "out"
+    console = run_command_line("run", "--profile", "demo", "--input", str(SAMPLE), "--output", str(output),
+                               "--phases", "clusters")
+    assert console.returncode == 0, console.stderr[-4000:]
+    return PhaseOutput(output, json.loads((output / "manifest.json").read_text(encoding="utf-8")), console)
 
 
 @pytest.fixture(scope="session")
@@ -189,6 +203,11 @@ leaves it out). Tests sharing a session-wide run go to one xdist worker (``--dis
 built once per session instead of once per worker."""
 
 
+MODULE_FIXTURES = {"vllm_run", "phase1", "model", "plain", "clusters", "server", "encoder"}
+"""Module-scoped fixtures that take seconds (a pipeline run, a model, a server process): the tests of a module that
+use one go to one xdist worker too, so that the fixture is built once, not once per worker."""
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
@@ -197,6 +216,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if heavy:
             item.add_marker(pytest.mark.slow)
         groups = sorted(HEAVY_FIXTURES[name] for name in heavy if HEAVY_FIXTURES[name])
+        if not groups and used & MODULE_FIXTURES:
+            groups = [item.path.stem]
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups[0]))
 

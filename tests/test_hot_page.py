@@ -1,6 +1,6 @@
 """Hot-key-safe grouping: a gallery page of thousands of images never gathers its image bytes in one worker.
 
-A page of 4,000 small real JPEGs (plus boilerplate and an ordinary page) goes through ``FindBoilerplate`` and
+A page of 1,500 small real JPEGs (plus boilerplate and an ordinary page) goes through ``FindBoilerplate`` and
 ``GroupByPage`` on the multi-process DirectRunner and through the portable runner (job service + worker pool).
 Every record's fate is checked -- the ``max_images_per_page`` smallest keys kept, boilerplate out, the rest
 ``page_cap`` -- and the stage's own distribution ``group/payloads_per_group`` shows that no grouped value held
@@ -28,7 +28,7 @@ from transforms.group import PAYLOADS_PER_GROUP, GroupByPage, GroupConfig, cap_k
 pytestmark = pytest.mark.slow
 
 HOT = "https://gallery.example.org/all"
-N_HOT, CAP = 4000, 32
+N_HOT, CAP = 1500, 32
 LOGO_PHASH = "f0f0f0f0f0f0f0f0"
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +18,7 @@ import pytest
 from pipeline.config import build_config, to_dict
 from schemas.ids import cluster_id
 from schemas.parquet import CLUSTERS_SCHEMA, REJECTS_SCHEMA, SCHEMA_VERSION, check_schema_version
-from tests.conftest import REPO, SAMPLE, PhaseOutput, read_rows, run_pipeline
+from tests.conftest import SAMPLE, PhaseOutput, read_rows, run_command_line, run_pipeline
 from tests.formats import write_jsonl, write_webdataset
 from transforms.normalize import NormalizeConfig, normalize_image
 
@@ -171,11 +168,17 @@ def _comparable(output: PhaseOutput, *, keep_source: bool = True) -> tuple[list[
 
 
 @pytest.mark.slow
-def test_multi_process_runner_gives_the_same_output(phase1: PhaseOutput, tmp_path) -> None:
-    multi = run_pipeline([SAMPLE], tmp_path / "multi", "--profile", "demo", *NO_MODELS,
+def test_multi_process_runner_gives_the_same_output(sample_phase1: PhaseOutput, tmp_path) -> None:
+    """The demo profile, every phase-1 stage and model on (CLIP, NudeNet, semantic dedup, the offline model stages),
+    on two SDK worker processes: the in-process run's clusters (embeddings and all), rejects and statistics."""
+    multi = run_pipeline([SAMPLE], tmp_path / "multi", "--profile", "demo",
                          "--direct_running_mode", "multi_processing", "--direct_num_workers", "2")
-    assert _comparable(multi) == _comparable(phase1)
-    assert multi.manifest["records"] == phase1.manifest["records"]
+    assert _comparable(multi) == _comparable(sample_phase1)
+    assert multi.manifest["records"] == sample_phase1.manifest["records"]
+    expected, actual = sample_phase1.manifest["phases"]["clusters"], multi.manifest["phases"]["clusters"]
+    assert actual["stats"] == expected["stats"]  # the calibrated coherence threshold
+    for stage in ("safety", "semantic_dedup", "embed"):
+        assert actual["counters"][stage] == expected["counters"][stage], stage
 
 
 @pytest.mark.slow
@@ -219,25 +222,20 @@ def test_config_overrides_change_the_outcome(tmp_path) -> None:
     assert all(c["stats"]["n_images"] >= 6 for c in read_rows(tmp_path, "clusters"))
 
 
-def _cli(*args: str, cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-@pytest.mark.slow
-def test_command_line_run_prints_the_funnel_without_noise(tmp_path) -> None:
-    result = _cli("run", "--input", str(SAMPLE), "--output", str(tmp_path / "out"), "--phases", "clusters")
-    assert result.returncode == 0, result.stderr
+def test_command_line_run_prints_the_funnel_without_noise(sample_phase1: PhaseOutput) -> None:
+    """``icl-pipeline run --profile demo`` on the sample (the session's phase-1 run is that command)."""
+    result, out = sample_phase1.console, sample_phase1.output
+    assert result is not None and result.returncode == 0, result
     assert "input records" in result.stdout and "counts reconcile: yes" in result.stdout
-    assert "boilerplate" in result.stdout and str(tmp_path / "out") in result.stdout
+    assert "boilerplate" in result.stdout and str(out) in result.stdout
     assert "read: 282 records from" in result.stderr  # progress from the workers
     # Quiet: the tiny model announced once by us, not by open_clip; no runner notice; no tracebacks.
     assert result.stderr.count("random weights: its similarities mean nothing") == 1
     for noise in ("initialized randomly", "no CLIP weights found", "Missing pipeline option", "Traceback",
                   "apitools"):
         assert noise not in result.stderr, noise
-    assert (tmp_path / "out" / "manifest.json").exists()
-    assert "phase clusters: running" in (tmp_path / "out" / "run.log").read_text()
+    assert (out / "manifest.json").exists()
+    assert "phase clusters: running" in (out / "run.log").read_text()
 
 
 def test_command_line_errors_are_clear(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -263,14 +261,14 @@ def test_command_line_errors_are_clear(tmp_path, capsys: pytest.CaptureFixture[s
 
 
 def test_help_documents_the_command() -> None:
-    top = _cli("--help")
+    top = run_command_line("--help")
     assert top.returncode == 0 and "run" in top.stdout and "config" in top.stdout
-    run_help = _cli("run", "--help")
+    run_help = run_command_line("run", "--help")
     assert run_help.returncode == 0
     for flag in ("--input", "--output", "--profile", "--config", "--set", "--phases", "--runner",
                  "--direct_num_workers"):
         assert flag in run_help.stdout, flag
-    keys = _cli("config", "--list")
+    keys = run_command_line("config", "--list")
     assert keys.returncode == 0
     from pipeline.config import describe
 

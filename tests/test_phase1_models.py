@@ -116,7 +116,7 @@ def vllm_run(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict]) 
                 "llm.endpoint": server.url, "caption.model": VL_MODEL, "subject.model": TEXT_MODEL,
                 "prompts.model": TEXT_MODEL, "subject.on_failure": "reject", "llm.max_retries": 3,
                 "llm.backoff_s": 0.01, "llm.backoff_max_s": 0.1, "llm.validation_retries": 1,
-                "llm.request_timeout_s": 5}
+                "llm.request_timeout_s": 2}
     args = [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
     try:
         out = run_pipeline([SAMPLE], tmp_path_factory.mktemp("vllm_run"), "--profile", "demo", *args, *CLIP_OFF,

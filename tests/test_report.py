@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from PIL import Image
 
 from pipeline.report import Line, ReportConfig, build_report, svg_histogram
 from schemas.reader import list_shards
-from tests.conftest import REPO, PhaseOutput, read_rows
+from tests.conftest import PhaseOutput, read_rows, run_command_line
 from transforms.outputs import Unit, choose_units, row_group_ids, sample_rows
 
 SECTIONS = ("run", "funnel", "responsible", "histograms", "examples", "rejected", "clusters")
@@ -96,10 +95,7 @@ def test_the_report_command_writes_a_capped_deterministic_sample(demo_run: Phase
     out = tmp_path / "out"
     shutil.copytree(demo_run.output, out, ignore=shutil.ignore_patterns("cache"))
     (out / "report" / "index.html").unlink()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--set", "report.examples=2",
-                             "--set", "report.rejects_per_reason=1"],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    result = run_command_line("report", str(out), "--set", "report.examples=2", "--set", "report.rejects_per_reason=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Report: {out / 'report' / 'index.html'}" in result.stdout
     page = (out / "report" / "index.html").read_text()
@@ -108,8 +104,7 @@ def test_the_report_command_writes_a_capped_deterministic_sample(demo_run: Phase
     assert page.count("class='reject'") == len(reasons)
     config = ReportConfig(examples=2, rejects_per_reason=1)
     assert build_report(str(out), config) == page  # the same sample every time
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "report", str(out), "--set", "report.nope=1"],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    bad = run_command_line("report", str(out), "--set", "report.nope=1")
     assert bad.returncode == 2 and "report.nope" in bad.stderr
 
 

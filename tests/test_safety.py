@@ -11,7 +11,6 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -175,8 +174,8 @@ def pages(product_photos) -> dict:
     }
 
 
-def run_stage(pages: dict, people: PeopleConfig, tmp_path: Path, nsfw: NsfwConfig = NsfwConfig(), options=None):
-    with TestPipeline(options=options) as p:
+def run_stage(pages: dict, people: PeopleConfig, tmp_path: Path, nsfw: NsfwConfig = NsfwConfig()):
+    with TestPipeline() as p:
         kept, rejects = p | beam.Create(list(pages.values())) | Safety(DetectorConfig(batch_size=4), people, nsfw,
                                                                         NormalizeConfig(), 3)
         assert_that(kept | beam.Map(lambda c: c.page_url), equal_to(
@@ -235,14 +234,6 @@ def test_no_detection_on_the_bundled_sample(sample_phase1) -> None:
     assert not {"images_with_faces", "faces", "person_images", "faces_blurred", "person_clusters"} & {
         k for k, v in counters.items() if v}
     assert not [r for r in sample_phase1.rejects() if r["stage"] == "safety"]
-
-
-@pytest.mark.slow
-def test_multi_process_runner(pages: dict, tmp_path: Path) -> None:
-    options = PipelineOptions(["--runner=DirectRunner", "--direct_running_mode=multi_processing",
-                               "--direct_num_workers=2"])
-    result, _ = run_stage(pages, PeopleConfig(), tmp_path, options=options)
-    assert counters(result, "safety")["person_subject"] == 4
 
 
 # --- phase 3: the renders ------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -265,11 +264,11 @@ def copied_pages(product_photos: list[bytes]) -> list:
     ]
 
 
-def run_tiny(pages: list, tmp_path: Path, options=None) -> tuple:
+def run_tiny(pages: list, tmp_path: Path) -> tuple:
     """Embed with the tiny CLIP, then semantic dedup; (kept (page, image ids), rejects, counters)."""
     config = SemanticDedupConfig(image_threshold=0.995, cluster_threshold=0.999, bucket_size=6)
     tmp_path.mkdir(exist_ok=True)
-    with TestPipeline(options=options) as p:
+    with TestPipeline() as p:
         embedded, embed_rejects = p | beam.Create(pages) | Embed(TINY, 3)
         kept, rejects = embedded | SemanticDedup(config, min_images=3)
         assert_that(kept | beam.Map(lambda c: (c.page_url, tuple(im.image_id for im in c.images))),
@@ -284,13 +283,12 @@ def run_tiny(pages: list, tmp_path: Path, options=None) -> tuple:
 def test_tiny_clip_wiring_reconciles_and_is_deterministic(copied_pages: list, tmp_path: Path) -> None:
     """The tiny random CLIP scores a re-crop of a photo 0.98-0.9999 and photos of other subjects up to 0.997, so
     which copies it catches means nothing; what is checked here is the wiring: every image kept or rejected with a
-    reason, the same decisions whatever the input order, and on the multi-process runner (pickling)."""
+    reason, and the same decisions whatever the input order. (On the multi-process runner, with the rest of phase 1:
+    tests/test_phase1.py.)"""
     kept, rejects, metrics = run_tiny(copied_pages, tmp_path / "a")
     n_input = sum(len(c.images) for c in copied_pages)
     assert sum(len(ids) for _, ids in kept) + sum(n for _, _, n in rejects) == n_input
     assert {reason for _, reason, _ in rejects} <= REASONS
     assert metrics["image_items"] + 0 >= sum(len(ids) for _, ids in kept)
-    # The pages in reverse order, on two worker processes: the same decisions.
-    options = PipelineOptions(["--runner=DirectRunner", "--direct_running_mode=multi_processing",
-                               "--direct_num_workers=2"])
-    assert run_tiny(copied_pages[::-1], tmp_path / "b", options)[:2] == (kept, rejects)
+    # The pages in reverse order: the same decisions.
+    assert run_tiny(copied_pages[::-1], tmp_path / "b")[:2] == (kept, rejects)
