@@ -84,9 +84,3 @@ def reencode(photo: bytes, size: int = 400, quality: int = 70, mirror: bool = Fa
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def counters(result: Any, namespace: str) -> dict[str, int]:
-    """Committed Beam counters of one namespace of a finished pipeline."""
-    return {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
-            if c.key.metric.namespace == namespace}

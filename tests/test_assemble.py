@@ -17,8 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.config import ConfigError, build_config
 from schemas.parquet import EXAMPLES_SCHEMA, check_schema_version, example_to_row, image_bytes
 from schemas.reader import iter_examples, list_shards
-from tests.clip_helpers import counters
-from tests.clusters import sample_clusters
+from tests.clusters import beam_counters, sample_clusters
 from tests.phase3_helpers import as_png, scored, units_of
 from transforms.assemble import (
     Assemble,
@@ -87,7 +86,7 @@ def test_stage_makes_examples_and_rejects_targets_without_enough_demos(clusters)
                 label="Rejects")
     result = p.run()
     result.wait_until_finish()
-    assert counters(result, "assemble") == {"examples": 4, "too_few_demos": 1,
+    assert beam_counters(result, "assemble") == {"examples": 4, "too_few_demos": 1,
                                             "demos_without_caption": 4}  # these clusters were never captioned
 
 

@@ -10,7 +10,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ConfigError, build_config
 from pipeline.console import cluster_filter_note
-from tests.clip_helpers import counters, equicorrelated, orthonormal, vector_cluster, with_strangers
+from tests.clip_helpers import equicorrelated, orthonormal, vector_cluster, with_strangers
+from tests.clusters import beam_counters
 from transforms.cluster_filter import (
     ClusterFilter,
     ClusterFilterConfig,
@@ -111,7 +112,7 @@ def test_filter_stage_routes_clusters_and_images() -> None:
                               ("https://shop.example.com/p/outlier3", "outlier_image", 1, "cluster_filter"),
                               ("https://shop.example.com/p/outlier3", "cluster_too_small", 3, "cluster_filter")]),
                     label="Rejects")
-    assert counters(p.result, "cluster_filter") == {
+    assert beam_counters(p.result, "cluster_filter") == {
         "clusters_scored": 3, "clusters": 2, "images_kept": 9, "incoherent_cluster": 4,
         "incoherent_cluster_clusters": 1, "outlier_image": 2, "cluster_too_small": 3, "cluster_too_small_clusters": 1}
 
@@ -145,7 +146,7 @@ def test_calibration_keeps_the_requested_share(tmp_path, keep_rate: float) -> No
     with TestPipeline() as p:
         filtered = p | beam.Create(clusters) | ClusterFilter(config, 3)
         write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
-    result = counters(p.result, "cluster_filter")
+    result = beam_counters(p.result, "cluster_filter")
     assert abs(result["clusters"] - keep_rate * 150) <= 1
     assert result["clusters"] + result["incoherent_cluster_clusters"] == 150
 
@@ -174,7 +175,7 @@ def test_a_calibrated_threshold_never_goes_under_its_floor(tmp_path, keep_rate: 
         write_stage_extras(filtered, "ClusterFilter", str(tmp_path), "clusters", "cluster_filter", OutputConfig())
         assert_that(filtered.output | beam.Map(lambda c: c.page_url),
                     equal_to([c.page_url for c in clusters[12:]]))
-    assert counters(p.result, "cluster_filter")["incoherent_cluster_clusters"] == 12
+    assert beam_counters(p.result, "cluster_filter")["incoherent_cluster_clusters"] == 12
     stats = read_stats(str(tmp_path), "clusters")["cluster_filter"]
     requested = round(keep_rate * 16)
     assert stats["requested"] == requested and stats["kept"] == 4 and stats["floor"] == 0.75

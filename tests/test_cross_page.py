@@ -9,7 +9,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.records import ClusterStats
-from tests.clip_helpers import counters, image_record, make_cluster, photo_cluster, reencode
+from tests.clip_helpers import image_record, make_cluster, photo_cluster, reencode
+from tests.clusters import beam_counters
 from tests.conftest import SAMPLE, run_pipeline
 from transforms.cross_page import (
     CrossPageConfig,
@@ -93,7 +94,7 @@ def test_stage_drops_duplicates_of_unrelated_pages(shops: dict, order: int) -> N
         assert_that(rejects | "Rejects" >> beam.Map(lambda r: (r.id, r.stage, r.reason, r.n_images)),
                     equal_to([(drop_ab, "cross_page", "duplicate_cluster", 5),
                               (shops["subset"].cluster_id, "cross_page", "duplicate_cluster", 3)]), label="Rejects")
-    result = counters(p.result, "cross_page")
+    result = beam_counters(p.result, "cross_page")
     assert result["duplicate_cluster_clusters"] == 2 and result["clusters"] == 3
     # Candidates came from shared bands only: far fewer than all 10 pairs' worth of verification.
     assert result["duplicate_pairs"] == 3  # a~b, a~subset, b~subset
@@ -107,7 +108,7 @@ def test_hot_band_buckets_are_skipped_and_counted(product_photos: list[bytes]) -
     with TestPipeline() as p:
         kept, _ = p | beam.Create(copies) | CrossPageDedupe(CrossPageConfig(max_bucket_clusters=2))
         assert_that(kept | beam.Map(lambda c: c.page_url), equal_to([c.page_url for c in copies]))
-    assert counters(p.result, "cross_page")["hot_buckets"] > 0
+    assert beam_counters(p.result, "cross_page")["hot_buckets"] > 0
 
 
 def test_sample_teapot_sold_on_two_shops(tmp_path, sample_rows: list[dict]) -> None:

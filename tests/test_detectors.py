@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from tests.clip_helpers import counters
+from tests.clusters import beam_counters
 from transforms.models.detectors import (
     LABELS,
     DetectorInput,
@@ -119,4 +119,4 @@ def test_handler_batches_images_of_several_examples() -> None:
                    | beam.Map(lambda r: (r.example.key, len(r.example.images), [len(d.faces) for d in r.inference],
                                          r.model_id.split("@")[0])))
         assert_that(results, equal_to([("a", 0, [1, 0], "nudenet:320n.onnx"), ("b", 0, [1], "nudenet:320n.onnx")]))
-    assert counters(p.result, "test_detector")["num_inferences"] == 2  # examples
+    assert beam_counters(p.result, "test_detector")["num_inferences"] == 2  # examples

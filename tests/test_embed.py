@@ -13,7 +13,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ConfigError, build_config
-from tests.clip_helpers import TINY, counters, image_record, make_cluster, photo_cluster
+from tests.clip_helpers import TINY, image_record, make_cluster, photo_cluster
+from tests.clusters import beam_counters
 from tests.conftest import SAMPLE, run_pipeline
 from transforms.embed import Embed, inference_failure_rejects
 from transforms.models.clip import (
@@ -167,7 +168,7 @@ def test_embed_stage_attaches_unit_embeddings_in_batches(clusters) -> None:
                     label="SameAsPlainCall")
     result = p.result
     # num_inferences is RunInference's own counter, in the handler's namespace: one per cluster.
-    assert counters(result, "embed") == {"clusters": 4, "images": 18, "num_inferences": 4}
+    assert beam_counters(result, "embed") == {"clusters": 4, "images": 18, "num_inferences": 4}
     batches = {d.key.metric.name: d.committed for d in result.metrics().query()["distributions"]
                if d.key.metric.namespace == "embed"}
     # RunInference's own metrics, in the handler's namespace: clusters are batched together, never split,
@@ -195,7 +196,7 @@ def test_undecodable_images_are_dead_letters(product_photos: list[bytes]) -> Non
                               ("html", "embedding_decode_error", 1, "embed"),
                               (make_cluster("https://shop.example.com/p/small", [good[2], good[3]]).cluster_id,
                                "cluster_too_small", 2, "embed")]), label="Rejects")
-    assert counters(p.result, "embed") == {"embedding_decode_error": 2, "cluster_too_small": 2,
+    assert beam_counters(p.result, "embed") == {"embedding_decode_error": 2, "cluster_too_small": 2,
                                            "clusters": 1, "images": 4, "num_inferences": 1}
 
 

@@ -16,8 +16,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from schemas.parquet import cluster_from_row, cluster_to_row
-from tests.clip_helpers import counters, image_record, make_cluster
-from tests.clusters import load, save_to
+from tests.clip_helpers import image_record, make_cluster
+from tests.clusters import beam_counters, load, save_to
 from transforms.models.detectors import Detections, Face, load_detector
 from transforms.safety import Safety, apply_policy, image_verdict, is_person_cluster, nsfw_verdict
 from transforms.settings import DetectorConfig, NormalizeConfig, NsfwConfig, PeopleConfig
@@ -205,7 +205,7 @@ def test_stage_drops_portraits_blurs_incidental_faces_keeps_products(pages: dict
     assert not [f for f in detector.detect([after])[0].faces if f.confirmed and f.score >= 0.55]
     before = np.asarray(Image.open(io.BytesIO(original.image)).convert("RGB"))
     assert np.abs(after[300:, :300].astype(int) - before[300:, :300].astype(int)).mean() < 2  # re-encoding only
-    metrics = counters(result, "safety")
+    metrics = beam_counters(result, "safety")
     assert metrics["images_checked"] == 10 and metrics["person_clusters"] == 1
     # Faces: the astronaut, her mirrored crop, the pasted one. The cameraman's 3/4 view, re-encoded at quality 90 by
     # normalize, is no longer confirmed by the profile cascade (a known miss, docs/safety.md); the portraits are
@@ -265,7 +265,7 @@ def test_flag_nsfw_targets_sets_the_candidates_flag(tmp_path: Path) -> None:
                     equal_to([sorted([(cands[0].candidate_id, True, False), (cands[1].candidate_id, None, False),
                                       (cands[2].candidate_id, True, True)])]))
         assert_that(rejects, equal_to([]), label="NoRejects")
-    stage = counters(p.result, "nsfw_targets")
+    stage = beam_counters(p.result, "nsfw_targets")
     assert stage["flagged"] == 1 and sum(v for k, v in stage.items() if k.startswith("nsfw_score_bin_")) == 3
     flagged_unit = dataclasses.replace(unit.candidates[0], candidate=dataclasses.replace(cands[2], nsfw=True))
     assert failures(flagged_unit, TargetFilterConfig(), None)[0][0] == "nsfw"

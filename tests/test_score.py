@@ -15,8 +15,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageFilter
 
 from schemas.records import Candidate
-from tests.clip_helpers import TINY, counters, reencode
-from tests.clusters import sample_clusters
+from tests.clip_helpers import TINY, reencode
+from tests.clusters import beam_counters, sample_clusters
 from tests.phase3_helpers import as_png, candidate, png, scored
 from transforms.models.clip import decode_image, image_transform, load_image_encoder, model_id
 from transforms.score import (
@@ -135,7 +135,7 @@ def test_copy_of_a_demo_is_detected_and_named_as_the_source(clusters, encoder, t
     config = TargetFilterConfig(target_keep_rate=None)
     assert [r for r, _ in failures(copy_scored, config, fixed_bounds(config))][:2] == ["copy_phash", "copy_clip"]
     assert "copy_phash" not in [r for r, _ in failures(other_scored, config, fixed_bounds(config))]
-    assert counters(run, "score")["reference_embeddings_reused"] == len(teapot.images)
+    assert beam_counters(run, "score")["reference_embeddings_reused"] == len(teapot.images)
 
 
 @pytest.mark.slow
@@ -151,11 +151,12 @@ def test_text_and_image_similarities_are_the_models(clusters, encoder, tmp_path)
         (tmp_path / name).mkdir()
         by_id, _, result = score(tmp_path / name, [target], [cluster])
         out[name] = by_id[target.candidate_id]
-        assert counters(result, "score")[f"reference_embeddings_{name.replace('stored', 'reused')}"] == 5
+        assert beam_counters(result, "score")[f"reference_embeddings_{name.replace('stored', 'reused')}"] == 5
     # A cluster whose embeddings were made by another model is embedded again.
     (tmp_path / "other").mkdir()
     other_model = stored.replace(provenance=dataclasses.replace(stored.provenance, embed_model="open_clip:ViT-B-32/x"))
-    assert "reference_embeddings_computed" in counters(score(tmp_path / "other", [target], [other_model])[2], "score")
+    result = score(tmp_path / "other", [target], [other_model])[2]
+    assert "reference_embeddings_computed" in beam_counters(result, "score")
 
     transform = image_transform(TINY)
     image = encoder.embed(transform(decode_image(target.image))[None])[0]
@@ -191,7 +192,7 @@ def test_candidates_that_cannot_be_scored_are_dead_letters(clusters) -> None:
     ]), label="Rejects")
     result = p.run()
     result.wait_until_finish()
-    score = counters(result, "score")
+    score = beam_counters(result, "score")
     assert score["clusters_without_candidates"] == 1 and score["reference_images_undecodable"] == len(backpack.images)
     assert score["candidates_scored"] == 1
 

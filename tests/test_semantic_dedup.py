@@ -12,8 +12,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.records import ClusterStats
-from tests.clip_helpers import TINY, counters, photo_cluster, reencode, vector_cluster
-from tests.clusters import load, save_to
+from tests.clip_helpers import TINY, photo_cluster, reencode, vector_cluster
+from tests.clusters import beam_counters, load, save_to
 from transforms.embed import Embed
 from transforms.semantic_dedup import REASONS as DECLARED
 from transforms.semantic_dedup import (
@@ -192,7 +192,7 @@ def test_stage_on_constructed_embeddings(shops: dict, bucket_size: int, order: i
         assert_that(rejects | beam.Map(lambda r: ("d" if r.reason == "cluster_too_small" and r.page_url == d_url
                                                   else r.id, r.reason, r.n_images)),
                     equal_to(expected_rejects), label="Rejects")
-    result = counters(p.result, "semantic_dedup")
+    result = beam_counters(p.result, "semantic_dedup")
     assert result["cluster_items"] == 6 and result["image_items"] == 23
     assert result["semantic_duplicate_cluster_clusters"] == 1
     assert result["duplicate_groups_cluster"] == 1 and result["duplicate_groups_image"] == 3
@@ -276,7 +276,7 @@ def run_tiny(pages: list, tmp_path: Path) -> tuple:
         assert_that(rejects | beam.Map(lambda r: (r.id, r.reason, r.n_images)), save_to(tmp_path / "rejects.pickle"),
                     label="SaveRejects")
         assert_that(embed_rejects, equal_to([]), label="NoEmbedRejects")
-    return load(tmp_path / "kept.pickle"), load(tmp_path / "rejects.pickle"), counters(p.result, "semantic_dedup")
+    return load(tmp_path / "kept.pickle"), load(tmp_path / "rejects.pickle"), beam_counters(p.result, "semantic_dedup")
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.config import ConfigError, build_config
 from pipeline.console import target_filter_note
 from schemas.parquet import check_schema_version
-from tests.clip_helpers import counters, orthonormal, vector_cluster
+from tests.clip_helpers import orthonormal, vector_cluster
+from tests.clusters import beam_counters
 from tests.phase3_helpers import scored, units_of
 from transforms.outputs import write_stage_extras
 from transforms.settings import OutputConfig
@@ -189,7 +190,7 @@ def test_stage_calibrates_rejects_and_records_its_numbers(tmp_path) -> None:
     result = p.run()
     result.wait_until_finish()
 
-    stage = counters(result, "target_filter")
+    stage = beam_counters(result, "target_filter")
     first = collections.Counter(f[0][0] for f in expected if f)
     assert stage["kept"] == n_kept and stage["blurry"] == 1
     assert {r: stage[r] for r in first} == dict(first) and set(first) >= set(ABSOLUTE)
@@ -260,7 +261,7 @@ def test_stage_keeps_nothing_above_the_floors_when_every_render_is_poor(tmp_path
     assert_that(rejects | beam.Map(lambda r: r.reason), equal_to(["subject_not_preserved"] * 14), label="Reasons")
     result = p.run()
     result.wait_until_finish()
-    assert counters(result, "target_filter").get("kept", 0) == 0
+    assert beam_counters(result, "target_filter").get("kept", 0) == 0
     stats = json.loads((tmp_path / "stats" / "assemble.target_filter.json").read_text())
     calibration = stats["calibration"]
     assert calibration["requested"] == 4 and calibration["expected_kept"] == 0
