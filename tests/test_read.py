@@ -21,10 +21,13 @@ from tests.formats import write_jsonl, write_webdataset
 from transforms.read import (
     InputFile,
     InputFormatError,
+    InputSplit,
     ReadConfig,
+    ReadFileFn,
     ReadPairs,
     expand_inputs,
     input_format,
+    plan_splits,
     read_jsonl,
     read_parquet,
     read_webdataset,
@@ -203,4 +206,55 @@ def test_read_stage_mixes_formats(tmp_path, sample_rows: list[dict]) -> None:
         assert_that(rejects, equal_to([]), label="NoRejects")
     counters = {c.key.metric.name: c.committed for c in p.result.metrics().query()["counters"]
                 if c.key.metric.namespace == "read"}
-    assert counters == {"records": 10, "files": 3}
+    # The Parquet file is one split (fewer rows than read.split_rows), the JSONL and tar files are read whole.
+    assert counters == {"records": 10, "files": 3, "splits": 1}
+
+
+def test_parquet_files_are_read_in_splits_of_whole_row_groups(tmp_path, sample_rows: list[dict]) -> None:
+    path = tmp_path / "crawl.parquet"
+    pq.write_table(pa.Table.from_pylist(sample_rows), path, row_group_size=40)  # 282 rows: 8 groups, last of 2
+    parquet = InputFile(str(path), "parquet")
+    splits = plan_splits(parquet, ReadConfig(split_rows=100))
+    # At least 100 rows each (three groups of 40), the rest in the last one; contiguous, numbered, rows counted.
+    assert [(s.row_groups, s.first_row, s.index) for s in splits] == [((0, 3), 0, 0), ((3, 6), 120, 1),
+                                                                       ((6, 8), 240, 2)]
+    fn = ReadFileFn(ReadConfig(batch_rows=16))
+    fn.setup()
+    parts = [record for split in splits for record in fn.process(split)]
+    whole = list(read_parquet(str(path), batch_rows=16))
+    assert [(r.record_id, r.source) for r in parts] == [(r.record_id, r.source) for r in whole]
+    assert [r.source for r in parts] == [f"{path}:{i}" for i in range(len(sample_rows))]
+    # Not split: split_rows 0, a document layout, other formats.
+    assert plan_splits(parquet, ReadConfig(split_rows=0)) == [InputSplit(parquet)]
+    assert plan_splits(parquet, ReadConfig(preset="img2dataset")) == [InputSplit(parquet)]
+    jsonl = InputFile(write_jsonl(sample_rows[:2], str(tmp_path / "b.jsonl")), "jsonl")
+    assert plan_splits(jsonl, ReadConfig(split_rows=1)) == [InputSplit(jsonl)]
+
+
+def test_read_stage_reads_every_split_once_and_moves_no_image_bytes(tmp_path, sample_rows: list[dict]) -> None:
+    paths = []
+    for index, start in enumerate((0, 150)):
+        paths.append(tmp_path / f"part-{index}.parquet")
+        pq.write_table(pa.Table.from_pylist(sample_rows[start:start + 150]), paths[-1], row_group_size=25)
+    files = expand_inputs([str(tmp_path / "*.parquet")])
+    with TestPipeline() as p:
+        records, rejects = p | ReadPairs(files, ReadConfig(split_rows=50))
+        assert_that(records | beam.Map(lambda r: r.source),
+                    equal_to([f"{paths[0]}:{i}" for i in range(150)] + [f"{paths[1]}:{i}" for i in range(132)]),
+                    label="EveryRowOnce")
+        assert_that(rejects, equal_to([]), label="NoRejects")
+    counters = {c.key.metric.name: c.committed for c in p.result.metrics().query()["counters"]
+                if c.key.metric.namespace == "read"}
+    assert counters == {"records": 282, "files": 2, "splits": 3 + 3}
+
+    def labels(input_files: list[InputFile]) -> set[str]:
+        graph = beam.Pipeline()
+        _ = graph | "Read" >> ReadPairs(input_files, ReadConfig(split_rows=50))
+        return {t.unique_name for t in graph.to_runner_api().components.transforms.values()}
+
+    # Split Parquet: only the splits' descriptors are redistributed, never the records (their image bytes) ...
+    assert "Read/SpreadSplits" in labels(files) and "Read/BreakFusion" not in labels(files)
+    # ... while the records of a file read whole are.
+    jsonl = InputFile(write_jsonl(sample_rows[:2], str(tmp_path / "b.jsonl")), "jsonl")
+    assert "Read/BreakFusion" in labels([*files, jsonl])
+

@@ -264,16 +264,20 @@ def _read_failure(source: str, reason: str, detail: str, **kwargs: Any) -> beam.
     return reject(STAGE, reason, detail, id=stable_id("read", source), source=source, **kwargs)
 
 
-def read_parquet(path: str, batch_rows: int) -> Iterator[InputRecord]:
+def read_parquet(path: str, batch_rows: int, row_groups: tuple[int, int] | None = None,
+                 first_row: int = 0) -> Iterator[InputRecord]:
+    """The records of a Parquet file of our layout, or of its row groups ``[start, stop)`` (``row_groups``), whose
+    first row is row ``first_row`` of the file (record sources are ``path:row``)."""
     with open_input(path) as handle:
         try:
             parquet = pq.ParquetFile(handle)
         except (pa.ArrowException, OSError) as error:
             raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
         columns = parquet_columns(path, parquet.schema_arrow)
-        row = 0
+        groups = None if row_groups is None else list(range(*row_groups))
+        row = first_row
         try:
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 data = batch.to_pydict()
                 texts = data.get("text") or [None] * batch.num_rows
                 for page_url, image_url, text, image in zip(
@@ -282,6 +286,47 @@ def read_parquet(path: str, batch_rows: int) -> Iterator[InputRecord]:
                     row += 1
         except (pa.ArrowException, OSError) as error:
             raise InputFormatError(f"{path}: Parquet data unreadable after row {row} ({error})") from error
+
+
+@dataclass(frozen=True)
+class InputSplit:
+    """The part of an input file that one worker reads: Parquet row groups ``[start, stop)`` (``row_groups``)
+    whose first row is ``first_row``, or the whole file (``row_groups`` is ``None``)."""
+
+    file: InputFile
+    row_groups: tuple[int, int] | None = None
+    first_row: int = 0
+    index: int = 0
+    """The split's place in its file (split 0 counts the file)."""
+
+    @property
+    def whole(self) -> bool:
+        return self.row_groups is None
+
+
+def splittable(input_file: InputFile, config: ReadConfig) -> bool:
+    """Whether ``input_file`` is read in parts: Parquet of our layout (row groups), when ``read.split_rows``."""
+    return input_file.format == PARQUET and config.spec() is None and config.split_rows > 0
+
+
+def plan_splits(input_file: InputFile, config: ReadConfig) -> list[InputSplit]:
+    """``input_file`` cut into splits of whole row groups of at least ``read.split_rows`` rows each (the last may
+    be shorter), read from the file's footer; one whole-file split when it is not splittable."""
+    if not splittable(input_file, config):
+        return [InputSplit(input_file)]
+    with open_input(input_file.path) as handle:
+        try:
+            metadata = pq.ParquetFile(handle).metadata
+        except (pa.ArrowException, OSError) as error:
+            raise InputFormatError(f"{input_file.path}: not a readable Parquet file ({error})") from error
+    splits: list[InputSplit] = []
+    start, first_row, rows = 0, 0, 0
+    for group in range(metadata.num_row_groups):
+        rows += metadata.row_group(group).num_rows
+        if rows >= config.split_rows or group == metadata.num_row_groups - 1:
+            splits.append(InputSplit(input_file, (start, group + 1), first_row, len(splits)))
+            start, first_row, rows = group + 1, first_row + rows, 0
+    return splits or [InputSplit(input_file, (0, 0), 0, 0)]
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
@@ -391,29 +436,49 @@ def read_webdataset(path: str) -> Iterator[InputRecord | beam.pvalue.TaggedOutpu
             yield _webdataset_sample(path, key, parts)
 
 
-class ReadFileFn(beam.DoFn):
-    """Reads one :class:`InputFile` into ``InputRecord``s (main) and dead letters (``rejects``)."""
+class SplitFileFn(beam.DoFn):
+    """:class:`InputFile` -> its :class:`InputSplit` s (:func:`plan_splits`: only a Parquet footer is read)."""
 
     def __init__(self, config: ReadConfig) -> None:
         self._config = config
 
+    def process(self, input_file: InputFile) -> Iterator[InputSplit]:
+        yield from plan_splits(input_file, self._config)
+
+
+WHOLE = "whole"
+"""The output of :class:`ReadFileFn` holding the records of files read whole (redistributed by ``read.reshuffle``)."""
+
+
+class ReadFileFn(beam.DoFn):
+    """Reads one :class:`InputSplit` (or a whole :class:`InputFile`) into ``InputRecord``s: the main output for
+    the parts of a split file, :data:`WHOLE` for files read whole (with ``whole_output``; otherwise main too),
+    and dead letters (``rejects``)."""
+
+    def __init__(self, config: ReadConfig, whole_output: bool = False) -> None:
+        self._config = config
+        self._whole_output = whole_output
+
     def setup(self) -> None:
         self._progress = Progress(STAGE, "records")
 
-    def process(self, input_file: InputFile) -> Iterator[Any]:
+    def process(self, part: InputSplit | InputFile) -> Iterator[Any]:
+        split = part if isinstance(part, InputSplit) else InputSplit(part)
+        input_file = split.file
         spec = self._config.spec()
         if spec is not None and input_file.format in DOCUMENT_FORMATS:
             from transforms.documents import read_documents  # (documents imports this module)
 
             items = read_documents(input_file.path, input_file.format, spec, self._config.batch_rows)
         elif input_file.format == PARQUET:
-            items = read_parquet(input_file.path, self._config.batch_rows)
+            items = read_parquet(input_file.path, self._config.batch_rows, split.row_groups, split.first_row)
         elif input_file.format == JSONL:
             items = read_jsonl(input_file.path)
         elif input_file.format == WEBDATASET:
             items = read_webdataset(input_file.path)
         else:  # WARC files go to the extract stage
             raise InputFormatError(f"{input_file.path}: the read stage does not read {input_file.format!r} files")
+        tag = WHOLE if self._whole_output and split.whole else None
         # A bad *file* (InputFormatError) fails the job on purpose; anything else unexpected is a bug
         # that must not silently lose the rest of the file, so it fails the job too. A file that ends early
         # keeps what was read before the cut and becomes one truncated_file row: the launcher fails the run
@@ -424,20 +489,33 @@ class ReadFileFn(beam.DoFn):
                 n += 1
                 count(STAGE, "records")
                 self._progress.add()
-                yield item
+                yield item if tag is None or isinstance(item, beam.pvalue.TaggedOutput) else \
+                    beam.pvalue.TaggedOutput(tag, item)
         except TruncatedInputError as error:
             LOG.error("read: %s (%s records read from it)", error, f"{n:,}")
             count(STAGE, "truncated_files")
             yield reject(STAGE, TRUNCATED_FILE, f"{error}; {n} records were read from it, the rest of the file "
                          f"is missing", id=stable_id("truncated", input_file.path), source=input_file.path,
                          n_images=0)
-        count(STAGE, "files")
-        LOG.info("read: %s records from %s", f"{n:,}", input_file.path)
+        if split.index == 0:
+            count(STAGE, "files")
+        if split.whole:
+            LOG.info("read: %s records from %s", f"{n:,}", input_file.path)
+        else:
+            count(STAGE, "splits")
+            LOG.debug("read: %s records from row groups %s-%s of %s", f"{n:,}", split.row_groups[0],
+                      split.row_groups[1] - 1, input_file.path)
 
 
 class ReadPairs(beam.PTransform):
     """``PBegin`` -> ``InputRecord``s, from already matched and checked input files (not WARC files: those are
-    the extract stage's)."""
+    the extract stage's).
+
+    Parquet files of our layout are read in splits of whole row groups (``read.split_rows`` rows), spread over the
+    workers as small descriptors, so that each worker reads and normalizes its own splits and no image byte is
+    redistributed; files read whole (JSONL, tar, document layouts) have their records redistributed
+    (``read.reshuffle``), so that normalization is not fused to the one worker that read each file.
+    """
 
     def __init__(self, files: list[InputFile], config: ReadConfig) -> None:
         super().__init__()
@@ -445,15 +523,19 @@ class ReadPairs(beam.PTransform):
         self._config = config
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
-        files = (
+        splits = (
             pbegin
             | "ListFiles" >> beam.Create(self._files)
-            | "SpreadFiles" >> beam.Reshuffle()
+            | "SplitFiles" >> beam.ParDo(SplitFileFn(self._config))
+            | "SpreadSplits" >> beam.Reshuffle()
         )
-        read = files | "ReadFiles" >> beam.ParDo(ReadFileFn(self._config)).with_outputs(REJECTS, main="records")
+        whole = self._config.reshuffle and not all(splittable(f, self._config) for f in self._files)
+        read = splits | "ReadFiles" >> beam.ParDo(ReadFileFn(self._config, whole_output=whole)).with_outputs(
+            REJECTS, WHOLE, main="records")
         records = read.records
-        if self._config.reshuffle:
-            records = records | "BreakFusion" >> beam.Reshuffle()
+        if whole:
+            spread = read[WHOLE] | "BreakFusion" >> beam.Reshuffle()
+            records = (records, spread) | "MergeRecords" >> beam.Flatten()
         return StageOutput(records, read[REJECTS])
 
 
@@ -466,11 +548,13 @@ __all__ = [
     "WARC",
     "InputFile",
     "InputFormatError",
+    "InputSplit",
     "TruncatedInputError",
     "ReadConfig",
     "ReadPairs",
     "byteless_inputs",
     "expand_inputs",
+    "plan_splits",
     "input_format",
     "validate_input_file",
 ]

@@ -112,8 +112,12 @@ class ReadConfig:
                                  "batch_rows x image size.")
     validate_max_files: int = option(1000, "How many input files have their layout checked before the "
                                            "job starts (the rest are checked when read).")
-    reshuffle: bool = option(True, "Redistribute records after reading, so that normalization is not "
-                                   "fused to the one worker that read each file.")
+    split_rows: int = option(1024, "Rows of a Parquet input (our layout) that one worker reads and normalizes: "
+                                   "files are cut into splits of whole row groups of at least this many rows, "
+                                   "spread over the workers without moving image bytes; 0 reads each file whole.")
+    reshuffle: bool = option(True, "Redistribute the records of files read whole (JSONL, tar, document layouts, "
+                                   "Parquet with split_rows 0), so that normalization is not fused to the one "
+                                   "worker that read each file.")
     allow_truncated: bool = option(False, "Let a run whose compressed or tar input ends early finish with exit "
                                           "status 0 (the file is still reported as truncated_file in rejects/ "
                                           "and the manifest); by default such a run fails.")
@@ -132,6 +136,8 @@ class ReadConfig:
             raise ValueError(f"batch_rows must be at least 1, got {self.batch_rows}")
         if self.validate_max_files < 0:
             raise ValueError(f"validate_max_files must be >= 0, got {self.validate_max_files}")
+        if self.split_rows < 0:
+            raise ValueError(f"split_rows must be >= 0, got {self.split_rows}")
         self.spec()  # an unknown preset or field fails here, before anything runs
 
     def spec(self) -> DocumentSpec | None:
