@@ -71,6 +71,7 @@ from transforms.outputs import (
     write_rejects,
     write_stage_extras,
 )
+from transforms.payloads import RestoreImages, SetAsideImages
 from transforms.read import InputFile
 from transforms.settings import ExtractConfig, ReadConfig
 
@@ -117,6 +118,9 @@ class Stage:
     """Whether an enabled stage applies to these inputs (Fetch: only when some input carries no image bytes)."""
     also: tuple[ModuleType, ...] = ()
     """Other stage modules whose steps the composite runs: their dead letters (and ``REASONS``) leave with it."""
+    light: bool = False
+    """The stage decides on clusters without reading their images' bytes: the builder sets the bytes aside before
+    a run of such stages and puts them back after it (``transforms/payloads.py``), so they cross the network once."""
 
     @property
     def name(self) -> str:
@@ -211,17 +215,17 @@ CLUSTERS = Phase(
               enabled=lambda c: c.embed.enabled, check=lambda c: check_model_config(c.embed)),
         Stage("ClusterFilter", cluster_filter,
               lambda c, i: cluster_filter.ClusterFilter(c.cluster_filter, c.group.min_images),
-              enabled=lambda c: c.cluster_filter.enabled),
+              enabled=lambda c: c.cluster_filter.enabled, light=True),
         Stage("CrossPageDedupe", cross_page, lambda c, i: cross_page.CrossPageDedupe(c.cross_page),
-              enabled=lambda c: c.cross_page.enabled),
+              enabled=lambda c: c.cross_page.enabled, light=True),
         Stage("SemanticDedup", semantic_dedup,
               lambda c, i: semantic_dedup.SemanticDedup(c.semantic_dedup, c.group.min_images),
-              enabled=lambda c: c.semantic_dedup.enabled),
+              enabled=lambda c: c.semantic_dedup.enabled, light=True),
         Stage("Decontaminate", decontaminate,
               lambda c, i: decontaminate.Decontaminate(c.decontaminate, c.normalize,
                                                        c.embed if c.embed.enabled else None),
               enabled=lambda c: bool(c.decontaminate.against),
-              check=lambda c: decontaminate.check_references(c.decontaminate)),
+              check=lambda c: decontaminate.check_references(c.decontaminate), light=True),
         Stage("Caption", caption, lambda c, i: caption.Caption(c.caption, c.llm), enabled=lambda c: c.caption.enabled),
         Stage("Subject", subject, lambda c, i: subject.Subject(c.subject, c.llm), enabled=lambda c: c.subject.enabled),
         Stage("ScenePrompts", prompts, lambda c, i: prompts.ScenePrompts(c.prompts, c.llm),
@@ -342,12 +346,22 @@ def build_phase(p: beam.Pipeline, phase: Phase, config: PipelineConfig,
     extra outputs and of all dead letters. Returns the sink's collections and ``rejects``."""
     output, rejects = p | phase.source.label >> phase.source.make(config, inputs)
     stage_rejects = [rejects]
+    payloads = None  # image bytes set aside for the run of light stages (one per phase)
     for stage in phase.stages:
         if not stage.applies(config, inputs):
             continue
+        if stage.light and payloads is None:
+            output, payloads = output | "SetAsideImages" >> SetAsideImages()
+        elif not stage.light and payloads is not None:
+            output, rejects = output | "RestoreImages" >> RestoreImages(payloads)
+            stage_rejects.append(rejects)
+            payloads = None
         result = output | stage.label >> stage.make(config, inputs)
         write_stage_extras(result, stage.label, inputs.output_dir, phase.name, stage.name, config.output)
         output, rejects = result
+        stage_rejects.append(rejects)
+    if payloads is not None:
+        output, rejects = output | "RestoreImages" >> RestoreImages(payloads)
         stage_rejects.append(rejects)
     written = phase.sink(output, config, inputs)
     all_rejects = tuple(stage_rejects) | "CollectRejects" >> beam.Flatten()
