@@ -132,7 +132,7 @@ def test_manifest_counts_reconcile(phase1: PhaseOutput, sample_rows: list[dict])
 
     phase = manifest["phases"]["clusters"]
     counters = phase["counters"]
-    assert counters["read"] == {"files": 1, "records": len(sample_rows)}
+    assert counters["read"] == {"files": 1, "records": len(sample_rows), "splits": 1}
     # Every reject reason is also a Beam counter with the same count.
     for reason, n in records["rejected"].items():
         stage = next(s for s, reasons in phase["rejects_by_stage"].items() if reason in reasons)

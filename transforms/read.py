@@ -499,12 +499,11 @@ class ReadFileFn(beam.DoFn):
                          n_images=0)
         if split.index == 0:
             count(STAGE, "files")
-        if split.whole:
-            LOG.info("read: %s records from %s", f"{n:,}", input_file.path)
-        else:
+        part = ""
+        if not split.whole:
             count(STAGE, "splits")
-            LOG.debug("read: %s records from row groups %s-%s of %s", f"{n:,}", split.row_groups[0],
-                      split.row_groups[1] - 1, input_file.path)
+            part = f" (row groups {split.row_groups[0]}-{split.row_groups[1] - 1})"
+        LOG.info("read: %s records from %s%s", f"{n:,}", input_file.path, part)
 
 
 class ReadPairs(beam.PTransform):
