@@ -91,6 +91,20 @@ def test_faces_found_on_the_portraits(detector) -> None:
     assert coffee.faces == ()
 
 
+def test_one_detector_answers_several_threads_as_it_answers_one(detector) -> None:
+    """A multi-threaded runner's bundles share one loaded model: OpenCV's cascades may not be shared between
+    threads (an assertion fails inside ``detectMultiScale``), so each thread gets its own; the answers do not
+    change."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [photo("astronaut.jpg"), photo("camera.jpg"), photo("coffee.jpg")]
+    expected = detector.detect(images)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: detector.detect(images), range(16)))
+    assert all(answer == expected for answer in answers)
+    assert sum(face.confirmed for found in expected for face in found.faces) == 2
+
+
 def test_haar_confirmation_rejects_a_dog_face(detector, sample_rows) -> None:
     """NudeNet takes this DreamBench dog's face for a human face; the cascades do not agree."""
     row = next(r for r in sample_rows if r["image_url"] == "https://shop.example.com/products/img/dog-01.jpg")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -190,17 +191,33 @@ def overlap(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 class FaceConfirmer:
-    """OpenCV's bundled Haar cascades (frontal ``alt2``; profile, also mirrored), run around a candidate box."""
+    """OpenCV's bundled Haar cascades (frontal ``alt2``; profile, also mirrored), run around a candidate box.
+
+    A ``CascadeClassifier`` must not be shared between threads (``detectMultiScale`` keeps its scale data in the
+    object: two threads at once fail with an OpenCV assertion), so every thread that asks -- a multi-threaded
+    runner's bundles share one loaded model -- gets its own pair, loaded once.
+    """
 
     def __init__(self) -> None:
         import cv2
 
-        folder = cv2.data.haarcascades
-        self.frontal = cv2.CascadeClassifier(folder + "haarcascade_frontalface_alt2.xml")
-        self.profile = cv2.CascadeClassifier(folder + "haarcascade_profileface.xml")
-        if self.frontal.empty() or self.profile.empty():
-            raise RuntimeError(f"OpenCV's Haar cascades are missing from {folder} (opencv-python-headless 4.x ships "
-                               f"them; OpenCV 5 has no CascadeClassifier)")
+        self._folder = cv2.data.haarcascades
+        self._local = threading.local()
+        self.cascades()  # missing files fail here, at load time
+
+    def cascades(self) -> tuple[Any, Any]:
+        """This thread's ``(frontal, profile)`` classifiers."""
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            import cv2
+
+            pair = (cv2.CascadeClassifier(self._folder + "haarcascade_frontalface_alt2.xml"),
+                    cv2.CascadeClassifier(self._folder + "haarcascade_profileface.xml"))
+            if pair[0].empty() or pair[1].empty():
+                raise RuntimeError(f"OpenCV's Haar cascades are missing from {self._folder} (opencv-python-headless "
+                                   f"4.x ships them; OpenCV 5 has no CascadeClassifier)")
+            self._local.pair = pair
+        return pair
 
     def hits(self, gray: np.ndarray, box: Sequence[int]) -> list[tuple[int, int, int, int]]:
         """Cascade faces in the region of ``box`` (grown by half its size each way) of the equalized grey image."""
@@ -219,7 +236,8 @@ class FaceConfirmer:
             region = cv2.resize(region, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
         min_side = max(20, int(0.4 * min(w, h) * scale))
         found: list[tuple[int, int, int, int]] = []
-        for cascade, mirrored in ((self.frontal, False), (self.profile, False), (self.profile, True)):
+        frontal, profile = self.cascades()
+        for cascade, mirrored in ((frontal, False), (profile, False), (profile, True)):
             image = cv2.flip(region, 1) if mirrored else region
             for fx, fy, fw, fh in cascade.detectMultiScale(image, scaleFactor=1.1, minNeighbors=NEIGHBORS,
                                                            minSize=(min_side, min_side)):
