@@ -22,7 +22,6 @@ So the bytes cross the network once for all the light stages, instead of once pe
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -38,7 +37,7 @@ PAYLOAD = "payload"
 
 def light(cluster: Cluster) -> Cluster:
     """``cluster`` with every image's bytes emptied (ids, hashes, embeddings and sizes stay)."""
-    return cluster.replace(images=tuple(dataclasses.replace(image, image=b"") for image in cluster.images))
+    return cluster.replace(images=tuple(image.replace(image=b"") for image in cluster.images))
 
 
 class SetAsideFn(beam.DoFn):
@@ -59,8 +58,7 @@ class SetAsideImages(beam.PTransform):
 
 def restore(cluster: Cluster, payload: dict[str, bytes]) -> Cluster:
     """``cluster`` with each image's bytes taken from ``payload`` by image id; ``KeyError`` when one is missing."""
-    return cluster.replace(images=tuple(dataclasses.replace(image, image=payload[image.image_id])
-                                        for image in cluster.images))
+    return cluster.replace(images=tuple(image.replace(image=payload[image.image_id]) for image in cluster.images))
 
 
 class RestoreFn(beam.DoFn):
@@ -72,15 +70,19 @@ class RestoreFn(beam.DoFn):
         if not clusters:
             count(STAGE, "payloads_of_dropped_clusters")  # dropped by a light stage, already a dead letter
             return
-        for cluster in clusters:
+        if len(clusters) == 1 and len(payloads) == 1:
             try:
-                if len(clusters) != 1 or len(payloads) != 1:
-                    raise RuntimeError(f"{len(clusters)} clusters and {len(payloads)} image payloads for page "
-                                       f"{page_url}")
-                yield restore(cluster, payloads[0])
-            except (KeyError, RuntimeError) as error:
-                for image in cluster.images:
-                    yield internal_error(STAGE, error, record=image, cluster_id=cluster.cluster_id)
+                restored = restore(clusters[0], payloads[0])
+            except KeyError as missing:
+                error: Exception = missing
+            else:
+                yield restored
+                return
+        else:
+            error = RuntimeError(f"{len(clusters)} clusters and {len(payloads)} image payloads for page {page_url}")
+        for cluster in clusters:
+            for image in cluster.images:
+                yield internal_error(STAGE, error, record=image, cluster_id=cluster.cluster_id)
 
 
 class RestoreImages(beam.PTransform):

@@ -210,10 +210,7 @@ def validate_input_file(input_file: InputFile, config: ReadConfig | None = None)
         check_document_layout(path, input_file.format, spec)
     elif input_file.format == PARQUET:
         with open_input(path) as handle:
-            try:
-                schema = pq.ParquetFile(handle).schema_arrow
-            except (pa.ArrowException, OSError) as error:
-                raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
+            schema = parquet_file(path, handle).schema_arrow
         parquet_columns(path, schema)
     elif input_file.format == JSONL:
         with open_input(path, compressed=True) as handle:
@@ -264,15 +261,20 @@ def _read_failure(source: str, reason: str, detail: str, **kwargs: Any) -> beam.
     return reject(STAGE, reason, detail, id=stable_id("read", source), source=source, **kwargs)
 
 
+def parquet_file(path: str, handle: Any) -> pq.ParquetFile:
+    """``handle``'s Parquet file; :class:`InputFormatError` naming ``path`` when it is not one."""
+    try:
+        return pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as error:
+        raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
+
+
 def read_parquet(path: str, batch_rows: int, row_groups: tuple[int, int] | None = None,
                  first_row: int = 0) -> Iterator[InputRecord]:
     """The records of a Parquet file of our layout, or of its row groups ``[start, stop)`` (``row_groups``), whose
     first row is row ``first_row`` of the file (record sources are ``path:row``)."""
     with open_input(path) as handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as error:
-            raise InputFormatError(f"{path}: not a readable Parquet file ({error})") from error
+        parquet = parquet_file(path, handle)
         columns = parquet_columns(path, parquet.schema_arrow)
         groups = None if row_groups is None else list(range(*row_groups))
         row = first_row
@@ -315,10 +317,7 @@ def plan_splits(input_file: InputFile, config: ReadConfig) -> list[InputSplit]:
     if not splittable(input_file, config):
         return [InputSplit(input_file)]
     with open_input(input_file.path) as handle:
-        try:
-            metadata = pq.ParquetFile(handle).metadata
-        except (pa.ArrowException, OSError) as error:
-            raise InputFormatError(f"{input_file.path}: not a readable Parquet file ({error})") from error
+        metadata = parquet_file(input_file.path, handle).metadata
     splits: list[InputSplit] = []
     start, first_row, rows = 0, 0, 0
     for group in range(metadata.num_row_groups):
@@ -326,7 +325,7 @@ def plan_splits(input_file: InputFile, config: ReadConfig) -> list[InputSplit]:
         if rows >= config.split_rows or group == metadata.num_row_groups - 1:
             splits.append(InputSplit(input_file, (start, group + 1), first_row, len(splits)))
             start, first_row, rows = group + 1, first_row + rows, 0
-    return splits or [InputSplit(input_file, (0, 0), 0, 0)]
+    return splits or [InputSplit(input_file)]  # no row group: nothing to split
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
