@@ -71,7 +71,7 @@ from transforms.outputs import (
     write_rejects,
     write_stage_extras,
 )
-from transforms.payloads import RestoreImages, SetAsideImages
+from transforms.payloads import RestoreImages, SetAsideImages, store_folder
 from transforms.read import InputFile
 from transforms.settings import ExtractConfig, ReadConfig
 
@@ -118,9 +118,10 @@ class Stage:
     """Whether an enabled stage applies to these inputs (Fetch: only when some input carries no image bytes)."""
     also: tuple[ModuleType, ...] = ()
     """Other stage modules whose steps the composite runs: their dead letters (and ``REASONS``) leave with it."""
-    light: bool = False
-    """The stage decides on clusters without reading their images' bytes: the builder sets the bytes aside before
-    a run of such stages and puts them back after it (``transforms/payloads.py``), so they cross the network once."""
+    light: bool | Callable[[PipelineConfig], bool] = False
+    """The stage never reads its records' image bytes (with this configuration, when a function): the builder sets
+    the bytes aside before a run of such stages and reads them back before the next stage that reads them, or as
+    the sink writes them (``transforms/payloads.py``), so that photos are never shuffled."""
 
     @property
     def name(self) -> str:
@@ -133,6 +134,9 @@ class Stage:
     def applies(self, config: PipelineConfig, inputs: PhaseInputs) -> bool:
         return self.enabled(config) and self.needed(config, inputs)
 
+    def is_light(self, config: PipelineConfig) -> bool:
+        return self.light(config) if callable(self.light) else self.light
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -142,8 +146,9 @@ class Phase:
     source: Stage
     """Reads the phase's input; applied to the pipeline itself."""
     stages: tuple[Stage, ...]
-    sink: Callable[[beam.PCollection, PipelineConfig, PhaseInputs], dict[str, beam.PCollection]]
-    """Writes the last stage's output; returns what it wrote, by name."""
+    sink: Callable[[beam.PCollection, PipelineConfig, PhaseInputs, bool], dict[str, beam.PCollection]]
+    """Writes the last stage's output (its records light when the last argument says so: their image bytes set
+    aside, which the sink reads back as it writes them); returns what it wrote, by name."""
     outputs: tuple[str, ...]
     """What the phase writes under OUT (relative globs)."""
     folders: tuple[str, ...]
@@ -191,11 +196,11 @@ def safety_enabled(config: PipelineConfig) -> bool:
     return config.detector.enabled and (config.nsfw.enabled or config.people.acts)
 
 
-def _clusters_output(clusters: beam.PCollection, config: PipelineConfig,
-                     inputs: PhaseInputs) -> dict[str, beam.PCollection]:
+def _clusters_output(clusters: beam.PCollection, config: PipelineConfig, inputs: PhaseInputs,
+                     light: bool) -> dict[str, beam.PCollection]:
     if config.embed.enabled and not config.embed.store_embeddings:
         clusters = clusters | "DropEmbeddings" >> beam.Map(embed.drop_embeddings)
-    _ = clusters | "WriteClusters" >> write_clusters(inputs.output_dir, config.output)
+    _ = clusters | "WriteClusters" >> write_clusters(inputs.output_dir, config.output, restore=light)
     return {"clusters": clusters}
 
 
@@ -206,8 +211,8 @@ CLUSTERS = Phase(
         Stage("Fetch", fetch, lambda c, i: fetch.Fetch(c.fetch), enabled=lambda c: c.fetch.enabled != "never",
               needed=_fetch_needed),
         Stage("Normalize", normalize, lambda c, i: normalize.Normalize(c.normalize)),
-        Stage("GroupByPage", group, lambda c, i: group.GroupByPage(c.group, c.dedupe)),
-        Stage("Dedupe", dedupe, lambda c, i: dedupe.Dedupe(c.dedupe, c.group.min_images)),
+        Stage("GroupByPage", group, lambda c, i: group.GroupByPage(c.group, c.dedupe), light=True),
+        Stage("Dedupe", dedupe, lambda c, i: dedupe.Dedupe(c.dedupe, c.group.min_images), light=True),
         Stage("Safety", safety,
               lambda c, i: safety.Safety(c.detector, c.people, c.nsfw, c.normalize, c.group.min_images),
               enabled=safety_enabled, check=lambda c: check_detector(c.detector)),
@@ -226,10 +231,12 @@ CLUSTERS = Phase(
                                                        c.embed if c.embed.enabled else None),
               enabled=lambda c: bool(c.decontaminate.against),
               check=lambda c: decontaminate.check_references(c.decontaminate), light=True),
-        Stage("Caption", caption, lambda c, i: caption.Caption(c.caption, c.llm), enabled=lambda c: c.caption.enabled),
-        Stage("Subject", subject, lambda c, i: subject.Subject(c.subject, c.llm), enabled=lambda c: c.subject.enabled),
+        Stage("Caption", caption, lambda c, i: caption.Caption(c.caption, c.llm), enabled=lambda c: c.caption.enabled,
+              light=lambda c: c.caption.backend != "vllm"),  # the VLM reads the photos; alt text does not
+        Stage("Subject", subject, lambda c, i: subject.Subject(c.subject, c.llm), enabled=lambda c: c.subject.enabled,
+              light=True),
         Stage("ScenePrompts", prompts, lambda c, i: prompts.ScenePrompts(c.prompts, c.llm),
-              enabled=lambda c: c.prompts.enabled),
+              enabled=lambda c: c.prompts.enabled, light=True),
     ),
     sink=_clusters_output,
     outputs=("clusters/*.parquet", "rejects/clusters-*.parquet", "stats/clusters.*.json"),
@@ -240,8 +247,8 @@ CLUSTERS = Phase(
 # --- phase 2: clusters -> candidates --------------------------------------------------------------------------
 
 
-def _candidates_output(candidates: beam.PCollection, config: PipelineConfig,
-                       inputs: PhaseInputs) -> dict[str, beam.PCollection]:
+def _candidates_output(candidates: beam.PCollection, config: PipelineConfig, inputs: PhaseInputs,
+                       light: bool) -> dict[str, beam.PCollection]:
     _ = candidates | "WriteCandidates" >> write_candidates(inputs.output_dir, config.output)
     return {"candidates": candidates}
 
@@ -296,8 +303,8 @@ def run_provenance(config: PipelineConfig) -> assemble.RunProvenance:
                                   model_id(config.embed))
 
 
-def _examples_output(examples: beam.PCollection, config: PipelineConfig,
-                     inputs: PhaseInputs) -> dict[str, beam.PCollection]:
+def _examples_output(examples: beam.PCollection, config: PipelineConfig, inputs: PhaseInputs,
+                     light: bool) -> dict[str, beam.PCollection]:
     shards = examples | "WriteExamples" >> write_examples(inputs.output_dir,
                                                            examples_output(config.assemble, config.output.codec))
     return {"examples": examples, "shards": shards}
@@ -346,24 +353,23 @@ def build_phase(p: beam.Pipeline, phase: Phase, config: PipelineConfig,
     extra outputs and of all dead letters. Returns the sink's collections and ``rejects``."""
     output, rejects = p | phase.source.label >> phase.source.make(config, inputs)
     stage_rejects = [rejects]
-    payloads = None  # image bytes set aside for the run of light stages (one per phase)
+    store = store_folder(inputs.output_dir, phase.folders[0])
+    light = False  # the records' image bytes are set aside
     for stage in phase.stages:
         if not stage.applies(config, inputs):
             continue
-        if stage.light and payloads is None:
-            output, payloads = output | "SetAsideImages" >> SetAsideImages()
-        elif not stage.light and payloads is not None:
-            output, rejects = output | "RestoreImages" >> RestoreImages(payloads)
-            stage_rejects.append(rejects)
-            payloads = None
+        if stage.is_light(config) != light:
+            if light:
+                output, rejects = output | f"RestoreImagesFor{stage.label}" >> RestoreImages()
+                stage_rejects.append(rejects)
+            else:
+                output = output | f"SetAsideImagesFor{stage.label}" >> SetAsideImages(store)
+            light = not light
         result = output | stage.label >> stage.make(config, inputs)
         write_stage_extras(result, stage.label, inputs.output_dir, phase.name, stage.name, config.output)
         output, rejects = result
         stage_rejects.append(rejects)
-    if payloads is not None:
-        output, rejects = output | "RestoreImages" >> RestoreImages(payloads)
-        stage_rejects.append(rejects)
-    written = phase.sink(output, config, inputs)
+    written = phase.sink(output, config, inputs, light)
     all_rejects = tuple(stage_rejects) | "CollectRejects" >> beam.Flatten()
     _ = all_rejects | "WriteRejects" >> write_rejects(inputs.output_dir, phase.name, config.output)
     return {**written, "rejects": all_rejects}

@@ -172,7 +172,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
             run_phase(phase, request, config, options, factory, manifest, inputs)
         except BaseException:
             # A failed phase leaves no temporary folders behind (its writers' half-written shards).
-            removed_temp = remove_temp_dirs(request.output, PHASES[phase].folders, only_empty=False)
+            removed_temp = remove_temp_dirs(request.output, PHASES[phase].folders)
             if removed_temp:
                 LOG.warning("phase %s failed; removed its temporary folders: %s", phase, ", ".join(removed_temp))
             raise
@@ -245,7 +245,7 @@ def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: 
         p = factory(options)
         build_phase(p, PHASES[phase], config, inputs)
         result = run_pipeline(p, phase)
-    remove_temp_dirs(out, PHASES[phase].folders)
+    remove_temp_dirs(out, PHASES[phase].folders)  # the writers' and the image packs'
     summary = accounting.summarize(PHASES[phase], out, accounting.beam_counters(result), inputs, config, started)
     summary["largest_element"] = accounting.largest_elements(result, p)
     accounting.record_phase(manifest, phase, summary)

@@ -34,6 +34,18 @@ class InputRecord:
 
 
 @dataclass(frozen=True)
+class StoredImage:
+    """Where an image's bytes wait while stages that do not read them run (``transforms/payloads.py``)."""
+
+    image_id: str
+    """The image whose bytes these are (a record whose ``image_id`` changed, a blurred one, no longer matches)."""
+    path: str
+    """The pack file (local, ``gs://``, ``s3://``)."""
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     """One validated, normalized image with the page it belongs to.
 
@@ -56,7 +68,8 @@ class ImageRecord:
     """Alt text as crawled, cut to ``normalize.max_text_chars`` characters when longer (see
     :attr:`text_truncated`)."""
     image: bytes = field(repr=False)
-    """Normalized image: RGB, EXIF orientation applied, resized and re-encoded as configured."""
+    """Normalized image: RGB, EXIF orientation applied, resized and re-encoded as configured; empty while set
+    aside (:attr:`stored`)."""
     width: int
     height: int
     phash: str
@@ -83,6 +96,8 @@ class ImageRecord:
     """Highest score of the detector's NSFW classes (``nsfw`` section) on this image; ``None`` until checked."""
     text_truncated: bool = False
     """Whether :attr:`text` was cut: the crawled alt text was longer than ``normalize.max_text_chars``."""
+    stored: StoredImage | None = field(default=None, repr=False, compare=False)
+    """Where :attr:`image` is stored while it is empty (``transforms/payloads.py``); never written to Parquet."""
 
     def replace(self, **changes: Any) -> ImageRecord:
         return dataclasses.replace(self, **changes)

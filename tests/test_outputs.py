@@ -17,7 +17,7 @@ from schemas.ids import stable_id
 from schemas.parquet import CANDIDATES_SCHEMA, CLUSTERS_SCHEMA, candidate_to_row, cluster_to_row
 from tests.clusters import beam_counters, load, sample_clusters, save_to
 from tests.phase3_helpers import as_png, candidate
-from transforms.outputs import ReadCandidates, ReadClusters, ReadPhaseFileFn
+from transforms.outputs import ReadCandidates, ReadClusters, ReadPhaseFileFn, remove_temp_dirs
 
 
 def _read(transform: beam.PTransform, tmp_path: Path) -> tuple[list, list, dict]:
@@ -79,3 +79,24 @@ def test_a_file_of_another_kind_is_refused(sample_rows: list, tmp_path: Path) ->
         list(ReadPhaseFileFn("candidates", "read").process(path))
     with pytest.raises(ValueError, match="no reader for phase output 'examples'"):
         ReadPhaseFileFn("examples", "read")
+
+
+def test_temporary_folders_are_removed_with_their_files_and_nothing_else(tmp_path: Path) -> None:
+    """What writers and the image packs leave under a phase's folders: nested files, and empty folders (a local
+    disk keeps them); the outputs and other folders stay."""
+    clusters, rejects = tmp_path / "clusters", tmp_path / "rejects"
+    (clusters / ".tmp-images-1").mkdir(parents=True)
+    (clusters / ".tmp-images-1" / "a.pack").write_bytes(b"x" * 10)
+    (clusters / ".tmp-2" / "deep").mkdir(parents=True)
+    (clusters / ".tmp-2" / "deep" / "00000-000001.parquet").write_bytes(b"y")
+    (clusters / ".tmp-3").mkdir()  # empty
+    (rejects / "beam-temp-4").mkdir(parents=True)
+    (clusters / "part-00000-of-00001.parquet").write_bytes(b"z")
+    (clusters / "keep").mkdir()
+    (clusters / "keep" / ".tmp-not-top-level").write_bytes(b"k")
+    removed = remove_temp_dirs(str(tmp_path), ["clusters", "rejects"])
+    assert removed == sorted(str(p) for p in (clusters / ".tmp-images-1", clusters / ".tmp-2", clusters / ".tmp-3",
+                                              rejects / "beam-temp-4"))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "clusters", "clusters/keep", "clusters/keep/.tmp-not-top-level", "clusters/part-00000-of-00001.parquet",
+        "rejects"]

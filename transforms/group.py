@@ -19,7 +19,8 @@ one worker:
    in any grouped value.
 
 The light join of step 1 holds, for a page of 50,000 images, about 50,000 keys of ~200 bytes: megabytes,
-never image bytes.
+never image bytes. In phase 1 the records themselves arrive light, their bytes set aside in pack files
+(``transforms/payloads.py``), so steps 2 and 3 move no photo either.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from schemas.ids import stable_id
 from schemas.parquet import (
@@ -67,6 +69,7 @@ from schemas.parquet import (
     target_scores_row,
 )
 from schemas.records import Candidate
+from transforms import payloads
 from transforms.common import REJECTS, InputFormatError, StageOutput, count, internal_error
 from transforms.settings import AssembleConfig, OutputConfig
 
@@ -139,13 +142,15 @@ def write_table(path: str, rows: list[dict[str, Any]], schema: pa.Schema, codec:
 
 
 class _Sink(NamedTuple):
-    """What the write steps share: where, with which schema and codec."""
+    """What the write steps share: where, with which schema and codec, and how a carried value becomes its row
+    (``None``: the values are the rows)."""
 
     folder: str
     prefix: str
     temp: str
     schema: pa.Schema
     codec: str
+    finish: Callable[[Any], dict[str, Any]] | None = None
 
 
 class WriteGroupFn(beam.DoFn):
@@ -156,7 +161,8 @@ class WriteGroupFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[int, int, int], Iterable[tuple[str, dict[str, Any]]]]) -> Iterator[Any]:
         (shard, group, n_shards), keyed = element
-        rows = [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
+        finish = self._sink.finish
+        rows = [row if finish is None else finish(row) for _, row in sorted(keyed, key=lambda pair: pair[0])]
         path = FileSystems.join(self._sink.temp, f"{shard:05d}-{group:06d}.parquet")
         write_table(path, rows, self._sink.schema, self._sink.codec)
         yield (shard, n_shards), (group, path, len(rows))
@@ -187,6 +193,16 @@ class MergeShardFn(beam.DoFn):
         FileSystems.delete([group_path for _, group_path, _ in groups])
         count(STAGE, f"{sink.prefix}_files")
         yield {"path": path, "rows": rows, "row_groups": len(groups)}
+
+
+class _RestoredRow(NamedTuple):
+    """A light record's row, its image bytes read back."""
+
+    restore: Callable[[Any], Any]
+    to_row: Callable[[Any], dict[str, Any]]
+
+    def __call__(self, record: Any) -> dict[str, Any]:
+        return self.to_row(self.restore(record))
 
 
 def write_empty(output: Layout, sink: _Sink) -> Iterator[dict[str, Any]]:
@@ -231,25 +247,38 @@ class WriteShards(beam.PTransform):
     ``{path, rows, row_groups}`` per file written.
 
     ``to_row`` makes a record a row of ``schema``; ``key_of`` gives a row's sort key (rows sharing a key stay
-    together; ids make good keys).
+    together; ids make good keys). With ``restore`` (light records: their image bytes set aside,
+    ``transforms/payloads.py``), the light records are carried to the row-group writer, which reads their bytes
+    back (``restore``) and makes the rows there; ``stored_bytes`` gives the bytes a record will get back, so
+    that shards and row groups are cut by the size of the rows written.
     """
 
     def __init__(self, output_dir: str, folder: str, prefix: str, schema: pa.Schema,
                  to_row: Callable[[Any], dict[str, Any]], key_of: Callable[[dict[str, Any]], str],
-                 config: OutputConfig) -> None:
+                 config: OutputConfig, *, restore: Callable[[Any], Any] | None = None,
+                 stored_bytes: Callable[[Any], int] | None = None) -> None:
         super().__init__()
         folder_path = FileSystems.join(output_dir, folder)
+        finish = None if restore is None else _RestoredRow(restore, to_row)
         self._sink = _Sink(folder_path, prefix, FileSystems.join(folder_path, f".tmp-{uuid.uuid4().hex}"),
-                           schema, config.codec)
+                           schema, config.codec, finish)
         self._to_row = to_row
         self._key_of = key_of
+        self._stored_bytes = stored_bytes
         self._config = config
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         key_of, config, sink = self._key_of, self._config, self._sink
-        rows = (records | "ToRows" >> beam.Map(self._to_row)
-                | "KeyRows" >> beam.Map(lambda row: (key_of(row), row)))
-        sizes = rows | "RowSizes" >> beam.Map(lambda pair: (pair[0], row_bytes(pair[1])))
+        if sink.finish is None:
+            rows = (records | "ToRows" >> beam.Map(self._to_row)
+                    | "KeyRows" >> beam.Map(lambda row: (key_of(row), row)))
+            sizes = rows | "RowSizes" >> beam.Map(lambda pair: (pair[0], row_bytes(pair[1])))
+        else:  # light records travel; each becomes its row where its row group is written
+            to_row, stored = self._to_row, self._stored_bytes or (lambda record: 0)
+            measured = records | "MeasureRows" >> beam.Map(
+                lambda record: (lambda row: (key_of(row), record, row_bytes(row) + stored(record)))(to_row(record)))
+            rows = measured | "KeyRecords" >> beam.Map(lambda triple: (triple[0], triple[1]))
+            sizes = measured | "RowSizes" >> beam.Map(lambda triple: (triple[0], triple[2]))
         output = (
             sizes
             | "Sizes" >> beam.Values()
@@ -282,10 +311,12 @@ class WriteShards(beam.PTransform):
 # --- the phase outputs ----------------------------------------------------------------------------------
 
 
-def write_clusters(output_dir: str, config: OutputConfig) -> WriteShards:
-    """``Cluster``s -> ``OUT/clusters/part-*.parquet``."""
+def write_clusters(output_dir: str, config: OutputConfig, *, restore: bool = False) -> WriteShards:
+    """``Cluster``s -> ``OUT/clusters/part-*.parquet``; with ``restore``, light clusters whose image bytes the
+    writer reads back (``transforms/payloads.py``)."""
+    light = {"restore": payloads.restore, "stored_bytes": payloads.stored_bytes} if restore else {}
     return WriteShards(output_dir, "clusters", "part", CLUSTERS_SCHEMA, cluster_to_row,
-                       lambda row: row["cluster_id"], config)
+                       lambda row: row["cluster_id"], config, **light)
 
 
 def write_candidates(output_dir: str, config: OutputConfig) -> WriteShards:
@@ -629,27 +660,35 @@ def delete_matching(patterns: Iterable[str]) -> int:
 
 
 TEMP_PREFIXES = ("beam-temp-", ".tmp-")
-"""Names of the temporary folders writers make beside their output (Beam's file sinks, our sharded writer)."""
+"""Names of the temporary folders made beside a phase's output: Beam's file sinks', our sharded writer's, and the
+image packs of phase 1 (``.tmp-images-*``, ``transforms/payloads.py``)."""
 
 
-def remove_temp_dirs(output_dir: str, folders: Iterable[str], *, only_empty: bool = True) -> list[str]:
-    """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>``: the empty ones a finished
-    phase leaves, or, after a failed phase (``only_empty=False``), all of them with their files. Returns them."""
-    removed = []
+def remove_temp_dirs(output_dir: str, folders: Iterable[str]) -> list[str]:
+    """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>`` with their files (after a phase,
+    finished or failed: what a writer or the image packs left). Returns them, sorted.
+
+    Object stores have no folders, only files under a prefix, so the folders are found from the files under them
+    (``**`` crosses ``/``); on a local disk, empty ones are found by listing the folder.
+    """
+    found: set[str] = set()
     for folder in folders:
         base = FileSystems.join(output_dir, folder)
         for prefix in TEMP_PREFIXES:
-            for match in FileSystems.match([FileSystems.join(base, f"{prefix}*")])[0].metadata_list:
-                path = match.path.rstrip("/")
-                if only_empty and _has_files(path):
-                    continue
-                FileSystems.delete([path])
-                removed.append(path)
-    return removed
+            for match in FileSystems.match([FileSystems.join(base, f"{prefix}**")])[0].metadata_list:
+                found.add(FileSystems.join(base, match.path[len(base):].lstrip("/").split("/")[0]))
+            found.update(_local_dirs(base, prefix))
+    for path in sorted(found):
+        FileSystems.delete([path])
+    return sorted(found)
 
 
-def _has_files(path: str) -> bool:
-    return bool(FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
+def _local_dirs(base: str, prefix: str) -> list[str]:
+    """The folders named ``prefix*`` in ``base`` when it is a local folder (a local disk keeps empty folders)."""
+    if not isinstance(FileSystems.get_filesystem(base), LocalFileSystem) or not os.path.isdir(base):
+        return []
+    return [FileSystems.join(base, entry.name) for entry in os.scandir(base)
+            if entry.is_dir() and entry.name.startswith(prefix)]
 
 
 # --- phase 2's resume cache: one finished cluster's candidates per file ---------------------------------

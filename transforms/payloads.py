@@ -1,102 +1,217 @@
-"""Image bytes set aside while light stages decide on clusters, and put back after them.
+"""Image bytes set aside in pack files while stages that do not read them run, and read back where needed.
 
-The global decisions of phase 1 -- the coherence threshold, cross-page and semantic duplicates, decontamination
--- read image ids, hashes and embeddings, never the bytes, but each one joins its verdicts back to the clusters,
-and every such step moves its clusters between workers. On a portable runner (and in the DirectRunner's
-multi-process mode, where the launching process relays every element of every shuffle) moving photos four times
-costs far more than deciding. So the phase builder (``pipeline/phases.py``) runs those stages (``Stage.light``)
-on *light* clusters:
+Most of phase 1 decides on images without reading their bytes: grouping by page and boilerplate (pHash),
+duplicates (ids, hashes), the coherence threshold, cross-page and semantic duplicates, decontamination
+(embeddings), the subject and its scene prompts (captions). Yet many of those steps move records between
+workers, and on a portable runner -- and in the DirectRunner's multi-process mode, where the launching process
+relays every element of every shuffle -- moving photos costs far more than deciding. So the phase builder
+(``pipeline/phases.py``) runs those stages (``Stage.light``) on *light* records (the claim-check pattern):
 
-1. :class:`SetAsideImages` (fused with the step before): each cluster goes on with its images' bytes emptied,
-   and its payload -- ``{image_id: bytes}`` -- is keyed by the cluster's page (a cluster is one page's images,
-   and its page stays while its id follows its image set);
-2. the light stages decide;
-3. :class:`RestoreImages` joins each surviving cluster with its payload by page (``CoGroupByKey``: one cluster
-   and one payload per key, at most ``group.max_images_per_page`` images) and puts each image's bytes back by
-   image id (the content hash of those bytes). Payloads of clusters the light stages dropped end there: those
-   clusters are already dead letters. A cluster whose bytes cannot be found (never expected) leaves as
-   ``internal_error`` rejects, one per image, so nothing vanishes.
+1. :class:`SetAsideImages` (fused with the step before) appends each image's bytes to a pack file of its bundle,
+   under a temporary folder of the phase's output (``OUT/clusters/.tmp-images-*``, through Beam's
+   ``FileSystems``, so ``gs://`` and ``s3://`` work), and sends the record on with its bytes emptied and
+   :attr:`ImageRecord.stored` saying where they are. The records of a bundle leave when its pack is closed
+   (``finish_bundle``), so a reader never sees a pack that is still being written. An image whose bytes are
+   already stored under its id is not written again (a blurred image, whose id changed, is).
+2. The light stages decide; only ids, hashes, embeddings and texts cross the network.
+3. :class:`RestoreImages`, before a stage that reads the bytes (``Safety``, ``Embed``, a VLM ``Caption``), reads
+   them back -- one open per pack file and cluster -- and checks each against its image id (the content hash of
+   those bytes). The clusters writer reads them the same way, as it writes each row group
+   (``transforms/outputs.py``), so the photos are never shuffled at all. A cluster whose bytes cannot be read
+   back whole (never expected: a pack deleted or cut during the run) leaves as ``internal_error`` rejects, one
+   per image, so nothing vanishes.
 
-So the bytes cross the network once for all the light stages, instead of once per stage.
+The run deletes the folder when the phase has finished (``pipeline/run.py``), or failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas.records import Cluster
+from schemas.ids import content_id
+from schemas.records import Cluster, ImageRecord, StoredImage
 from transforms.common import REJECTS, StageOutput, count, internal_error
 
 STAGE = "images"
 
-PAYLOAD = "payload"
+STORE_PREFIX = ".tmp-images-"
+"""Name of the pack folder under the phase's first output folder (a temporary folder: ``outputs.TEMP_PREFIXES``)."""
+
+
+class StoredImageError(RuntimeError):
+    """Stored image bytes could not be read back whole."""
+
+
+def store_folder(output_dir: str, folder: str) -> str:
+    """A new pack folder for one phase run under ``OUT/<folder>``."""
+    return FileSystems.join(output_dir, folder, f"{STORE_PREFIX}{uuid.uuid4().hex}")
+
+
+def is_stored(image: ImageRecord) -> bool:
+    """Whether ``image``'s bytes are in a pack under its current id."""
+    return image.stored is not None and image.stored.image_id == image.image_id
 
 
 def light(cluster: Cluster) -> Cluster:
-    """``cluster`` with every image's bytes emptied (ids, hashes, embeddings and sizes stay)."""
+    """``cluster`` with every image's bytes emptied (ids, hashes, embeddings, sizes and :attr:`stored` stay)."""
     return cluster.replace(images=tuple(image.replace(image=b"") for image in cluster.images))
 
 
-class SetAsideFn(beam.DoFn):
-    """``Cluster`` -> the light cluster (main) and ``(page_url, {image_id: bytes})`` (``payload``)."""
+def stored_bytes(cluster: Cluster) -> int:
+    """Bytes of ``cluster``'s images that are set aside (what the writer will read back for its row)."""
+    return sum(image.stored.length for image in cluster.images if not image.image and image.stored is not None)
 
-    def process(self, cluster: Cluster) -> Iterator[Any]:
-        yield beam.pvalue.TaggedOutput(PAYLOAD, (cluster.page_url, {im.image_id: im.image for im in cluster.images}))
-        yield light(cluster)
+
+class _Pack:
+    """One pack file being written: images' bytes one after the other."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle = FileSystems.create(path, mime_type="application/octet-stream",
+                                          compression_type=CompressionTypes.UNCOMPRESSED)
+        self._offset = 0
+
+    def put(self, image: ImageRecord) -> ImageRecord:
+        self._handle.write(image.image)
+        stored = StoredImage(image.image_id, self.path, self._offset, len(image.image))
+        self._offset += len(image.image)
+        return image.replace(image=b"", stored=stored)
+
+    def close(self) -> int:
+        self._handle.close()
+        return self._offset
+
+
+class SetAsideFn(beam.DoFn):
+    """``ImageRecord`` or ``Cluster`` -> the same with every image's bytes emptied and stored in a pack.
+
+    Records whose bytes this bundle wrote are held until its pack is closed (``finish_bundle``); records whose
+    bytes were all stored already pass through at once.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self._folder = folder
+        self._pack: _Pack | None = None
+        self._held: list[WindowedValue] = []
+        self._written = 0
+
+    def start_bundle(self) -> None:
+        self._pack = None
+        self._held = []
+        self._written = 0
+
+    def _aside(self, image: ImageRecord) -> ImageRecord:
+        if not image.image:
+            return image
+        if is_stored(image):
+            return image.replace(image=b"")
+        if self._pack is None:
+            self._pack = _Pack(FileSystems.join(self._folder, f"{uuid.uuid4().hex}.pack"))
+        self._written += 1
+        return self._pack.put(image)
+
+    def process(self, element: ImageRecord | Cluster, timestamp: Any = beam.DoFn.TimestampParam,
+                window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        written = self._written
+        if isinstance(element, Cluster):
+            result: Any = element.replace(images=tuple(self._aside(image) for image in element.images))
+        else:
+            result = self._aside(element)
+        if self._written == written:
+            yield result  # nothing of it is in the open pack
+        else:
+            self._held.append(WindowedValue(result, timestamp, (window,)))
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._pack is not None:
+            size = self._pack.close()
+            count(STAGE, "packs_written")
+            count(STAGE, "bytes_set_aside", size)
+            count(STAGE, "images_set_aside", self._written)
+        held, self._held, self._pack, self._written = self._held, [], None, 0
+        yield from held
+
+
+def _images(element: ImageRecord | Cluster) -> Sequence[ImageRecord]:
+    return element.images if isinstance(element, Cluster) else (element,)
 
 
 class SetAsideImages(beam.PTransform):
-    """``Cluster`` s -> ``(light clusters, payloads)``."""
+    """``ImageRecord`` s or ``Cluster`` s -> the same, light (bytes in packs under ``folder``)."""
 
-    def expand(self, clusters: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        split = clusters | "SetAside" >> beam.ParDo(SetAsideFn()).with_outputs(PAYLOAD, main="light")
-        return split.light, split[PAYLOAD]
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self._folder = folder
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return records | "SetAside" >> beam.ParDo(SetAsideFn(self._folder))
 
 
-def restore(cluster: Cluster, payload: dict[str, bytes]) -> Cluster:
-    """``cluster`` with each image's bytes taken from ``payload`` by image id; ``KeyError`` when one is missing."""
-    return cluster.replace(images=tuple(image.replace(image=payload[image.image_id]) for image in cluster.images))
+def read_stored(refs: Iterable[StoredImage]) -> dict[StoredImage, bytes]:
+    """The bytes of ``refs``, one open per pack; raises :class:`StoredImageError` for a missing or cut pack or
+    bytes that are not the image's."""
+    by_pack: dict[str, list[StoredImage]] = defaultdict(list)
+    for ref in refs:
+        by_pack[ref.path].append(ref)
+    found: dict[StoredImage, bytes] = {}
+    for path, wanted in by_pack.items():
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+                for ref in sorted(wanted, key=lambda r: r.offset):
+                    handle.seek(ref.offset)
+                    found[ref] = handle.read(ref.length)
+        except Exception as error:  # noqa: BLE001 - any filesystem's error: the pack is unreadable
+            raise StoredImageError(f"image pack {path} cannot be read: {type(error).__name__}: {error}") from error
+    for ref, data in found.items():
+        if len(data) != ref.length or content_id(data) != ref.image_id:
+            raise StoredImageError(f"image {ref.image_id}: {len(data)} of {ref.length} bytes read back from "
+                                   f"{ref.path} at {ref.offset}, and they are not that image's")
+    return found
+
+
+def restore_images(images: Sequence[ImageRecord]) -> tuple[ImageRecord, ...]:
+    """``images`` with the bytes of those set aside read back; :class:`StoredImageError` when one cannot be."""
+    refs = [image.stored for image in images if not image.image and image.stored is not None]
+    if not refs:
+        return tuple(images)
+    found = read_stored(refs)
+    return tuple(image.replace(image=found[image.stored]) if not image.image and image.stored is not None
+                 else image for image in images)
+
+
+def restore(element: ImageRecord | Cluster) -> ImageRecord | Cluster:
+    """``element`` with its images' bytes read back (what the clusters writer calls on each record)."""
+    if isinstance(element, Cluster):
+        return element.replace(images=restore_images(element.images))
+    return restore_images((element,))[0]
 
 
 class RestoreFn(beam.DoFn):
-    """``(page_url, {"cluster": [light cluster], "payload": [payload]})`` -> the cluster with its bytes."""
+    """``ImageRecord`` or ``Cluster`` -> the same with its images' bytes read back; a cluster (or record) whose
+    bytes cannot be read back leaves as ``internal_error`` rejects, one per image."""
 
-    def process(self, element: tuple[str, dict[str, Iterable[Any]]]) -> Iterator[Any]:
-        page_url, joined = element
-        clusters, payloads = list(joined["cluster"]), list(joined["payload"])
-        if not clusters:
-            count(STAGE, "payloads_of_dropped_clusters")  # dropped by a light stage, already a dead letter
+    def process(self, element: ImageRecord | Cluster) -> Iterator[Any]:
+        try:
+            restored = restore(element)
+        except StoredImageError as error:
+            cluster_id = element.cluster_id if isinstance(element, Cluster) else None
+            for image in _images(element):
+                yield internal_error(STAGE, error, record=image, cluster_id=cluster_id)
             return
-        if len(clusters) == 1 and len(payloads) == 1:
-            try:
-                restored = restore(clusters[0], payloads[0])
-            except KeyError as missing:
-                error: Exception = missing
-            else:
-                yield restored
-                return
-        else:
-            error = RuntimeError(f"{len(clusters)} clusters and {len(payloads)} image payloads for page {page_url}")
-        for cluster in clusters:
-            for image in cluster.images:
-                yield internal_error(STAGE, error, record=image, cluster_id=cluster.cluster_id)
+        yield restored
 
 
 class RestoreImages(beam.PTransform):
-    """``(light clusters, payloads)`` -> the clusters with their images' bytes, and dead letters."""
+    """Light ``ImageRecord`` s or ``Cluster`` s -> the same with their images' bytes, and dead letters."""
 
-    def __init__(self, payloads: beam.PCollection) -> None:
-        super().__init__()
-        self._payloads = payloads
-
-    def expand(self, clusters: beam.PCollection) -> StageOutput:
-        keyed = clusters | "KeyByPage" >> beam.Map(lambda cluster: (cluster.page_url, cluster))
-        restored = (
-            {"cluster": keyed, "payload": self._payloads}
-            | "JoinPayloads" >> beam.CoGroupByKey()
-            | "Restore" >> beam.ParDo(RestoreFn()).with_outputs(REJECTS, main="clusters")
-        )
-        return StageOutput(restored.clusters, restored[REJECTS])
+    def expand(self, records: beam.PCollection) -> StageOutput:
+        restored = records | "Restore" >> beam.ParDo(RestoreFn()).with_outputs(REJECTS, main="records")
+        return StageOutput(restored.records, restored[REJECTS])
