@@ -20,6 +20,7 @@ from tests.tiny_models import read_clusters
 from transforms.common import INTERNAL_ERROR, REJECTS
 from transforms.outputs import write_clusters
 from transforms.payloads import (
+    PACK_BYTES,
     RestoreFn,
     RestoreImages,
     SetAsideFn,
@@ -78,9 +79,12 @@ def test_stored_images_are_not_written_again_but_changed_ones_are(clusters: list
     assert restore(again[0]) == blurred and restore(again[0]).images[0].image == changed
 
 
-def test_bytes_come_back_to_the_clusters_light_stages_keep(clusters: list[Cluster], tmp_path: Path) -> None:
+@pytest.mark.parametrize("pack_bytes", [PACK_BYTES, 1])
+def test_bytes_come_back_to_the_clusters_light_stages_keep(clusters: list[Cluster], tmp_path: Path,
+                                                          pack_bytes: int) -> None:
     """A light step drops one cluster whole and one image of another (its id changes with its image set): the
-    survivors get their real bytes back and nothing else appears; light records carry no bytes."""
+    survivors get their real bytes back and nothing else appears; light records carry no bytes (packs closed at
+    the end of the bundle, or after each cluster)."""
     def decide(cluster: Cluster) -> list[Cluster]:
         if cluster.page_url.endswith("p0"):
             return []  # dropped whole (a dead letter of the light stage)
@@ -90,7 +94,7 @@ def test_bytes_come_back_to_the_clusters_light_stages_keep(clusters: list[Cluste
 
     expected = [with_images(clusters[1], clusters[1].images[1:]), clusters[2]]
     with TestPipeline() as p:
-        stripped = p | beam.Create(clusters) | SetAsideImages(str(tmp_path))
+        stripped = p | beam.Create(clusters) | SetAsideImages(str(tmp_path), pack_bytes)
         restored, rejects = stripped | beam.FlatMap(decide) | RestoreImages()
         assert_that(stripped | "Sizes" >> beam.Map(lambda c: sum(len(im.image) for im in c.images)),
                     equal_to([0, 0, 0]), label="LightClustersCarryNoBytes")
@@ -161,3 +165,13 @@ def test_phase1_reads_the_bytes_only_where_a_stage_needs_them() -> None:
 def test_a_finished_run_leaves_no_packs(demo_run) -> None:
     clusters_dir = os.path.join(demo_run.output, "clusters")
     assert [name for name in os.listdir(clusters_dir) if name.startswith(".tmp-")] == []
+
+
+def test_a_full_pack_lets_its_records_go_before_the_bundle_ends(clusters: list[Cluster], tmp_path: Path) -> None:
+    """With packs of at most one cluster's bytes, each cluster leaves as soon as its pack is closed, in order."""
+    fn = SetAsideFn(str(tmp_path), pack_bytes=1)
+    fn.start_bundle()
+    leaving = [[held.value.cluster_id for held in fn.process(cluster, 0, None)] for cluster in clusters]
+    assert leaving == [[c.cluster_id] for c in clusters] and list(fn.finish_bundle()) == []
+    assert len(packs(tmp_path)) == 3
+    assert [restore(held) for held in set_aside(clusters, tmp_path / "one")] == clusters

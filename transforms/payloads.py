@@ -7,12 +7,13 @@ workers, and on a portable runner -- and in the DirectRunner's multi-process mod
 relays every element of every shuffle -- moving photos costs far more than deciding. So the phase builder
 (``pipeline/phases.py``) runs those stages (``Stage.light``) on *light* records (the claim-check pattern):
 
-1. :class:`SetAsideImages` (fused with the step before) appends each image's bytes to a pack file of its bundle,
-   under a temporary folder of the phase's output (``OUT/clusters/.tmp-images-*``, through Beam's
-   ``FileSystems``, so ``gs://`` and ``s3://`` work), and sends the record on with its bytes emptied and
-   :attr:`ImageRecord.stored` saying where they are. The records of a bundle leave when its pack is closed
-   (``finish_bundle``), so a reader never sees a pack that is still being written. An image whose bytes are
-   already stored under its id is not written again (a blurred image, whose id changed, is).
+1. :class:`SetAsideImages` (fused with the step before) appends each image's bytes to a pack file under a
+   temporary folder of the phase's output (``OUT/clusters/.tmp-images-*``, through Beam's ``FileSystems``, so
+   ``gs://`` and ``s3://`` work), and sends the record on with its bytes emptied and :attr:`ImageRecord.stored`
+   saying where they are. The records a pack holds leave when it is closed (at :data:`PACK_BYTES`, or at the end
+   of the bundle), so a reader never sees a pack that is still being written, and a worker holds at most one
+   pack's records. An image whose bytes are already stored under its id is not written again (a blurred image,
+   whose id changed, is).
 2. The light stages decide; only ids, hashes, embeddings and texts cross the network.
 3. :class:`RestoreImages`, before a stage that reads the bytes (``Safety``, ``Embed``, a VLM ``Caption``), reads
    them back -- one open per pack file and cluster -- and checks each against its image id (the content hash of
@@ -41,6 +42,10 @@ from schemas.records import Cluster, ImageRecord, StoredImage
 from transforms.common import REJECTS, StageOutput, count, internal_error
 
 STAGE = "images"
+
+PACK_BYTES = 64 * 1024 * 1024
+"""A pack is closed, and the records it holds let go, once it holds this many bytes: a worker holds at most one
+pack's records, however large its bundle."""
 
 STORE_PREFIX = ".tmp-images-"
 """Name of the pack folder under the phase's first output folder (a temporary folder: ``outputs.TEMP_PREFIXES``)."""
@@ -79,6 +84,10 @@ class _Pack:
                                           compression_type=CompressionTypes.UNCOMPRESSED)
         self._offset = 0
 
+    @property
+    def size(self) -> int:
+        return self._offset
+
     def put(self, image: ImageRecord) -> ImageRecord:
         self._handle.write(image.image)
         stored = StoredImage(image.image_id, self.path, self._offset, len(image.image))
@@ -93,12 +102,13 @@ class _Pack:
 class SetAsideFn(beam.DoFn):
     """``ImageRecord`` or ``Cluster`` -> the same with every image's bytes emptied and stored in a pack.
 
-    Records whose bytes this bundle wrote are held until its pack is closed (``finish_bundle``); records whose
-    bytes were all stored already pass through at once.
+    Records whose bytes went into the open pack are held until it is closed: when it reaches ``pack_bytes``, or
+    at the end of the bundle. Records whose bytes were all stored already pass through at once.
     """
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, pack_bytes: int = PACK_BYTES) -> None:
         self._folder = folder
+        self._pack_bytes = pack_bytes
         self._pack: _Pack | None = None
         self._held: list[WindowedValue] = []
         self._written = 0
@@ -127,17 +137,22 @@ class SetAsideFn(beam.DoFn):
             result = self._aside(element)
         if self._written == written:
             yield result  # nothing of it is in the open pack
-        else:
-            self._held.append(WindowedValue(result, timestamp, (window,)))
+            return
+        self._held.append(WindowedValue(result, timestamp, (window,)))
+        if self._pack is not None and self._pack.size >= self._pack_bytes:
+            yield from self._close()
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
+        yield from self._close()
+
+    def _close(self) -> list[WindowedValue]:
+        """Close the open pack; the records it holds can go."""
         if self._pack is not None:
-            size = self._pack.close()
             count(STAGE, "packs_written")
-            count(STAGE, "bytes_set_aside", size)
+            count(STAGE, "bytes_set_aside", self._pack.close())
             count(STAGE, "images_set_aside", self._written)
         held, self._held, self._pack, self._written = self._held, [], None, 0
-        yield from held
+        return held
 
 
 def _images(element: ImageRecord | Cluster) -> Sequence[ImageRecord]:
@@ -147,12 +162,13 @@ def _images(element: ImageRecord | Cluster) -> Sequence[ImageRecord]:
 class SetAsideImages(beam.PTransform):
     """``ImageRecord`` s or ``Cluster`` s -> the same, light (bytes in packs under ``folder``)."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, pack_bytes: int = PACK_BYTES) -> None:
         super().__init__()
         self._folder = folder
+        self._pack_bytes = pack_bytes
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
-        return records | "SetAside" >> beam.ParDo(SetAsideFn(self._folder))
+        return records | "SetAside" >> beam.ParDo(SetAsideFn(self._folder, self._pack_bytes))
 
 
 def read_stored(refs: Iterable[StoredImage]) -> dict[StoredImage, bytes]:
