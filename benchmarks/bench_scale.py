@@ -9,7 +9,7 @@ page, every image a distinct crop/size/colour variant, plus one hot gallery page
 runs ``icl-pipeline run --phases clusters --profile demo`` (the demo's tiny CLIP and offline backends) as a
 subprocess, in each mode:
 
-* ``in_memory``: the DirectRunner's default, everything in the launching process;
+* ``in_memory``: ``--direct_running_mode in_memory``, everything in the launching process (Beam's default);
 * ``mp1``, ``mp2``: ``--direct_running_mode multi_processing --direct_num_workers 1|2`` (SDK harness processes,
   as on Flink and Dataflow);
 * ``portable``: ``PortableRunner`` with Beam's job service and a worker pool started here on loopback
@@ -149,7 +149,9 @@ def run_mode(mode: str, crawl: str, output: str, log: Path, overrides: tuple[str
             "--input", os.path.join(crawl, "*.parquet"), "--output", output, "--overwrite",
             *(a for o in overrides for a in ("--set", o))]
     services: list[subprocess.Popen] = []
-    if mode in ("mp1", "mp2"):
+    if mode == "in_memory":
+        args += ["--direct_running_mode", "in_memory"]
+    elif mode in ("mp1", "mp2"):
         args += ["--direct_running_mode", "multi_processing", "--direct_num_workers", str(WORKERS[mode])]
     elif mode == "portable":
         job, pool = _free_port(), _free_port()
