@@ -195,6 +195,14 @@ class MergeShardFn(beam.DoFn):
         yield {"path": path, "rows": rows, "row_groups": len(groups)}
 
 
+class LightRecords(NamedTuple):
+    """How a writer's light records (their image bytes set aside: ``transforms/payloads.py``) get their bytes back,
+    and how many bytes that adds to each one's row."""
+
+    restore: Callable[[Any], Any]
+    stored_bytes: Callable[[Any], int]
+
+
 class _RestoredRow(NamedTuple):
     """A light record's row, its image bytes read back."""
 
@@ -203,6 +211,13 @@ class _RestoredRow(NamedTuple):
 
     def __call__(self, record: Any) -> dict[str, Any]:
         return self.to_row(self.restore(record))
+
+
+def _measured(record: Any, to_row: Callable[[Any], dict[str, Any]], key_of: Callable[[dict[str, Any]], str],
+              stored_bytes: Callable[[Any], int]) -> tuple[str, Any, int]:
+    """A light record -> ``(its row's key, the record, the size of its row once its bytes are back)``."""
+    row = to_row(record)
+    return key_of(row), record, row_bytes(row) + stored_bytes(record)
 
 
 def write_empty(output: Layout, sink: _Sink) -> Iterator[dict[str, Any]]:
@@ -247,24 +262,22 @@ class WriteShards(beam.PTransform):
     ``{path, rows, row_groups}`` per file written.
 
     ``to_row`` makes a record a row of ``schema``; ``key_of`` gives a row's sort key (rows sharing a key stay
-    together; ids make good keys). With ``restore`` (light records: their image bytes set aside,
-    ``transforms/payloads.py``), the light records are carried to the row-group writer, which reads their bytes
-    back (``restore``) and makes the rows there; ``stored_bytes`` gives the bytes a record will get back, so
-    that shards and row groups are cut by the size of the rows written.
+    together; ids make good keys). With ``light`` (:class:`LightRecords`), the records are carried light to the
+    row-group writer, which reads their bytes back and makes the rows there; shards and row groups are still cut
+    by the size of the rows written.
     """
 
     def __init__(self, output_dir: str, folder: str, prefix: str, schema: pa.Schema,
                  to_row: Callable[[Any], dict[str, Any]], key_of: Callable[[dict[str, Any]], str],
-                 config: OutputConfig, *, restore: Callable[[Any], Any] | None = None,
-                 stored_bytes: Callable[[Any], int] | None = None) -> None:
+                 config: OutputConfig, *, light: LightRecords | None = None) -> None:
         super().__init__()
         folder_path = FileSystems.join(output_dir, folder)
-        finish = None if restore is None else _RestoredRow(restore, to_row)
+        finish = None if light is None else _RestoredRow(light.restore, to_row)
         self._sink = _Sink(folder_path, prefix, FileSystems.join(folder_path, f".tmp-{uuid.uuid4().hex}"),
                            schema, config.codec, finish)
         self._to_row = to_row
         self._key_of = key_of
-        self._stored_bytes = stored_bytes
+        self._light = light
         self._config = config
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
@@ -274,9 +287,8 @@ class WriteShards(beam.PTransform):
                     | "KeyRows" >> beam.Map(lambda row: (key_of(row), row)))
             sizes = rows | "RowSizes" >> beam.Map(lambda pair: (pair[0], row_bytes(pair[1])))
         else:  # light records travel; each becomes its row where its row group is written
-            to_row, stored = self._to_row, self._stored_bytes or (lambda record: 0)
-            measured = records | "MeasureRows" >> beam.Map(
-                lambda record: (lambda row: (key_of(row), record, row_bytes(row) + stored(record)))(to_row(record)))
+            measured = records | "MeasureRows" >> beam.Map(_measured, self._to_row, key_of,
+                                                            self._light.stored_bytes)
             rows = measured | "KeyRecords" >> beam.Map(lambda triple: (triple[0], triple[1]))
             sizes = measured | "RowSizes" >> beam.Map(lambda triple: (triple[0], triple[2]))
         output = (
@@ -314,9 +326,9 @@ class WriteShards(beam.PTransform):
 def write_clusters(output_dir: str, config: OutputConfig, *, restore: bool = False) -> WriteShards:
     """``Cluster``s -> ``OUT/clusters/part-*.parquet``; with ``restore``, light clusters whose image bytes the
     writer reads back (``transforms/payloads.py``)."""
-    light = {"restore": payloads.restore, "stored_bytes": payloads.stored_bytes} if restore else {}
     return WriteShards(output_dir, "clusters", "part", CLUSTERS_SCHEMA, cluster_to_row,
-                       lambda row: row["cluster_id"], config, **light)
+                       lambda row: row["cluster_id"], config,
+                       light=LightRecords(payloads.restore, payloads.stored_bytes) if restore else None)
 
 
 def write_candidates(output_dir: str, config: OutputConfig) -> WriteShards:

@@ -65,14 +65,24 @@ def is_stored(image: ImageRecord) -> bool:
     return image.stored is not None and image.stored.image_id == image.image_id
 
 
-def light(cluster: Cluster) -> Cluster:
-    """``cluster`` with every image's bytes emptied (ids, hashes, embeddings, sizes and :attr:`stored` stay)."""
-    return cluster.replace(images=tuple(image.replace(image=b"") for image in cluster.images))
+def is_set_aside(image: ImageRecord) -> bool:
+    """Whether ``image`` is light: its bytes emptied, to be read back from :attr:`ImageRecord.stored`."""
+    return not image.image and image.stored is not None
 
 
 def stored_bytes(cluster: Cluster) -> int:
     """Bytes of ``cluster``'s images that are set aside (what the writer will read back for its row)."""
-    return sum(image.stored.length for image in cluster.images if not image.image and image.stored is not None)
+    return sum(image.stored.length for image in cluster.images if is_set_aside(image))
+
+
+def _images(element: ImageRecord | Cluster) -> Sequence[ImageRecord]:
+    return element.images if isinstance(element, Cluster) else (element,)
+
+
+def _with_images(element: ImageRecord | Cluster, images: Iterable[ImageRecord]) -> ImageRecord | Cluster:
+    """``element`` with ``images`` in place of :func:`_images` (for a record: the one image)."""
+    images = tuple(images)
+    return element.replace(images=images) if isinstance(element, Cluster) else images[0]
 
 
 class _Pack:
@@ -131,10 +141,7 @@ class SetAsideFn(beam.DoFn):
     def process(self, element: ImageRecord | Cluster, timestamp: Any = beam.DoFn.TimestampParam,
                 window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         written = self._written
-        if isinstance(element, Cluster):
-            result: Any = element.replace(images=tuple(self._aside(image) for image in element.images))
-        else:
-            result = self._aside(element)
+        result = _with_images(element, (self._aside(image) for image in _images(element)))
         if self._written == written:
             yield result  # nothing of it is in the open pack
             return
@@ -153,10 +160,6 @@ class SetAsideFn(beam.DoFn):
             count(STAGE, "images_set_aside", self._written)
         held, self._held, self._pack, self._written = self._held, [], None, 0
         return held
-
-
-def _images(element: ImageRecord | Cluster) -> Sequence[ImageRecord]:
-    return element.images if isinstance(element, Cluster) else (element,)
 
 
 class SetAsideImages(beam.PTransform):
@@ -195,19 +198,16 @@ def read_stored(refs: Iterable[StoredImage]) -> dict[StoredImage, bytes]:
 
 def restore_images(images: Sequence[ImageRecord]) -> tuple[ImageRecord, ...]:
     """``images`` with the bytes of those set aside read back; :class:`StoredImageError` when one cannot be."""
-    refs = [image.stored for image in images if not image.image and image.stored is not None]
+    refs = [image.stored for image in images if is_set_aside(image)]
     if not refs:
         return tuple(images)
     found = read_stored(refs)
-    return tuple(image.replace(image=found[image.stored]) if not image.image and image.stored is not None
-                 else image for image in images)
+    return tuple(image.replace(image=found[image.stored]) if is_set_aside(image) else image for image in images)
 
 
 def restore(element: ImageRecord | Cluster) -> ImageRecord | Cluster:
     """``element`` with its images' bytes read back (what the clusters writer calls on each record)."""
-    if isinstance(element, Cluster):
-        return element.replace(images=restore_images(element.images))
-    return restore_images((element,))[0]
+    return _with_images(element, restore_images(_images(element)))
 
 
 class RestoreFn(beam.DoFn):
