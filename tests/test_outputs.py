@@ -10,6 +10,7 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
@@ -100,3 +101,60 @@ def test_temporary_folders_are_removed_with_their_files_and_nothing_else(tmp_pat
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "clusters", "clusters/keep", "clusters/keep/.tmp-not-top-level", "clusters/part-00000-of-00001.parquet",
         "rejects"]
+
+
+class _ObjectStore(FileSystem):
+    """A file system without folders, as GCS and S3 are: deleting a "folder" path deletes nothing (Beam's
+    GCSFileSystem matches such a path as a file name). Beam finds it by its scheme, ``objstore://``."""
+
+    files: dict[str, bytes] = {}
+
+    @classmethod
+    def scheme(cls) -> str:
+        return "objstore"
+
+    def join(self, base: str, *paths: str) -> str:
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in paths)])
+
+    def split(self, path: str) -> tuple[str, str]:
+        head, _, tail = path.rpartition("/")
+        return head, tail
+
+    def has_dirs(self) -> bool:
+        return False
+
+    def _list(self, dir_or_prefix: str):
+        return [FileMetadata(p, len(d)) for p, d in sorted(self.files.items()) if p.startswith(dir_or_prefix)]
+
+    def exists(self, path: str) -> bool:
+        return path in self.files
+
+    def delete(self, paths: list[str]) -> None:
+        for path in paths:
+            self.files.pop(path, None)  # a "folder" path names no object: nothing happens
+
+    def size(self, path: str) -> int:
+        return len(self.files[path])
+
+    def metadata(self, path: str) -> FileMetadata:
+        return FileMetadata(path, len(self.files[path]))
+
+    def last_updated(self, path: str) -> float:
+        return 0.0
+
+    def mkdirs(self, path: str) -> None:
+        pass
+
+    def create(self, *args, **kwargs):
+        raise NotImplementedError
+
+    open = copy = rename = create
+
+
+def test_temporary_files_are_removed_from_an_object_store_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = "objstore://bucket/out/clusters"
+    files = {f"{base}/.tmp-images-1/a.pack": b"x", f"{base}/.tmp-2/00-01.parquet": b"y",
+             f"{base}/part-00000-of-00001.parquet": b"z"}
+    monkeypatch.setattr(_ObjectStore, "files", files)
+    assert remove_temp_dirs("objstore://bucket/out", ["clusters"]) == [f"{base}/.tmp-2", f"{base}/.tmp-images-1"]
+    assert list(files) == [f"{base}/part-00000-of-00001.parquet"]

@@ -680,18 +680,21 @@ def remove_temp_dirs(output_dir: str, folders: Iterable[str]) -> list[str]:
     """Remove the temporary folders (:data:`TEMP_PREFIXES`) under ``OUT/<folder>`` with their files (after a phase,
     finished or failed: what a writer or the image packs left). Returns them, sorted.
 
-    Object stores have no folders, only files under a prefix, so the folders are found from the files under them
-    (``**`` crosses ``/``); on a local disk, empty ones are found by listing the folder.
+    Object stores have no folders, only files under a prefix (and deleting a "folder" path there deletes nothing),
+    so the files are found (``**`` crosses ``/``) and deleted themselves; a local disk keeps the folders, empty
+    ones included, so they are then listed and removed.
     """
     found: set[str] = set()
     for folder in folders:
         base = FileSystems.join(output_dir, folder)
         for prefix in TEMP_PREFIXES:
-            for match in FileSystems.match([FileSystems.join(base, f"{prefix}**")])[0].metadata_list:
-                found.add(FileSystems.join(base, match.path[len(base):].lstrip("/").split("/")[0]))
-            found.update(_local_dirs(base, prefix))
-    for path in sorted(found):
-        FileSystems.delete([path])
+            files = [m.path for m in FileSystems.match([FileSystems.join(base, f"{prefix}**")])[0].metadata_list]
+            if files:
+                FileSystems.delete(files)
+            found.update(FileSystems.join(base, path[len(base):].lstrip("/").split("/")[0]) for path in files)
+            for path in _local_dirs(base, prefix):
+                FileSystems.delete([path])
+                found.add(path)
     return sorted(found)
 
 
