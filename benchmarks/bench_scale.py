@@ -319,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {**header("scale"), "profile": "demo", "overrides": args.set, "phase": "clusters",
-                               "sizes": {}, "modes": args.modes}
+    command = ["python", "benchmarks/bench_scale.py", *(sys.argv[1:] if argv is None else argv)]
+    results: dict[str, Any] = {**header("scale"), "command": command,
+                               "profile": "demo", "overrides": args.set, "phase": "clusters", "sizes": {},
+                               "modes": args.modes}
     batch_size = build_config("demo").embed.batch_size
     try:
         for size in args.sizes:

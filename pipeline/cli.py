@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -69,25 +71,28 @@ def _cmd_config(argv: Sequence[str]) -> int:
     return 0
 
 
-def _cmd_run(argv: Sequence[str]) -> int:
+def _cmd_run(argv: Sequence[str], verbose: bool = False) -> int:
     # The run's modules (every stage, Beam, the model libraries) load here, not for the other commands.
     from pipeline.console import funnel_table, output_listing
     from pipeline.run import RunError, UsageError, parse_run_args, run
     from transforms.common import InputFormatError
 
     handler = None
-    try:
-        request = parse_run_args(list(argv))[0]
-        handler = log_to_file(request.output)
-        manifest = run(list(argv))
-    except (InputFormatError, UsageError) as error:
-        return _failed("run", error, 2)
-    except RunError as error:
-        return _failed("run", error, 1)
-    finally:
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            request = parse_run_args(list(argv))[0]
+            handler = log_to_file(request.output)
+            if handler is not None and not verbose:
+                stack.enter_context(children_stderr_to(os.path.join(request.output, WORKERS_LOG)))
+            manifest = run(list(argv))
+        except (InputFormatError, UsageError) as error:
+            return _failed("run", error, 2)
+        except RunError as error:
+            return _failed("run", error, 1)
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
     phases = list(request.phases)  # this invocation's, not an earlier run's
     for phase in phases:
         print(funnel_table(manifest, phase))
@@ -100,8 +105,6 @@ def _cmd_run(argv: Sequence[str]) -> int:
 
 
 def _display_file(path: str) -> str:
-    import os
-
     return path if "://" in path else os.path.abspath(path)
 
 
@@ -144,8 +147,6 @@ def _cmd_report(argv: Sequence[str]) -> int:
 
 
 def _display_path(command: list[str]) -> str:
-    import os
-
     output = command[command.index("--output") + 1] if "--output" in command else "?"
     return output if "://" in output else os.path.abspath(output)
 
@@ -188,6 +189,99 @@ class _ConsoleDetail(logging.Filter):
         return record.levelno >= logging.WARNING or not record.name.startswith("dreambooth_synth")
 
 
+class _WorkerRecords(logging.Filter):
+    """The multi-process DirectRunner relays the log records of its worker processes to the launching process, each as
+    one line of protocol-buffer text (``Worker: severity: ... message: "..." log_location: "path:line"``) on Beam's
+    ``local_job_service`` logger. This turns each back into the record it was -- level, module, message, time -- so
+    that the console's filters and format apply to it as to this process's own, and drops what is not the pipeline's
+    below WARNING, and the harness's start-up warnings (with ``verbose``, only the start-up warnings go)."""
+
+    RELAYED = "apache_beam.runners.portability.local_job_service"
+    OURS = ("transforms", "pipeline", "dreambooth_synth", "schemas")
+    _STARTUP = ("No semi_persistent_directory found", "Discarding unparseable args")
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Worker: %s" or not isinstance(record.args, tuple) or len(record.args) != 1:
+            return self.verbose or record.levelno >= logging.WARNING  # the service's own lines, as Beam's others
+        from apache_beam.portability.api import beam_fn_api_pb2
+        from google.protobuf import text_format
+
+        entry = beam_fn_api_pb2.LogEntry()
+        try:
+            text_format.Parse(str(record.args[0]), entry)
+        except text_format.ParseError:
+            return True  # shown as Beam wrote it
+        path, _, line = entry.log_location.rpartition(":")
+        record.pathname, record.lineno = path, int(line) if line.isdigit() else 0
+        record.name = module_of(path)
+        record.msg, record.args = entry.message + (f"\n{entry.trace.rstrip()}" if entry.trace else ""), None
+        record.created = entry.timestamp.seconds + entry.timestamp.nanos / 1e9
+        record.msecs = entry.timestamp.nanos // 1_000_000
+        record.processName = "worker"
+        if entry.message.startswith(self._STARTUP):
+            return False
+        return self.verbose or record.levelno >= logging.WARNING or record.name.split(".")[0] in self.OURS
+
+
+def module_of(path: str) -> str:
+    """The module name of a source file's path (``.../transforms/read.py`` -> ``transforms.read``): relative to the
+    project's root or to the longest ``sys.path`` entry holding it; the file's name otherwise."""
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *(p for p in sys.path if p)]
+    holding = [root.rstrip(os.sep) + os.sep for root in roots if path.startswith(root.rstrip(os.sep) + os.sep)]
+    relative = path[len(max(holding, key=len)):] if holding else os.path.basename(path)
+    module = relative.removesuffix(".py").replace(os.sep, ".")
+    return module.removesuffix(".__init__")
+
+
+WORKERS_LOG = "workers.log"
+"""What processes the run starts (Beam's worker processes) print on their own standard error, under OUT."""
+
+
+@contextlib.contextmanager
+def children_stderr_to(path: str):
+    """Point file descriptor 2 -- which every process this one starts inherits, Beam's worker processes included -- at
+    ``path``, while this process's own console (``sys.stderr`` and the logging handlers on it) stays on the terminal.
+
+    A worker process prints its harness's start-up lines and its log on its standard error, where they would cover
+    the console; their log records also reach this process (:class:`_WorkerRecords`), so the console loses nothing
+    of the pipeline's. ``path`` is removed afterwards if nothing was written to it. Without a real standard error
+    (output captured by a test), nothing is redirected.
+    """
+    try:
+        if sys.stderr.fileno() != 2:
+            raise OSError
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    original = sys.stderr
+    original.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=original.encoding, errors="backslashreplace")
+    moved = [h for h in logging.getLogger().handlers
+             if type(h) is logging.StreamHandler and h.stream is original]
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    for h in moved:
+        h.setStream(console)
+    sys.stderr = console
+    try:
+        yield
+    finally:
+        console.flush()
+        os.dup2(console.fileno(), 2)
+        sys.stderr = original
+        for h in moved:
+            h.setStream(original)
+        console.close()
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == 0:
+                os.remove(path)
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -201,13 +295,16 @@ def configure_logging(level: int = logging.INFO, verbose: bool = False) -> None:
             handler.addFilter(_ConsoleDetail())
     # Beam's own INFO lines (options, stage fusion, ...) drown the pipeline's progress.
     logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.WARNING)
+    relayed = logging.getLogger(_WorkerRecords.RELAYED)  # worker processes' records: the pipeline's progress too
+    relayed.setLevel(logging.INFO)
+    for old in [f for f in relayed.filters if isinstance(f, _WorkerRecords)]:
+        relayed.removeFilter(old)
+    relayed.addFilter(_WorkerRecords(verbose))
 
 
 def log_to_file(output_dir: str) -> logging.Handler | None:
     """Also write the whole log (training loss included) to ``OUT/run.log`` when the output is local; returns the
     handler (the caller removes it when the run ends)."""
-    import os
-
     if "://" in output_dir:
         return None
     os.makedirs(output_dir, exist_ok=True)
@@ -237,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "-h" in rest or "--help" in rest:
                 _run_help()
                 return 0
-            return _cmd_run(rest)
+            return _cmd_run(rest, verbose)
         if command == "config":
             return _cmd_config(rest)
         if command == "report":

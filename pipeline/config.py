@@ -102,6 +102,25 @@ class ReportConfig:
             raise ValueError("read_budget_mb must be at least 1 and bins at least 2")
 
 
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Worker processes of a run on the local DirectRunner (config section ``workers``); Beam's
+    ``--direct_running_mode`` and ``--direct_num_workers`` override it."""
+
+    processes: int = option(0, "Worker processes of a local phase that runs in several (the multi-process "
+                               "DirectRunner: the Fn API path of Flink and Dataflow); 0: one per core.")
+    min_records: int = option(2000, "A local run of phase clusters (its input records) or assemble (its candidates) "
+                                    "runs in worker processes when it has at least this many, else in the "
+                                    "launching process: each worker starts Python and loads the models, which costs "
+                                    "more than it gives on a small input (benchmarks/results/workers.json). 0: "
+                                    "always. Phase synthesize runs in one process (its model uses every core, or the "
+                                    "GPU) unless --direct_num_workers says otherwise.")
+
+    def __post_init__(self) -> None:
+        if self.processes < 0 or self.min_records < 0:
+            raise ValueError(f"processes and min_records must be >= 0, got {self.processes} and {self.min_records}")
+
+
 # --- the whole configuration -------------------------------------------------------------------------------
 
 
@@ -134,6 +153,7 @@ class PipelineConfig:
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
     card: CardConfig = field(default_factory=CardConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
     def __post_init__(self) -> None:
         if self.cluster_filter.enabled and not self.embed.enabled:

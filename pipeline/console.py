@@ -28,7 +28,8 @@ def _reconciled(block: dict[str, Any], unit: str) -> str:
 def funnel_table(manifest: dict[str, Any], phase: str) -> str:
     """A short text table of one finished phase: input -> kept, rejects by reason, reconciliation."""
     summary = manifest["phases"][phase]
-    lines = [f"Phase {phase} finished in {summary['wall_seconds']:.1f} s ({manifest.get('runner')})", ""]
+    lines = [f"Phase {phase} finished in {summary['wall_seconds']:.1f} s ({manifest.get('runner')}"
+             f"{_execution(summary.get('execution'))})", ""]
     if phase == "clusters":
         records = summary["records"]
         lines.append(_row("input records", records["input"]))
@@ -107,6 +108,15 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
                          f"{run_cost['hours_per_100000_examples']:,.1f} device-hours per 100,000 examples")
         lines.append(_reconciled(candidates, "candidates"))
     return "\n".join(lines)
+
+
+def _execution(execution: dict[str, Any] | None) -> str:
+    """How a local phase ran, after the runner's name."""
+    if not execution:
+        return ""
+    if execution["mode"] == "in_memory":
+        return ", in one process"
+    return f", {execution['workers']} worker processes"
 
 
 def _bound(value: Any) -> str:

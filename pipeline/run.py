@@ -25,11 +25,15 @@ from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config
 from pipeline.phases import ORDER, PHASE_OUTPUTS, PHASES, PhaseInputs, build_phase, check_resources
 from pipeline.runners import (
+    LOCAL_RUNNERS,
+    LocalExecution,
     UnsupportedRunnerError,
     check_runner,
     dofn_specs_cache,
     fnapi_data_plane_fix,
+    local_execution,
     missing_weights,
+    phase_options,
     portable_job_options,
 )
 from transforms.models.clip import model_id
@@ -169,7 +173,7 @@ def run(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory 
     for phase in request.phases:
         try:
             inputs = first if phase == request.phases[0] else chained_inputs(phase, request, config)
-            run_phase(phase, request, config, options, factory, manifest, inputs)
+            run_phase(phase, request, config, options, factory, manifest, inputs, beam_args)
         except BaseException:
             # A failed phase leaves no temporary folders behind (its writers' half-written shards).
             removed_temp = remove_temp_dirs(request.output, PHASES[phase].folders)
@@ -224,21 +228,37 @@ def start_manifest(request: RunRequest, argv: Sequence[str], config: PipelineCon
 
 
 def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: PipelineOptions,
-              factory: PipelineFactory, manifest: dict[str, Any], inputs: PhaseInputs) -> None:
+              factory: PipelineFactory, manifest: dict[str, Any], inputs: PhaseInputs,
+              beam_args: Sequence[str] = ()) -> None:
     """Run one phase on ``inputs``, record it in ``manifest`` (written to OUT), and raise :class:`RunError` when its
-    counts do not reconcile or its input was truncated."""
+    counts do not reconcile or its input was truncated.
+
+    On the local DirectRunner the phase runs in the launching process or in worker processes, as
+    :func:`pipeline.runners.local_execution` decides from its input's size (``options``: the command line's)."""
     out = request.output
     # The phase's earlier files (its card and report are rewritten in place at its end).
     delete_matching([FileSystems.join(out, *pattern.split("/")) for pattern in PHASES[phase].outputs
                      if pattern.endswith((".parquet", ".json"))])
     started = time.monotonic()
+    records: int | None = None
+    if phase == "clusters":
+        records = estimate_records(inputs.files, config.workers.min_records)
+    elif phase == "synthesize":
+        inputs = replace(inputs, n_input=count_parquet_rows(list(inputs.cluster_files)))
+        records = inputs.n_input
+    elif phase == "assemble":
+        inputs = replace(inputs, n_input=count_parquet_rows(list(inputs.candidate_files)))
+        records = inputs.n_input
+    execution = local_execution(options, beam_args, phase, records, processes=config.workers.processes,
+                                min_records=config.workers.min_records)
+    if execution is not None:
+        options = phase_options(beam_args, options.view_as(StandardOptions).runner, execution)
+        LOG.info("phase %s: %s: %s", phase, _execution_words(execution), execution.reason)
     if phase == "synthesize":
-        inputs = replace(inputs, n_input=count_parquet_rows(list(inputs.cluster_files)),
-                         workers=_direct_workers(options))
+        inputs = replace(inputs, workers=_direct_workers(options))
         LOG.info("phase synthesize: %d clusters in %d file(s); model %s", inputs.n_input, len(inputs.cluster_files),
                  config.synth.model.name)
     elif phase == "assemble":
-        inputs = replace(inputs, n_input=count_parquet_rows(list(inputs.candidate_files)))
         LOG.info("phase assemble: %d candidates in %d file(s), clusters from %d file(s); CLIP %s", inputs.n_input,
                  len(inputs.candidate_files), len(inputs.cluster_files), model_id(config.embed))
     with dofn_specs_cache():  # Beam's inspection of each DoFn, once per DoFn instead of ~18 times
@@ -248,6 +268,8 @@ def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: 
     remove_temp_dirs(out, PHASES[phase].folders)  # the writers' and the image packs'
     summary = accounting.summarize(PHASES[phase], out, accounting.beam_counters(result), inputs, config, started)
     summary["largest_element"] = accounting.largest_elements(result, p)
+    if execution is not None:
+        summary["execution"] = execution.describe()
     accounting.record_phase(manifest, phase, summary)
     if phase == "assemble":
         mf.write_manifest(out, manifest)  # the card and the report read it
@@ -364,8 +386,7 @@ def weights_needed(config: PipelineConfig, phases: Sequence[str]) -> list[tuple[
 def check_weights(config: PipelineConfig, phases: Sequence[str], options: PipelineOptions) -> None:
     """On a local run, fail in the first seconds -- one line naming the key to set -- when weights the run needs
     are neither cached nor downloadable, instead of every worker retrying the download."""
-    local = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
-    if options.view_as(StandardOptions).runner not in local:
+    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
         return  # remote workers fetch for themselves; this machine's network says nothing about theirs
     problems = missing_weights(weights_needed(config, phases))
     if problems:
@@ -379,6 +400,35 @@ def check_stage_resources(config: PipelineConfig) -> None:
         check_resources(config)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def estimate_records(files: Sequence[InputFile], enough: int) -> int | None:
+    """Records of phase 1's input files, counted until there are ``enough`` (it only decides how the phase runs):
+    Parquet files from their footers, other formats one record per :data:`BYTES_PER_RECORD` of file; ``None`` when
+    a file cannot be measured."""
+    total = 0
+    for input_file in files:
+        if total >= enough:
+            break
+        try:
+            if input_file.format == "parquet":
+                total += count_parquet_rows([input_file.path])
+            else:
+                total += max(1, FileSystems.match([input_file.path])[0].metadata_list[0].size_in_bytes
+                             // BYTES_PER_RECORD)
+        except Exception:  # noqa: BLE001 -- only an estimate: the read reports what is wrong with the file
+            return None
+    return total
+
+
+BYTES_PER_RECORD = 100_000
+"""For the estimate of a JSONL, tar or WARC input's records: about one web photo's bytes."""
+
+
+def _execution_words(execution: LocalExecution) -> str:
+    if execution.mode == "in_memory":
+        return "in this process"
+    return f"{execution.workers} worker processes ({execution.mode})"
 
 
 def _direct_workers(options: PipelineOptions) -> int:

@@ -2,6 +2,9 @@
 
 * :func:`check_runner` refuses runners that cannot run the pipeline (Beam 2.77's ``DaskRunner``; see
   docs/runners.md).
+* :func:`local_execution` decides where a phase runs on the local DirectRunner -- in the launching process, or in
+  one worker process per core once its input is large enough to repay their start-up -- and
+  :func:`phase_options` gives the phase's Beam options (with quiet worker logging).
 * :func:`fnapi_data_plane_fix` works around a data-loss bug of Beam 2.77's ``FnApiRunner`` -- the engine of the
   multi-process DirectRunner and of Beam's local job service (the portable path on one machine). The runner
   sends each stage's input to its SDK harness processes through a ``TimeBasedBufferingClosableOutputStream``
@@ -29,8 +32,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 UNSUPPORTED_RUNNERS = {
@@ -86,6 +91,103 @@ def portable_job_options(options: Any, beam_args: list[str], connect_timeout_s: 
                                          f"start one (docs/runners.md) or check the address") from error
     if not any(arg.split("=", 1)[0] in ("--job_server_timeout", "--job-server-timeout") for arg in beam_args):
         portable.job_server_timeout = JOB_DEADLINE_S
+
+
+LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+
+DIRECT_FLAGS = ("--direct_running_mode", "--direct_num_workers")
+"""Beam's own flags for the DirectRunner's execution: given on the command line, they decide (``workers`` section:
+the default)."""
+
+WORKER_LOG_FLAGS = {
+    "--default_sdk_harness_log_level": "WARNING",
+    "--sdk_harness_log_level_overrides": '{"transforms": "INFO", "pipeline": "INFO", "dreambooth_synth": "INFO"}',
+}
+"""What worker processes log when the user sets nothing: the pipeline's own progress at INFO, everything else
+(Beam's harness, model libraries) from WARNING."""
+
+SIZED_PHASES = ("clusters", "assemble")
+"""Phases whose work grows with their records (images, candidates): the ones the ``workers`` section spreads over
+processes. Phase synthesize runs in one process unless the command line says otherwise: its model already uses
+every core (torch's threads) or the GPU."""
+
+
+@dataclass(frozen=True)
+class LocalExecution:
+    """How a phase runs on the local DirectRunner: ``mode`` (``in_memory`` or Beam's ``multi_processing`` /
+    ``multi_threading``), ``workers`` and why (for the manifest and the console)."""
+
+    mode: str
+    workers: int
+    reason: str
+
+    @property
+    def flags(self) -> list[str]:
+        return [f"--direct_running_mode={self.mode}", f"--direct_num_workers={self.workers}"]
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "workers": self.workers, "reason": self.reason}
+
+
+def _given(flag: str, beam_args: Sequence[str]) -> str | None:
+    """The value of ``flag`` (``--flag V`` or ``--flag=V``, dashes or underscores) in ``beam_args``, else ``None``."""
+    names = (flag, flag.replace("_", "-"))
+    value = None
+    for i, arg in enumerate(beam_args):
+        name, eq, rest = arg.partition("=")
+        if name in names:
+            value = rest if eq else (beam_args[i + 1] if i + 1 < len(beam_args) else "")
+    return value
+
+
+def local_execution(options: Any, beam_args: Sequence[str], phase: str, records: int | None, *, processes: int,
+                    min_records: int, cores: int | None = None) -> LocalExecution | None:
+    """How ``phase`` runs when the runner is the local DirectRunner (``None`` for any other runner).
+
+    Beam's ``--direct_running_mode`` / ``--direct_num_workers`` decide when given (a mode of several workers without
+    a count gets ``processes``, else one per core; a count above 1 without a mode runs ``multi_processing``: Beam
+    would otherwise run one process and warn). Otherwise phases clusters and assemble run in ``processes`` worker
+    processes (0: one per core) when their input holds at least ``min_records`` records (``records``: ``None`` when
+    unknown, counted as large) and the machine has more than one core; anything else runs in the launching process.
+    """
+    if _runner_name(options) not in LOCAL_RUNNERS:
+        return None
+    cores = cores or os.cpu_count() or 1
+    per_core = processes or cores
+    mode, count = _given("--direct_running_mode", beam_args), _given("--direct_num_workers", beam_args)
+    if mode is not None or count is not None:
+        n = int(count) if count not in (None, "") else None
+        if n == 0:
+            n = cores  # Beam's meaning of 0
+        if mode is None:
+            mode = "multi_processing" if (n or 1) > 1 else "in_memory"
+        if mode == "in_memory":
+            return LocalExecution(mode, 1, "--direct_running_mode in_memory" if count is None else
+                                  f"--direct_num_workers {count}")
+        return LocalExecution(mode, n or per_core, "--direct_running_mode/--direct_num_workers")
+    if phase not in SIZED_PHASES:
+        return LocalExecution("in_memory", 1, f"phase {phase}: its model uses every core itself")
+    if per_core < 2:
+        return LocalExecution("in_memory", 1, f"{cores} core(s), workers.processes {processes}")
+    size = "an input of unknown size" if records is None else f"{records:,} records"
+    if records is not None and records < min_records:
+        return LocalExecution("in_memory", 1, f"{size}, under workers.min_records {min_records:,}")
+    return LocalExecution("multi_processing", per_core, f"{size}, workers.min_records {min_records:,}")
+
+
+def phase_options(beam_args: Sequence[str], runner: str, execution: LocalExecution | None) -> Any:
+    """Beam's options of one phase: the command line's, with the phase's execution on the local DirectRunner and,
+    for worker processes, quiet worker logging unless the command line sets it."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    extra: list[str] = []
+    if execution is not None:
+        extra += [flag for flag in execution.flags if _given(flag.split("=")[0], beam_args) is None]
+        if execution.mode == "multi_processing":
+            extra += [f"{flag}={value}" for flag, value in WORKER_LOG_FLAGS.items() if _given(flag, beam_args) is None]
+    options = PipelineOptions([*beam_args, *extra])
+    options.view_as(StandardOptions).runner = runner
+    return options
 
 
 @contextlib.contextmanager

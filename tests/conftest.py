@@ -220,6 +220,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             groups = [item.path.stem]
         if groups:
             item.add_marker(pytest.mark.xdist_group(groups[0]))
+    # Slow tests first (stable: modules stay in order). xdist hands out the groups with the most tests first, then
+    # single tests in this order, so a slow test no longer starts last and leaves the other worker idle.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)
 
 
 @pytest.hookimpl(trylast=True)

@@ -170,9 +170,27 @@ def _comparable(output: PhaseOutput, *, keep_source: bool = True) -> tuple[list[
 @pytest.mark.slow
 def test_multi_process_runner_gives_the_same_output(sample_phase1: PhaseOutput, tmp_path) -> None:
     """The demo profile, every phase-1 stage and model on (CLIP, NudeNet, semantic dedup, the offline model stages),
-    on two SDK worker processes: the in-process run's clusters (embeddings and all), rejects and statistics."""
-    multi = run_pipeline([SAMPLE], tmp_path / "multi", "--profile", "demo",
-                         "--direct_running_mode", "multi_processing", "--direct_num_workers", "2")
+    on two SDK worker processes -- chosen by the ``workers`` section, as for a large input, from the command line:
+    the in-process run's clusters (embeddings and all), rejects and statistics, and a console as quiet as its own."""
+    out = tmp_path / "multi"
+    console = run_command_line("run", "--profile", "demo", "--input", str(SAMPLE), "--output", str(out),
+                               "--phases", "clusters", "--set", "workers.min_records=100",
+                               "--set", "workers.processes=2")
+    assert console.returncode == 0, console.stderr[-4000:]
+    multi = PhaseOutput(out, json.loads((out / "manifest.json").read_text(encoding="utf-8")), console)
+    assert multi.manifest["phases"]["clusters"]["execution"] == {
+        "mode": "multi_processing", "workers": 2, "reason": "282 records, workers.min_records 100"}
+    assert sample_phase1.manifest["phases"]["clusters"]["execution"]["mode"] == "in_memory"
+    assert "Phase clusters finished in" in console.stdout and "(DirectRunner, 2 worker processes)" in console.stdout
+    # The workers' progress reaches the console as the launching process's own lines do; their harness's start-up
+    # lines, their libraries' noise and Beam's relay format do not (the start-up lines are in OUT/workers.log).
+    assert "read: 282 records from" in console.stderr and "transforms.read:" in console.stderr
+    assert console.stderr.count("random weights: its similarities mean nothing") == 2  # once per worker
+    for noise in ("initialized randomly", "no CLIP weights found", "semi_persistent_directory", "Worker: ",
+                  "sdk_worker", "Traceback", "apitools"):
+        assert noise not in console.stderr, noise
+    assert "semi_persistent_directory" in (out / "workers.log").read_text()  # the harness start-up lines
+    assert "read: 282 records from" in (out / "run.log").read_text()
     assert _comparable(multi) == _comparable(sample_phase1)
     assert multi.manifest["records"] == sample_phase1.manifest["records"]
     expected, actual = sample_phase1.manifest["phases"]["clusters"], multi.manifest["phases"]["clusters"]
@@ -236,6 +254,9 @@ def test_command_line_run_prints_the_funnel_without_noise(sample_phase1: PhaseOu
         assert noise not in result.stderr, noise
     assert (out / "manifest.json").exists()
     assert "phase clusters: running" in (out / "run.log").read_text()
+    assert "(DirectRunner, in one process)" in result.stdout
+    assert "under workers.min_records" in sample_phase1.manifest["phases"]["clusters"]["execution"]["reason"]
+    assert not (out / "workers.log").exists()  # no worker process, nothing on its standard error
 
 
 def test_command_line_errors_are_clear(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

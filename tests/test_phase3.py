@@ -167,17 +167,15 @@ def test_hugging_face_datasets_gives_pil_images_for_every_image_column(demo_run:
 
 # --- phase 3 alone ----------------------------------------------------------------------------------------
 
-def test_phase_three_alone_on_the_multiprocess_runner_gives_the_same_examples(demo_run: PhaseOutput,
-                                                                            tmp_path) -> None:
-    """From the candidates and clusters of another output (``--input``, ``assemble.clusters``), on two worker
-    processes: the same examples, ids and shards as the in-process run."""
+def test_phase_three_alone_gives_the_same_examples(demo_run: PhaseOutput, tmp_path) -> None:
+    """From the candidates and clusters of another output (``--input``, ``assemble.clusters``): the same examples,
+    ids and shards as the run of all three phases (phase 3 on worker processes: the portable-runner test)."""
     out = tmp_path / "again"
     manifest = run(["--phases", "assemble", "--input", str(demo_run.output / "candidates" / "*.parquet"),
                     "--output", str(out), "--profile", "demo",
                     "--set", f"assemble.clusters={demo_run.output / 'clusters' / '*.parquet'}",
                     "--set", "assemble.shard_bytes=400000", "--set", "assemble.row_group_bytes=150000",
-                    "--set", "report.enabled=false",
-                    "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+                    "--set", "report.enabled=false"])
     assert manifest["candidates"]["reconciled"] and "records" not in manifest
     assert manifest["funnel"][0] == {"step": "input candidates", "unit": "candidates",
                                      "count": demo_run.manifest["candidates"]["input"]}

@@ -185,3 +185,85 @@ def test_missing_weights_asks_the_hub_only_when_the_cache_lacks_them(tmp_path, m
                                          "hub cannot be reached (offline, or HF_HUB_OFFLINE is set); set "
                                          "embed.checkpoint to local files"]
     assert missing_weights([("k", "org/x", "w")], hub_reachable=lambda: True) == []  # downloadable: the run fetches
+
+
+# --- how a local phase runs: in this process or in worker processes ----------------------------------------
+
+
+def _execution(beam_args: list[str], phase: str = "clusters", records: int | None = 10_000, *, processes: int = 0,
+               min_records: int = 3000, cores: int = 4):
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from pipeline.runners import local_execution
+
+    options = PipelineOptions(beam_args)
+    options.view_as(StandardOptions).runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    return local_execution(options, beam_args, phase, records, processes=processes, min_records=min_records,
+                           cores=cores)
+
+
+def test_large_inputs_use_every_core_and_small_ones_one_process() -> None:
+    big, small = _execution([], records=3000), _execution([], records=2999)
+    assert (big.mode, big.workers) == ("multi_processing", 4) and "3,000 records" in big.reason
+    assert (small.mode, small.workers) == ("in_memory", 1) and "under workers.min_records 3,000" in small.reason
+    assert _execution([], records=None).mode == "multi_processing"  # unknown size: counted as large
+    assert _execution([], "assemble", 5000).workers == 4
+    assert _execution([], processes=3).workers == 3
+    assert _execution([], records=10, min_records=0).mode == "multi_processing"
+    # Synthesis keeps one process (its model uses the cores, or the GPU); so does a one-core machine.
+    assert _execution([], "synthesize", 10_000).mode == "in_memory"
+    assert _execution([], cores=1).mode == "in_memory" and _execution([], cores=4, processes=1).mode == "in_memory"
+    # Other runners decide for themselves.
+    assert _execution(["--runner", "PortableRunner"]) is None and _execution(["--runner=DataflowRunner"]) is None
+
+
+def test_beams_own_flags_override_the_workers_section() -> None:
+    def of(args: list[str], **kw) -> tuple[str, int]:
+        execution = _execution(args, **kw)
+        return execution.mode, execution.workers
+
+    assert of(["--direct_running_mode", "in_memory"], records=10**6) == ("in_memory", 1)
+    assert of(["--direct_running_mode=multi_processing"], records=5) == ("multi_processing", 4)  # one per core
+    assert of(["--direct_running_mode=multi_processing"], processes=3) == ("multi_processing", 3)
+    assert of(["--direct_running_mode", "multi_threading", "--direct_num_workers", "3"]) == ("multi_threading", 3)
+    assert of(["--direct_num_workers", "3"], records=5) == ("multi_processing", 3)  # Beam would run one process
+    assert of(["--direct-num-workers=1"]) == ("in_memory", 1)
+    assert of(["--direct_num_workers=0"]) == ("multi_processing", 4)  # Beam's 0: every core
+    assert of(["--direct_num_workers", "2"], phase="synthesize") == ("multi_processing", 2)
+
+
+def test_phase_options_add_quiet_worker_logging_unless_given() -> None:
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    from pipeline.runners import LocalExecution, phase_options
+
+    def options(args: list[str], execution: LocalExecution) -> dict:
+        opts = phase_options(args, "DirectRunner", execution)
+        assert opts.view_as(StandardOptions).runner == "DirectRunner"
+        direct = opts.view_as(DirectOptions)
+        return {**opts.get_all_options(drop_default=True), "mode": direct.direct_running_mode,
+                "workers": direct.direct_num_workers}
+
+    multi = options(["--temp_location", "/tmp/x"], LocalExecution("multi_processing", 3, "test"))
+    assert (multi["mode"], multi["workers"], multi["temp_location"]) == ("multi_processing", 3, "/tmp/x")
+    assert multi["default_sdk_harness_log_level"] == "WARNING"
+    assert multi["sdk_harness_log_level_overrides"]["transforms"] == "INFO"
+    mine = options(["--default_sdk_harness_log_level=DEBUG"], LocalExecution("multi_processing", 2, "test"))
+    assert mine["default_sdk_harness_log_level"] == "DEBUG"
+    single = options([], LocalExecution("in_memory", 1, "test"))
+    assert (single["mode"], single["workers"]) == ("in_memory", 1)
+    assert "default_sdk_harness_log_level" not in single
+
+
+def test_phase_one_input_is_counted_from_parquet_footers_and_file_sizes(tmp_path) -> None:
+    from pipeline.run import BYTES_PER_RECORD, estimate_records
+    from tests.conftest import SAMPLE
+    from transforms.read import InputFile
+
+    sample = InputFile(str(SAMPLE), "parquet")
+    assert estimate_records([sample], 10**6) == 282  # the sample's rows, from its footer
+    warc = tmp_path / "pages.warc.gz"
+    warc.write_bytes(os.urandom(3 * BYTES_PER_RECORD + 5))
+    assert estimate_records([sample, InputFile(str(warc), "warc")], 10**6) == 282 + 3
+    assert estimate_records([sample, sample], 100) == 282  # counting stops once there are enough
+    assert estimate_records([InputFile(str(tmp_path / "gone.parquet"), "parquet")], 100) is None
