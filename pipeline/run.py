@@ -265,9 +265,10 @@ def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: 
         p = factory(options)
         build_phase(p, PHASES[phase], config, inputs)
         result = run_pipeline(p, phase)
+        largest = accounting.largest_elements(result, p)  # in the cache: it goes over every DoFn once more
     remove_temp_dirs(out, PHASES[phase].folders)  # the writers' and the image packs'
     summary = accounting.summarize(PHASES[phase], out, accounting.beam_counters(result), inputs, config, started)
-    summary["largest_element"] = accounting.largest_elements(result, p)
+    summary["largest_element"] = largest
     if execution is not None:
         summary["execution"] = execution.describe()
     accounting.record_phase(manifest, phase, summary)

@@ -169,10 +169,11 @@ def local_execution(options: Any, beam_args: Sequence[str], phase: str, records:
         return LocalExecution("in_memory", 1, f"phase {phase}: its model uses every core itself")
     if per_core < 2:
         return LocalExecution("in_memory", 1, f"{cores} core(s), workers.processes {processes}")
-    size = "an input of unknown size" if records is None else f"{records:,} records"
-    if records is not None and records < min_records:
-        return LocalExecution("in_memory", 1, f"{size}, under workers.min_records {min_records:,}")
-    return LocalExecution("multi_processing", per_core, f"{size}, workers.min_records {min_records:,}")
+    if records is None:
+        return LocalExecution("multi_processing", per_core, "an input of unknown size")
+    if records < min_records:
+        return LocalExecution("in_memory", 1, f"{records:,} records, under workers.min_records {min_records:,}")
+    return LocalExecution("multi_processing", per_core, f"at least {min_records:,} records (workers.min_records)")
 
 
 def phase_options(beam_args: Sequence[str], runner: str, execution: LocalExecution | None) -> Any:

@@ -7,6 +7,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import apache_beam as beam
+
 from schemas.ids import cluster_id
 from schemas.records import Cluster, ClusterStats, ImageRecord
 from transforms.normalize import NormalizeConfig, normalize_image, url_host
@@ -46,6 +48,27 @@ def sample_clusters(sample_rows: list[dict[str, Any]], pages: list[str] | None =
 def beam_counters(result: Any, namespace: str) -> dict[str, int]:
     return {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
             if c.key.metric.namespace == namespace}
+
+
+class CreateFromFile(beam.PTransform):
+    """``beam.Create(values)`` for values that weigh megabytes (photos, pixels): Beam pickles ``Create``'s values into
+    the pipeline and compresses them with bz2 at each pass over its graph (seconds for a few MB); these go through a
+    pickle file under ``folder`` instead, read by whichever process runs the read (a local path: the tests' runners
+    all run on this machine)."""
+
+    def __init__(self, values: list[Any], folder: Path) -> None:
+        super().__init__()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"create-{len(list(folder.glob('create-*')))}.pkl"
+        path.write_bytes(pickle.dumps(list(values)))
+        self.path = str(path)
+
+    def expand(self, pbegin: Any) -> Any:
+        return pbegin | beam.Create([self.path]) | beam.FlatMap(_load_pickle)
+
+
+def _load_pickle(path: str) -> list[Any]:
+    return pickle.loads(Path(path).read_bytes())
 
 
 def save_to(path: Path, key: Any = None):

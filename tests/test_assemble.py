@@ -17,7 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline.config import ConfigError, build_config
 from schemas.parquet import EXAMPLES_SCHEMA, check_schema_version, example_to_row, image_bytes
 from schemas.reader import iter_examples, list_shards
-from tests.clusters import beam_counters, sample_clusters
+from tests.clusters import CreateFromFile, beam_counters, sample_clusters
 from tests.phase3_helpers import as_png, scored, units_of
 from transforms.assemble import (
     Assemble,
@@ -105,22 +105,34 @@ def test_example_rows_carry_demos_target_scores_and_provenance(clusters) -> None
     assert set(row) == set(EXAMPLES_SCHEMA.names)
 
 
+SHARD_SIZES = [(4096, 1024), (300, 100), (60, 20)]
+"""(shard kB, row group kB): one shard, a few, and many of a few rows each."""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("shard_kb, group_kb", [(4096, 1024), (300, 100), (60, 20)])
-def test_shards_are_sized_by_bytes_and_read_back_whole(clusters, tmp_path, shard_kb: int, group_kb: int) -> None:
+def test_shards_are_sized_by_bytes_and_read_back_whole(clusters, tmp_path) -> None:
     backpack, teapot, _ = clusters
     renders = [as_png(im.image, 256) for im in teapot.images]
     kept = [_scored_of(backpack, i % 6, f"k{i}", renders[i % len(renders)]) for i in range(24)]
     examples = [make_example(backpack, s, choose_demos(backpack, s.source_image_id, s.candidate.candidate_id, 3),
                              RUN) for s in kept]
     total = sum(row_bytes(example_to_row(e)) for e in examples)
-    config = AssembleConfig(shard_bytes=shard_kb * 1024, row_group_bytes=group_kb * 1024)
-    out = tmp_path / "out"
     p = TestPipeline()
-    written = p | beam.Create(examples) | write_examples(str(out), examples_output(config, "zstd"))
-    assert_that(written | beam.Map(lambda w: w["rows"]) | beam.CombineGlobally(sum), equal_to([24]))
+    created = p | CreateFromFile(examples, tmp_path / "in")  # megabytes of photos, for the three writers
+    for shard_kb, group_kb in SHARD_SIZES:
+        config = AssembleConfig(shard_bytes=shard_kb * 1024, row_group_bytes=group_kb * 1024)
+        written = created | f"Write{shard_kb}" >> write_examples(str(tmp_path / f"out{shard_kb}"),
+                                                                 examples_output(config, "zstd"))
+        assert_that(written | f"Rows{shard_kb}" >> beam.Map(lambda w: w["rows"])
+                    | f"Sum{shard_kb}" >> beam.CombineGlobally(sum), equal_to([24]), label=f"Count{shard_kb}")
     p.run().wait_until_finish()
 
+    for shard_kb, group_kb in SHARD_SIZES:
+        _check_shards(tmp_path / f"out{shard_kb}", AssembleConfig(shard_bytes=shard_kb * 1024,
+                                                                  row_group_bytes=group_kb * 1024), examples, total)
+
+
+def _check_shards(out, config: AssembleConfig, examples: list, total: int) -> None:
     files = sorted(glob.glob(str(out / "examples" / "*.parquet")))
     n_shards = math.ceil(total / config.shard_bytes)
     assert len(files) <= n_shards and os.path.basename(files[0]).endswith(f"-of-{n_shards:05d}.parquet")

@@ -14,7 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
-from tests.clusters import beam_counters
+from tests.clusters import CreateFromFile, beam_counters
 from transforms.models.detectors import (
     LABELS,
     DetectorInput,
@@ -125,11 +125,12 @@ def test_small_faces_need_the_larger_input(detector, product_photos) -> None:
     assert not [f for f in small.faces if f.confirmed and f.score >= 0.55]
 
 
-def test_handler_batches_images_of_several_examples() -> None:
+def test_handler_batches_images_of_several_examples(tmp_path: Path) -> None:
     images = [photo("astronaut.jpg"), photo("coffee.jpg"), photo("camera.jpg")]
     examples = [DetectorInput("a", tuple(images[:2])), DetectorInput("b", (images[2],))]
     with TestPipeline() as p:
-        results = (p | beam.Create(examples) | detector_inference(DetectorConfig(batch_size=4), "test_detector")
+        results = (p | CreateFromFile(examples, tmp_path)
+                   | detector_inference(DetectorConfig(batch_size=4), "test_detector")
                    | beam.Map(lambda r: (r.example.key, len(r.example.images), [len(d.faces) for d in r.inference],
                                          r.model_id.split("@")[0])))
         assert_that(results, equal_to([("a", 0, [1, 0], "nudenet:320n.onnx"), ("b", 0, [1], "nudenet:320n.onnx")]))

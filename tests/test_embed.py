@@ -205,8 +205,8 @@ def test_failed_inference_batches_reach_the_dead_letter_output() -> None:
     # A tensor of the wrong shape makes the model raise: RunInference's dead-letter output holds the batch,
     # and the stage turns it into one embedding_failed reject per image. (Each element here outweighs
     # batch_size, so BatchElements also emits empty batches, which the handler must take without failing.)
-    good = ImagePixels("good", tuple(torch.rand(2, 3, 224, 224)))
-    bad = ImagePixels("bad", (torch.rand(1, 224, 224),))
+    good = ImagePixels("good", tuple(torch.zeros(2, 3, 224, 224)))  # zeros: pixels Beam pickles quickly
+    bad = ImagePixels("bad", (torch.zeros(1, 224, 224),))
     config = dataclasses.replace(TINY, batch_size=1)  # one element per batch: the good one survives
     with TestPipeline() as p:
         results, failed = p | beam.Create([good, bad]) | embed_inference(config).with_exception_handling()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 import apache_beam as beam
 import pytest
@@ -21,6 +22,7 @@ from PIL import Image
 
 from schemas.ids import content_id
 from schemas.records import ImageRecord
+from tests.clusters import CreateFromFile
 from tests.conftest import portable_args
 from transforms.dedupe import DedupeConfig
 from transforms.group import PAYLOADS_PER_GROUP, GroupByPage, GroupConfig, cap_key
@@ -68,9 +70,9 @@ def _expected(records: list[ImageRecord]) -> tuple[list, list]:
     return sorted(kept), fates
 
 
-def _run(records: list[ImageRecord], options: PipelineOptions) -> dict:
+def _run(records: list[ImageRecord], options: PipelineOptions, folder: Path) -> dict:
     p = TestPipeline(options=options)
-    images = p | beam.Create(records)
+    images = p | CreateFromFile(records, folder)
     pages, rejects = images | GroupByPage(GroupConfig(max_images_per_page=CAP), DedupeConfig(boilerplate_max_pages=10))
     kept, fates = _expected(records)
     assert_that(pages | beam.FlatMap(lambda g: [im.source for im in g.images]), equal_to(kept), label="Kept")
@@ -92,11 +94,12 @@ def _assert_bounded(by_step: dict) -> None:
     assert (build.count, build.max, build.sum) == (2, CAP, CAP + 5)
 
 
-def test_hot_page_on_the_multi_process_runner(records: list[ImageRecord]) -> None:
+def test_hot_page_on_the_multi_process_runner(records: list[ImageRecord], tmp_path: Path) -> None:
     options = PipelineOptions(["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
-    _assert_bounded(_run(records, options))
+    _assert_bounded(_run(records, options, tmp_path))
 
 
 @pytest.mark.portable
-def test_hot_page_on_the_portable_runner(records: list[ImageRecord], portable_services: tuple[str, str]) -> None:
-    _assert_bounded(_run(records, PipelineOptions(list(portable_args(portable_services)))))
+def test_hot_page_on_the_portable_runner(records: list[ImageRecord], portable_services: tuple[str, str],
+                                         tmp_path: Path) -> None:
+    _assert_bounded(_run(records, PipelineOptions(list(portable_args(portable_services))), tmp_path))

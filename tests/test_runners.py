@@ -204,7 +204,7 @@ def _execution(beam_args: list[str], phase: str = "clusters", records: int | Non
 
 def test_large_inputs_use_every_core_and_small_ones_one_process() -> None:
     big, small = _execution([], records=3000), _execution([], records=2999)
-    assert (big.mode, big.workers) == ("multi_processing", 4) and "3,000 records" in big.reason
+    assert (big.mode, big.workers) == ("multi_processing", 4) and "at least 3,000 records" in big.reason
     assert (small.mode, small.workers) == ("in_memory", 1) and "under workers.min_records 3,000" in small.reason
     assert _execution([], records=None).mode == "multi_processing"  # unknown size: counted as large
     assert _execution([], "assemble", 5000).workers == 4

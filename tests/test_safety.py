@@ -17,7 +17,7 @@ from PIL import Image
 
 from schemas.parquet import cluster_from_row, cluster_to_row
 from tests.clip_helpers import image_record, make_cluster
-from tests.clusters import beam_counters, load, save_to
+from tests.clusters import CreateFromFile, beam_counters, load, save_to
 from transforms.models.detectors import Detections, Face, load_detector
 from transforms.safety import Safety, apply_policy, image_verdict, is_person_cluster, nsfw_verdict
 from transforms.settings import DetectorConfig, NormalizeConfig, NsfwConfig, PeopleConfig
@@ -257,7 +257,7 @@ def test_flag_nsfw_targets_sets_the_candidates_flag(tmp_path: Path) -> None:
     unit = units_of([ScoredCandidate(c, "a cup", PASSING, "x") for c in cands], cluster)
     assert all(s.scores.nsfw_score is None for s in unit.candidates)
     with TestPipeline() as p:
-        flagged, rejects = p | beam.Create([unit]) | FlagNsfwTargets(DetectorConfig(),
+        flagged, rejects = p | CreateFromFile([unit], tmp_path) | FlagNsfwTargets(DetectorConfig(),
                                                                      NsfwConfig(buttocks_exposed=0.1))
         # (id, flag, stored score over the lowered threshold): only the coffee render's is
         assert_that(flagged | beam.Map(lambda u: sorted((s.candidate.candidate_id, s.candidate.nsfw,
