@@ -405,8 +405,9 @@ def check_stage_resources(config: PipelineConfig) -> None:
 
 def estimate_records(files: Sequence[InputFile], enough: int) -> int | None:
     """Records of phase 1's input files, counted until there are ``enough`` (it only decides how the phase runs):
-    Parquet files from their footers, other formats one record per :data:`BYTES_PER_RECORD` of file; ``None`` when
-    a file cannot be measured."""
+    Parquet files from their footers, JSONL files from their lines (the first :data:`JSONL_SAMPLE_BYTES`, scaled to
+    the file's size beyond them), WARC and tar files one record per :data:`BYTES_PER_RECORD`; ``None`` when a file
+    cannot be measured."""
     total = 0
     for input_file in files:
         if total >= enough:
@@ -414,16 +415,38 @@ def estimate_records(files: Sequence[InputFile], enough: int) -> int | None:
         try:
             if input_file.format == "parquet":
                 total += count_parquet_rows([input_file.path])
+            elif input_file.format == "jsonl":
+                total += _jsonl_records(input_file.path, enough - total)
             else:
-                total += max(1, FileSystems.match([input_file.path])[0].metadata_list[0].size_in_bytes
-                             // BYTES_PER_RECORD)
+                total += max(1, _file_size(input_file.path) // BYTES_PER_RECORD)
         except Exception:  # noqa: BLE001 -- only an estimate: the read reports what is wrong with the file
             return None
     return total
 
 
 BYTES_PER_RECORD = 100_000
-"""For the estimate of a JSONL, tar or WARC input's records: about one web photo's bytes."""
+"""For the estimate of a WARC or tar input's records: about one web photo's bytes."""
+
+JSONL_SAMPLE_BYTES = 8 << 20
+"""How much of a JSONL file the estimate reads: a URL list's lines are ~200 bytes, a line with its photo ~130 kB."""
+
+
+def _file_size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def _jsonl_records(path: str, enough: int) -> int:
+    """Lines of a JSONL file (``.gz`` too), read until ``enough`` of them or :data:`JSONL_SAMPLE_BYTES`, then
+    scaled to the file's size (of a compressed file: its compressed size, so an estimate on the low side)."""
+    lines = read = 0
+    with FileSystems.open(path) as handle:
+        for line in iter(handle.readline, b""):
+            lines, read = lines + 1, read + len(line)
+            if lines >= enough:
+                return lines
+            if read >= JSONL_SAMPLE_BYTES:
+                return max(lines, _file_size(path) * lines // read)
+    return lines
 
 
 def _execution_words(execution: LocalExecution) -> str:

@@ -255,9 +255,11 @@ def test_phase_options_add_quiet_worker_logging_unless_given() -> None:
     assert "default_sdk_harness_log_level" not in single
 
 
-def test_phase_one_input_is_counted_from_parquet_footers_and_file_sizes(tmp_path) -> None:
+def test_phase_one_input_is_counted_from_parquet_footers_and_file_sizes(tmp_path, sample_rows,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.run import BYTES_PER_RECORD, estimate_records
     from tests.conftest import SAMPLE
+    from tests.formats import write_jsonl
     from transforms.read import InputFile
 
     sample = InputFile(str(SAMPLE), "parquet")
@@ -266,4 +268,12 @@ def test_phase_one_input_is_counted_from_parquet_footers_and_file_sizes(tmp_path
     warc.write_bytes(os.urandom(3 * BYTES_PER_RECORD + 5))
     assert estimate_records([sample, InputFile(str(warc), "warc")], 10**6) == 282 + 3
     assert estimate_records([sample, sample], 100) == 282  # counting stops once there are enough
+    urls = tmp_path / "urls.jsonl.gz"  # a URL list: lines of ~100 bytes, counted as lines
+    write_jsonl([{"page_url": f"https://a.example/{i}", "image_url": f"https://a.example/{i}.jpg", "text": None,
+                  "image": None} for i in range(5000)], str(urls), gz=True)
+    assert estimate_records([InputFile(str(urls), "jsonl")], 10**6) == 5000
+    assert estimate_records([InputFile(str(urls), "jsonl")], 1000) == 1000
+    photos = write_jsonl(sample_rows, str(tmp_path / "photos.jsonl"))  # lines of ~100 kB: a sample, scaled
+    monkeypatch.setattr("pipeline.run.JSONL_SAMPLE_BYTES", 4 << 20)
+    assert 0.75 * 282 <= estimate_records([InputFile(photos, "jsonl")], 10**6) <= 1.25 * 282
     assert estimate_records([InputFile(str(tmp_path / "gone.parquet"), "parquet")], 100) is None
