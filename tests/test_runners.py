@@ -277,3 +277,38 @@ def test_phase_one_input_is_counted_from_parquet_footers_and_file_sizes(tmp_path
     monkeypatch.setattr("pipeline.run.JSONL_SAMPLE_BYTES", 4 << 20)
     assert 0.75 * 282 <= estimate_records([InputFile(photos, "jsonl")], 10**6) <= 1.25 * 282
     assert estimate_records([InputFile(str(tmp_path / "gone.parquet"), "parquet")], 100) is None
+
+
+def test_worker_log_records_relayed_by_beam_become_records_again() -> None:
+    """What the multi-process DirectRunner relays from a worker (Beam's LogEntry as text on its ``local_job_service``
+    logger) reads on the console as the worker's own record; Beam's harness lines and other libraries' INFO go."""
+    import logging
+
+    from apache_beam.portability.api import beam_fn_api_pb2
+
+    import transforms.read
+    from pipeline.cli import _WorkerRecords
+
+    info, warn = beam_fn_api_pb2.LogEntry.Severity.INFO, beam_fn_api_pb2.LogEntry.Severity.WARN
+
+    def relayed(message: str, path: str, severity: int) -> logging.LogRecord:
+        entry = beam_fn_api_pb2.LogEntry(message=message, log_location=f"{path}:42", severity=severity)
+        entry.timestamp.seconds, entry.timestamp.nanos = 1_800_000_000, 250_000_000
+        level = logging.WARNING if severity == warn else logging.INFO  # as Beam maps it
+        return logging.LogRecord(_WorkerRecords.RELAYED, level, __file__, 1, "Worker: %s",
+                                 (str(entry).replace("\n", " "),), None)
+
+    quiet, verbose = _WorkerRecords(), _WorkerRecords(verbose=True)
+    ours = relayed('read: 282 records from "a b".parquet', transforms.read.__file__, info)
+    assert quiet.filter(ours)
+    assert (ours.name, ours.getMessage(), ours.lineno, ours.processName) == (
+        "transforms.read", 'read: 282 records from "a b".parquet', 42, "worker")
+    assert ours.created == 1_800_000_000.25 and ours.msecs == 250
+    beam_info = ("Creating state cache", "/site-packages/apache_beam/runners/worker/statecache.py", info)
+    assert not quiet.filter(relayed(*beam_info)) and verbose.filter(relayed(*beam_info))
+    harness = ("No semi_persistent_directory found: ...", "/site-packages/apache_beam/x.py", warn)
+    assert not quiet.filter(relayed(*harness)) and not verbose.filter(relayed(*harness))
+    problem = relayed("could not open the pack", "/site-packages/somelib/x.py", warn)
+    assert quiet.filter(problem) and problem.levelno == logging.WARNING  # a worker's warning always shows
+    other = logging.LogRecord(_WorkerRecords.RELAYED, logging.INFO, __file__, 1, "Completed job in %s s", (3,), None)
+    assert not quiet.filter(other) and verbose.filter(other)  # the service's own lines: as Beam's other INFO lines
