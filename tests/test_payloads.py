@@ -27,6 +27,7 @@ from transforms.payloads import (
     SetAsideImages,
     StoredImageError,
     restore,
+    restore_all,
     stored_bytes,
 )
 from transforms.settings import OutputConfig
@@ -138,6 +139,26 @@ def test_the_clusters_writer_reads_the_bytes_back(clusters: list[Cluster], tmp_p
     assert written == sorted(clusters, key=lambda c: c.cluster_id)
     assert [[im.image for im in c.images] for c in written] == [
         [im.image for im in c.images] for c in sorted(clusters, key=lambda c: c.cluster_id)]
+
+
+def test_a_row_group_reads_each_pack_once(clusters: list[Cluster], tmp_path: Path, monkeypatch) -> None:
+    """The writer restores a row group's clusters together: one open per pack, not one per cluster (on an object
+    store, each open is a request)."""
+    import transforms.payloads as payloads
+
+    stripped = set_aside(clusters, tmp_path / "one")  # one pack holds every cluster's photos
+    assert len({im.stored.path for c in stripped for im in c.images}) == 1
+    opened: list[str] = []
+    real_open = payloads.FileSystems.open
+
+    def counted_open(path: str, *args, **kwargs):
+        opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(payloads.FileSystems, "open", counted_open)
+    assert restore_all(stripped) == clusters and len(opened) == 1
+    assert [[im.image for im in c.images] for c in restore_all(stripped)] == [[im.image for im in c.images]
+                                                                              for c in clusters]
 
 
 def phase1_steps(config) -> list[str]:

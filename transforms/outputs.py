@@ -142,15 +142,15 @@ def write_table(path: str, rows: list[dict[str, Any]], schema: pa.Schema, codec:
 
 
 class _Sink(NamedTuple):
-    """What the write steps share: where, with which schema and codec, and how a carried value becomes its row
-    (``None``: the values are the rows)."""
+    """What the write steps share: where, with which schema and codec, and how a row group's carried values become
+    its rows (``None``: the values are the rows)."""
 
     folder: str
     prefix: str
     temp: str
     schema: pa.Schema
     codec: str
-    finish: Callable[[Any], dict[str, Any]] | None = None
+    finish: Callable[[list[Any]], list[dict[str, Any]]] | None = None
 
 
 class WriteGroupFn(beam.DoFn):
@@ -162,7 +162,9 @@ class WriteGroupFn(beam.DoFn):
     def process(self, element: tuple[tuple[int, int, int], Iterable[tuple[str, dict[str, Any]]]]) -> Iterator[Any]:
         (shard, group, n_shards), keyed = element
         finish = self._sink.finish
-        rows = [row if finish is None else finish(row) for _, row in sorted(keyed, key=lambda pair: pair[0])]
+        rows = [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
+        if finish is not None:  # light records: their rows, made here with their bytes read back
+            rows = finish(rows)
         path = FileSystems.join(self._sink.temp, f"{shard:05d}-{group:06d}.parquet")
         write_table(path, rows, self._sink.schema, self._sink.codec)
         yield (shard, n_shards), (group, path, len(rows))
@@ -196,21 +198,21 @@ class MergeShardFn(beam.DoFn):
 
 
 class LightRecords(NamedTuple):
-    """How a writer's light records (their image bytes set aside: ``transforms/payloads.py``) get their bytes back,
-    and how many bytes that adds to each one's row."""
+    """How a writer's light records (their image bytes set aside: ``transforms/payloads.py``) get their bytes back
+    (``restore_all``: a row group's records at once), and how many bytes that adds to each one's row."""
 
-    restore: Callable[[Any], Any]
+    restore_all: Callable[[list[Any]], list[Any]]
     stored_bytes: Callable[[Any], int]
 
 
-class _RestoredRow(NamedTuple):
-    """A light record's row, its image bytes read back."""
+class _RestoredRows(NamedTuple):
+    """A row group's light records -> their rows, the image bytes of all of them read back together."""
 
-    restore: Callable[[Any], Any]
+    restore_all: Callable[[list[Any]], list[Any]]
     to_row: Callable[[Any], dict[str, Any]]
 
-    def __call__(self, record: Any) -> dict[str, Any]:
-        return self.to_row(self.restore(record))
+    def __call__(self, records: list[Any]) -> list[dict[str, Any]]:
+        return [self.to_row(record) for record in self.restore_all(records)]
 
 
 def _measured(record: Any, to_row: Callable[[Any], dict[str, Any]], key_of: Callable[[dict[str, Any]], str],
@@ -272,7 +274,7 @@ class WriteShards(beam.PTransform):
                  config: OutputConfig, *, light: LightRecords | None = None) -> None:
         super().__init__()
         folder_path = FileSystems.join(output_dir, folder)
-        finish = None if light is None else _RestoredRow(light.restore, to_row)
+        finish = None if light is None else _RestoredRows(light.restore_all, to_row)
         self._sink = _Sink(folder_path, prefix, FileSystems.join(folder_path, f".tmp-{uuid.uuid4().hex}"),
                            schema, config.codec, finish)
         self._to_row = to_row
@@ -328,7 +330,7 @@ def write_clusters(output_dir: str, config: OutputConfig, *, restore: bool = Fal
     writer reads back (``transforms/payloads.py``)."""
     return WriteShards(output_dir, "clusters", "part", CLUSTERS_SCHEMA, cluster_to_row,
                        lambda row: row["cluster_id"], config,
-                       light=LightRecords(payloads.restore, payloads.stored_bytes) if restore else None)
+                       light=LightRecords(payloads.restore_all, payloads.stored_bytes) if restore else None)
 
 
 def write_candidates(output_dir: str, config: OutputConfig) -> WriteShards:

@@ -206,8 +206,18 @@ def restore_images(images: Sequence[ImageRecord]) -> tuple[ImageRecord, ...]:
 
 
 def restore(element: ImageRecord | Cluster) -> ImageRecord | Cluster:
-    """``element`` with its images' bytes read back (what the clusters writer calls on each record)."""
+    """``element`` with its images' bytes read back."""
     return _with_images(element, restore_images(_images(element)))
+
+
+def restore_all(elements: Sequence[ImageRecord | Cluster]) -> list[ImageRecord | Cluster]:
+    """``elements`` with their images' bytes read back together: one open per pack for all of them, not per element
+    (the clusters writer calls it once per row group: on an object store, one ranged read of each pack per row
+    group). :class:`StoredImageError` when one cannot be read back."""
+    refs = [image.stored for element in elements for image in _images(element) if is_set_aside(image)]
+    found = read_stored(refs) if refs else {}
+    return [_with_images(element, (image.replace(image=found[image.stored]) if is_set_aside(image) else image
+                                   for image in _images(element))) for element in elements]
 
 
 class RestoreFn(beam.DoFn):
