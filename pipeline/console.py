@@ -28,8 +28,9 @@ def _reconciled(block: dict[str, Any], unit: str) -> str:
 def funnel_table(manifest: dict[str, Any], phase: str) -> str:
     """A short text table of one finished phase: input -> kept, rejects by reason, reconciliation."""
     summary = manifest["phases"][phase]
+    execution = summary.get("execution")
     lines = [f"Phase {phase} finished in {summary['wall_seconds']:.1f} s ({manifest.get('runner')}"
-             f"{_execution(summary.get('execution'))})", ""]
+             f"{', ' + execution_words(execution) if execution else ''})", ""]
     if phase == "clusters":
         records = summary["records"]
         lines.append(_row("input records", records["input"]))
@@ -110,13 +111,9 @@ def funnel_table(manifest: dict[str, Any], phase: str) -> str:
     return "\n".join(lines)
 
 
-def _execution(execution: dict[str, Any] | None) -> str:
-    """How a local phase ran, after the runner's name."""
-    if not execution:
-        return ""
-    if execution["mode"] == "in_memory":
-        return ", in one process"
-    return f", {execution['workers']} worker processes"
+def execution_words(execution: dict[str, Any]) -> str:
+    """How a local phase runs (``LocalExecution.describe()``, the manifest's ``execution``), in words."""
+    return "in one process" if execution["mode"] == "in_memory" else f"{execution['workers']} worker processes"
 
 
 def _bound(value: Any) -> str:

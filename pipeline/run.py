@@ -18,15 +18,15 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import accounting
 from pipeline import manifest as mf
 from pipeline.config import PROFILES, ConfigError, PipelineConfig, build_config
+from pipeline.console import execution_words
 from pipeline.phases import ORDER, PHASE_OUTPUTS, PHASES, PhaseInputs, build_phase, check_resources
 from pipeline.runners import (
     LOCAL_RUNNERS,
-    LocalExecution,
     UnsupportedRunnerError,
     check_runner,
     dofn_specs_cache,
@@ -229,7 +229,7 @@ def start_manifest(request: RunRequest, argv: Sequence[str], config: PipelineCon
 
 def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: PipelineOptions,
               factory: PipelineFactory, manifest: dict[str, Any], inputs: PhaseInputs,
-              beam_args: Sequence[str] = ()) -> None:
+              beam_args: Sequence[str]) -> None:
     """Run one phase on ``inputs``, record it in ``manifest`` (written to OUT), and raise :class:`RunError` when its
     counts do not reconcile or its input was truncated.
 
@@ -253,9 +253,10 @@ def run_phase(phase: str, request: RunRequest, config: PipelineConfig, options: 
                                 min_records=config.workers.min_records)
     if execution is not None:
         options = phase_options(beam_args, options.view_as(StandardOptions).runner, execution)
-        LOG.info("phase %s: %s: %s", phase, _execution_words(execution), execution.reason)
+        LOG.info("phase %s: %s (%s): %s", phase, execution_words(execution.describe()), execution.mode,
+                 execution.reason)
     if phase == "synthesize":
-        inputs = replace(inputs, workers=_direct_workers(options))
+        inputs = replace(inputs, workers=execution.workers if execution is not None else 1)
         LOG.info("phase synthesize: %d clusters in %d file(s); model %s", inputs.n_input, len(inputs.cluster_files),
                  config.synth.model.name)
     elif phase == "assemble":
@@ -447,19 +448,6 @@ def _jsonl_records(path: str, enough: int) -> int:
             if read >= JSONL_SAMPLE_BYTES:
                 return max(lines, _file_size(path) * lines // read)
     return lines
-
-
-def _execution_words(execution: LocalExecution) -> str:
-    if execution.mode == "in_memory":
-        return "in this process"
-    return f"{execution.workers} worker processes ({execution.mode})"
-
-
-def _direct_workers(options: PipelineOptions) -> int:
-    direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode in ("multi_processing", "multi_threading"):
-        return max(1, direct.direct_num_workers or 1)
-    return 1
 
 
 def _local_mkdirs(path: str) -> None:

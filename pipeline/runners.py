@@ -89,15 +89,11 @@ def portable_job_options(options: Any, beam_args: list[str], connect_timeout_s: 
         except (OSError, ValueError) as error:
             raise UnsupportedRunnerError(f"--job_endpoint {endpoint}: no job service answers there ({error}); "
                                          f"start one (docs/runners.md) or check the address") from error
-    if not any(arg.split("=", 1)[0] in ("--job_server_timeout", "--job-server-timeout") for arg in beam_args):
+    if _given("--job_server_timeout", beam_args) is None:
         portable.job_server_timeout = JOB_DEADLINE_S
 
 
 LOCAL_RUNNERS = ("DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
-
-DIRECT_FLAGS = ("--direct_running_mode", "--direct_num_workers")
-"""Beam's own flags for the DirectRunner's execution: given on the command line, they decide (``workers`` section:
-the default)."""
 
 WORKER_LOG_FLAGS = {
     "--default_sdk_harness_log_level": "WARNING",
@@ -122,8 +118,9 @@ class LocalExecution:
     reason: str
 
     @property
-    def flags(self) -> list[str]:
-        return [f"--direct_running_mode={self.mode}", f"--direct_num_workers={self.workers}"]
+    def flags(self) -> dict[str, str]:
+        """Beam's own flags for this execution (given on the command line, they decided it)."""
+        return {"--direct_running_mode": self.mode, "--direct_num_workers": str(self.workers)}
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "workers": self.workers, "reason": self.reason}
@@ -176,16 +173,13 @@ def local_execution(options: Any, beam_args: Sequence[str], phase: str, records:
     return LocalExecution("multi_processing", per_core, f"at least {min_records:,} records (workers.min_records)")
 
 
-def phase_options(beam_args: Sequence[str], runner: str, execution: LocalExecution | None) -> Any:
+def phase_options(beam_args: Sequence[str], runner: str, execution: LocalExecution) -> Any:
     """Beam's options of one phase: the command line's, with the phase's execution on the local DirectRunner and,
-    for worker processes, quiet worker logging unless the command line sets it."""
+    for worker processes, quiet worker logging, each flag unless the command line sets it."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    extra: list[str] = []
-    if execution is not None:
-        extra += [flag for flag in execution.flags if _given(flag.split("=")[0], beam_args) is None]
-        if execution.mode == "multi_processing":
-            extra += [f"{flag}={value}" for flag, value in WORKER_LOG_FLAGS.items() if _given(flag, beam_args) is None]
+    flags = {**execution.flags, **(WORKER_LOG_FLAGS if execution.mode == "multi_processing" else {})}
+    extra = [f"{flag}={value}" for flag, value in flags.items() if _given(flag, beam_args) is None]
     options = PipelineOptions([*beam_args, *extra])
     options.view_as(StandardOptions).runner = runner
     return options

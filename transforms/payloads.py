@@ -196,18 +196,9 @@ def read_stored(refs: Iterable[StoredImage]) -> dict[StoredImage, bytes]:
     return found
 
 
-def restore_images(images: Sequence[ImageRecord]) -> tuple[ImageRecord, ...]:
-    """``images`` with the bytes of those set aside read back; :class:`StoredImageError` when one cannot be."""
-    refs = [image.stored for image in images if is_set_aside(image)]
-    if not refs:
-        return tuple(images)
-    found = read_stored(refs)
-    return tuple(image.replace(image=found[image.stored]) if is_set_aside(image) else image for image in images)
-
-
 def restore(element: ImageRecord | Cluster) -> ImageRecord | Cluster:
-    """``element`` with its images' bytes read back."""
-    return _with_images(element, restore_images(_images(element)))
+    """``element`` with its images' bytes read back; :class:`StoredImageError` when one cannot be."""
+    return restore_all([element])[0]
 
 
 def restore_all(elements: Sequence[ImageRecord | Cluster]) -> list[ImageRecord | Cluster]:
